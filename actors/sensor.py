@@ -1,0 +1,245 @@
+"""Sensor actor: owns one sensor's SUB socket, decodes and validates every message,
+and sends the aligner window-level sums, batched, never per frame."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from mmfuse import wire
+from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
+from mmfuse.logs import Tally, configure
+
+OFFSET_MEMORY = 64  # arrivals over which the lowest delay is taken
+
+
+@dataclass
+class StreamState:
+    session: str
+    source: str
+    modality: str
+    last_seq: int = -1
+    progress: float = -math.inf
+    arrived_at: float = 0.0
+    ended: bool = False
+    seq_gaps: int = 0
+    delays: deque = field(default_factory=lambda: deque(maxlen=OFFSET_MEMORY))
+
+    def snapshot(self) -> StreamProgress:
+        return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
+                              min(self.delays), self.ended, self.seq_gaps)
+
+
+def windows_overlapping(start: float, end: float, length: float, hop: float) -> range:
+    """Ids k of windows [k*hop, k*hop+length) that overlap [start, end] (a point when start == end)."""
+    first = math.floor((start - length) / hop) + 1
+    last = math.floor(end / hop) if end > start else math.floor(start / hop)
+    if end > start and last * hop >= end:
+        last -= 1
+    return range(first, last + 1)
+
+
+class SensorIngest:
+    """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
+
+    def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
+                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None):
+        self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.length, self.hop = length_s, hop_s
+        self.max_payload = max_payload
+        self.log = log or structlog.get_logger().bind(sensor=sensor)
+        self.streams: dict[tuple[str, str], StreamState] = {}
+        self.touched: set[tuple[str, str]] = set()
+        self.deltas: dict[tuple[str, str, int], WindowDelta] = {}
+        self.rejected = Tally()
+        self.unsupported = Tally()
+        self.accepted = 0
+
+    def ingest(self, frames: list[bytes], arrived_at: float) -> None:
+        try:
+            message = wire.decode(frames, self.max_payload)
+        except wire.WireError as exc:
+            self._reject(exc.reason, exc.detail)
+            return
+        if message.modality != self.modality:
+            self._reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
+            return
+        key = (message.session, message.source)
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = StreamState(message.session, message.source, message.modality)
+            self.log.info("stream started", session=message.session, source=message.source)
+        if message.seq <= stream.last_seq:
+            self._reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
+                         f"({message.session}/{message.source})")
+            return
+        if message.kind == "data" and message.encoding == "features":
+            vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
+            if self.dim is not None and vectors.shape[1] != self.dim:
+                self._reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
+                return
+            if not np.isfinite(vectors).all():
+                self._reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
+                return
+            self._accumulate(message, vectors)
+        elif message.kind == "data" and self.unsupported.add(message.encoding):
+            self.log.warning("media frame without an encoder", encoding=message.encoding,
+                             count=self.unsupported.counts[message.encoding],
+                             hint="send encoding 'features' until raw-media encoders are configured")
+
+        if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
+            stream.seq_gaps += message.seq - stream.last_seq - 1
+        stream.last_seq = message.seq
+        reached = message.t + message.duration
+        stream.progress = max(stream.progress, reached)
+        stream.arrived_at = arrived_at
+        stream.delays.append(arrived_at - reached)
+        if message.kind == "end":
+            stream.ended = True
+            self.log.info("stream ended", session=message.session, source=message.source)
+        elif stream.ended:
+            stream.ended = False
+            self.log.info("stream resumed after end", session=message.session, source=message.source)
+        self.touched.add(key)
+        self.accepted += 1
+
+    def _accumulate(self, message: wire.SensorMessage, vectors: np.ndarray) -> None:
+        step = message.duration / len(vectors)
+        for i, vector in enumerate(vectors):
+            start = message.t + i * step
+            end = start + step
+            for k in windows_overlapping(start, end, self.length, self.hop):
+                if end > start:
+                    w_start = k * self.hop
+                    weight = (min(end, w_start + self.length) - max(start, w_start)) / step
+                else:
+                    weight = 1.0
+                key = (message.session, message.source, k)
+                delta = self.deltas.get(key)
+                if delta is None:
+                    self.deltas[key] = WindowDelta(message.session, message.source, self.modality, k,
+                                                   vector * weight, weight, 1)
+                else:
+                    delta.total += vector * weight
+                    delta.weight += weight
+                    delta.frames += 1
+
+    def _reject(self, reason: str, detail: str) -> None:
+        if self.rejected.add(reason):
+            self.log.warning("malformed message rejected", reason=reason, detail=detail,
+                             count=self.rejected.counts[reason])
+
+    def take_batch(self) -> SensorBatch | None:
+        if not self.touched and not self.deltas:
+            return None
+        batch = SensorBatch(self.sensor, list(self.deltas.values()),
+                            [self.streams[key].snapshot() for key in self.touched])
+        self.deltas = {}
+        self.touched = set()
+        return batch
+
+    def stats(self) -> dict:
+        return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts),
+                "unsupported": dict(self.unsupported.counts), "streams": len(self.streams),
+                "seq_gaps": sum(s.seq_gaps for s in self.streams.values())}
+
+
+class SensorActor:
+    """Reads the socket in its own thread; pushes one SensorBatch per batch interval."""
+
+    MAX_IN_FLIGHT = 4
+
+    def __init__(self, sensor: dict, window: dict, pipeline: dict, dim: int | None, aligner, log_format: dict):
+        configure(**log_format)
+        self.sensor = sensor
+        self.interval = pipeline["batch_interval_ms"] / 1000.0
+        self.aligner = aligner
+        self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
+        self.ingest = SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,
+                                   pipeline["max_payload_bytes"], self.log)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.started = threading.Event()
+        self.start_error: str | None = None
+        self.pushes = 0
+        self.thread = threading.Thread(target=self._run, name=f"sensor-{sensor['name']}", daemon=True)
+
+    def start(self) -> str | None:
+        """Open the socket and start reading; None once it is up, else why it could not be opened."""
+        self.thread.start()
+        self.started.wait(30)
+        return self.start_error if self.started.is_set() else "socket set-up timed out"
+
+    def _run(self) -> None:
+        import ray
+        import zmq
+
+        context = zmq.Context.instance()
+        socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SUBSCRIBE, f"{self.sensor['modality']}/".encode())
+        try:
+            if self.sensor["bind"]:
+                socket.bind(self.sensor["endpoint"])
+            else:
+                socket.connect(self.sensor["endpoint"])
+        except zmq.ZMQError as exc:
+            self.start_error = f"sensor {self.sensor['name']}: cannot {'bind' if self.sensor['bind'] else 'connect'} " \
+                               f"{self.sensor['endpoint']}: {exc}"
+            self.started.set()
+            return
+        self.log.info("sensor listening", endpoint=self.sensor["endpoint"], bind=self.sensor["bind"])
+        self.started.set()
+        in_flight: list = []
+        next_push = time.monotonic() + self.interval
+        while not self.stopping.is_set():
+            timeout_ms = max(0.0, next_push - time.monotonic()) * 1000
+            if socket.poll(timeout_ms, zmq.POLLIN):
+                with self.lock:
+                    for _ in range(10_000):
+                        try:
+                            frames = socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.ingest.ingest(frames, time.time())
+            if time.monotonic() >= next_push:
+                next_push = time.monotonic() + self.interval
+                in_flight = self._push(in_flight)
+        while True:  # drain what is already queued, then hand over the last batch
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.ingest.ingest(frames, time.time())
+        in_flight = self._push(in_flight)
+        ray.get(in_flight)
+        socket.close()
+
+    def _push(self, in_flight: list) -> list:
+        import ray
+
+        with self.lock:
+            batch = self.ingest.take_batch()
+        if batch is not None:
+            in_flight.append(self.aligner.push.remote(batch))
+            self.pushes += 1
+        if len(in_flight) > self.MAX_IN_FLIGHT:  # aligner is behind: wait rather than queue without bound
+            _, in_flight = ray.wait(in_flight, num_returns=len(in_flight) - self.MAX_IN_FLIGHT)
+        return in_flight
+
+    def stop(self) -> dict:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        return self.stats()
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {**self.ingest.stats(), "pushes": self.pushes}

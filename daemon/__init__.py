@@ -1,0 +1,1 @@
+"""The mmfuse daemon process: configuration, start-up, shutdown, and the replay tool."""

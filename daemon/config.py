@@ -1,0 +1,183 @@
+"""Daemon configuration: YAML validated by pydantic, errors that name the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmfuse.restorers import RESTORERS
+
+ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message lists every problem with its fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_endpoint(value: str) -> str:
+    if not value.startswith(ENDPOINT_SCHEMES):
+        raise ValueError(f"endpoint must start with one of {', '.join(ENDPOINT_SCHEMES)}, "
+                         f"for example tcp://127.0.0.1:5551")
+    return value
+
+
+class SensorConfig(Section):
+    name: str = Field(min_length=1, description="sensor id; also the `source` its messages carry")
+    modality: Literal["audio", "visual", "text"]
+    endpoint: str
+    bind: bool = Field(False, description="daemon binds this endpoint instead of connecting to it")
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class WindowConfig(Section):
+    length_s: float = Field(2.0, gt=0)
+    hop_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _hop_within_length(self):
+        if self.hop_s > self.length_s:
+            raise ValueError(f"hop_s ({self.hop_s}) is longer than length_s ({self.length_s}): data between "
+                             "windows would be lost; use hop_s <= length_s")
+        return self
+
+
+class DropConfig(Section):
+    timeout_s: float = Field(1.0, gt=0, description="a source silent this long counts as dropped")
+
+
+class RestorerConfig(Section):
+    method: str = "mean"
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the restorer actor asks Ray for; 0 runs on CPU")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in RESTORERS:
+            raise ValueError(f"unknown restorer {value!r}; choose one of {', '.join(sorted(RESTORERS))}")
+        return value
+
+
+class OutputConfig(Section):
+    endpoint: str = "tcp://127.0.0.1:5560"
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="join this Ray cluster; empty starts an embedded local one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for the embedded Ray; default all")
+
+
+class PipelineConfig(Section):
+    batch_interval_ms: float = Field(50.0, gt=0, le=1000,
+                                     description="how often a sensor actor sends its window sums to the aligner")
+    max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="larger sensor messages are rejected")
+    session_idle_s: float = Field(60.0, gt=0, description="forget a session silent this long")
+
+
+class LogConfig(Section):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    stats_interval_s: float = Field(10.0, gt=0)
+
+
+class DaemonConfig(Section):
+    bundle: Path
+    sensors: list[SensorConfig] = Field(min_length=1)
+    window: WindowConfig = WindowConfig()
+    drop: DropConfig = DropConfig()
+    restorer: RestorerConfig = RestorerConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _unique_sensors(self):
+        names = [s.name for s in self.sensors]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"sensor names must be unique; {', '.join(duplicates)} appear more than once")
+        endpoints = [s.endpoint for s in self.sensors] + [self.output.endpoint]
+        shared = sorted({e for e in endpoints if endpoints.count(e) > 1})
+        if shared:
+            raise ValueError(f"endpoint {shared[0]} is used twice; give each sensor and the output its own")
+        return self
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({s.modality for s in self.sensors})
+
+
+_FIXES = {
+    "missing": "add this key",
+    "extra_forbidden": "remove it or check its spelling",
+    "float_parsing": "use a number such as 2.0",
+    "float_type": "use a number such as 2.0",
+    "int_parsing": "use a whole number",
+    "int_type": "use a whole number",
+    "bool_parsing": "use true or false",
+    "bool_type": "use true or false",
+    "string_type": "use a quoted string",
+    "list_type": "use a YAML list (- item per line)",
+    "model_type": "use a mapping of keys to values",
+    "model_attributes_type": "use a mapping of keys to values",
+    "literal_error": "use one of the values listed",
+    "greater_than": "use a larger value",
+    "greater_than_equal": "use a larger value",
+    "less_than_equal": "use a smaller value",
+    "too_short": "add at least one entry",
+}
+
+
+def _format_location(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _format_errors(source: str, error: ValidationError, raw: dict) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s) in the configuration"]
+    for item in error.errors():
+        key = _format_location(tuple(p for p in item["loc"] if p not in ("function-after",)))
+        message = item["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(item["type"])
+        got = "" if item["type"] in ("missing", "model_type") else f" (got {item.get('input')!r:.60})"
+        if item["type"] == "extra_forbidden":
+            got = ""
+        lines.append(f"  {key}: {message}{got}" + (f" -> fix: {fix}" if fix else ""))
+    return "\n".join(lines)
+
+
+def parse_config(raw: object, source: str = "config") -> DaemonConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (bundle, sensors, ...), "
+                          f"got {type(raw).__name__}")
+    try:
+        return DaemonConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc, raw)) from None
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,125 @@
+"""Model bundles: a directory with manifest.json and safetensors weight files.
+
+`mmfuse-train` writes them, the daemon and `mmfuse-eval` read them. Every weight
+file's sha256 is recorded in the manifest and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmfuse
+from mmfuse.models import build_fusion_head
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """A bundle that is missing, damaged, or does not fit what asked for it."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest["labels"]
+
+    @property
+    def modalities(self) -> dict[str, dict]:
+        return self.manifest["modalities"]
+
+    @property
+    def restorers(self) -> list[str]:
+        return self.manifest["restorers"]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        filename = f"{name}.safetensors"
+        expected = self.manifest["files"].get(filename)
+        if expected is None:
+            raise BundleError(f"{self.path}: the manifest lists no {filename}")
+        path = self.path / filename
+        if not path.is_file():
+            raise BundleError(f"{path} is missing; the bundle is incomplete, train it again")
+        if sha256_file(path) != expected:
+            raise BundleError(f"{path} does not match the sha256 in {MANIFEST}; the bundle is damaged")
+        return load_file(path)
+
+    def fusion_head(self) -> torch.nn.Module:
+        spec = self.manifest["fusion"]
+        dims = {m: spec_m["dim"] for m, spec_m in self.modalities.items()}
+        head = build_fusion_head(spec["arch"], dims, len(self.labels), **spec["args"])
+        head.load_state_dict(self.tensors("fusion"))
+        return head.eval()
+
+    def check_fits(self, modalities: list[str], restorer: str) -> None:
+        """Raise BundleError when a daemon with these sensors and this restorer cannot use the bundle."""
+        unknown = sorted(set(modalities) - set(self.modalities))
+        if unknown:
+            raise BundleError(f"bundle {self.id} ({self.path}) was trained on {', '.join(sorted(self.modalities))}; "
+                              f"the config has sensors for {', '.join(unknown)}: train a bundle with those "
+                              f"modalities or remove those sensors")
+        if restorer not in self.restorers:
+            raise BundleError(f"bundle {self.id} ({self.path}) has no '{restorer}' restorer (it has "
+                              f"{', '.join(self.restorers)}): set restorer.method to one of those or retrain")
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"no model bundle at {path} ({MANIFEST} not found); make one with "
+                          f"`mmfuse-train --data FILE --out {path}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path} has bundle format {manifest.get('format')!r}; this mmfuse "
+                          f"({mmfuse.__version__}) reads format {FORMAT}: retrain with this version")
+    missing = [k for k in ("id", "task", "head", "labels", "modalities", "fusion", "restorers", "files")
+               if k not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; the bundle is damaged")
+    return Bundle(path, manifest)
+
+
+def save_bundle(path: str | Path, manifest: dict, weights: dict[str, dict[str, torch.Tensor]]) -> Bundle:
+    """Write weight files and a manifest recording their sha256; returns the loaded bundle."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, tensors in weights.items():
+        filename = f"{name}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path / filename)
+        files[filename] = sha256_file(path / filename)
+    manifest = {"format": FORMAT, **manifest, "files": files, "mmfuse_version": mmfuse.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return load_bundle(path)

@@ -1,0 +1,236 @@
+"""Wire protocol v1 (docs/protocol.md): the one encoder, decoder and validator.
+
+Sensors, the daemon, replay, benchmarks and tests all go through this module.
+Arrays travel as raw bytes + numpy dtype string + shape, never pickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from mmfuse import MODALITIES
+
+VERSION = 1
+KINDS = ("data", "heartbeat", "end")
+ENCODINGS = ("features", "pcm16", "jpeg", "rgb8", "utf8")
+FEATURE_DTYPES = ("<f4", "<f8", "<f2")
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+MAX_NAME_LEN = 256
+
+
+class WireError(ValueError):
+    """A payload that does not follow protocol v1.
+
+    `reason` is a short stable code (used as a counter name); the message says more.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class SensorMessage:
+    session: str
+    source: str
+    modality: str
+    seq: int
+    t: float
+    kind: str = "data"
+    encoding: str | None = None
+    data: bytes | str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    rate: int | None = None
+    duration: float = 0.0
+
+    @property
+    def topic(self) -> str:
+        return f"{self.modality}/{self.session}"
+
+    def array(self) -> np.ndarray:
+        """The payload of a `features` or `rgb8` message as a read-only numpy view."""
+        if self.encoding not in ("features", "rgb8"):
+            raise WireError("bad_encoding", f"{self.encoding} carries no array")
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    session: str
+    window_id: int
+    start: float
+    end: float
+    task: str
+    label: str
+    scores: dict[str, float]
+    present: list[str]
+    restored: list[str]
+    dropped: list[str]
+    restorer: str
+    latency_ms: float
+    bundle: str
+    closed_at: float = 0.0  # wall time the aligner closed the window; not on the wire
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def topic(self) -> str:
+        return f"decision/{self.session}"
+
+
+def features_message(session: str, source: str, modality: str, seq: int, t: float,
+                     vector: np.ndarray, duration: float = 0.0) -> SensorMessage:
+    array = np.ascontiguousarray(vector, dtype="<f4")
+    return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t,
+                         kind="data", encoding="features", data=array.tobytes(),
+                         shape=tuple(array.shape), dtype="<f4", duration=duration)
+
+
+def encode(message: SensorMessage) -> list[bytes]:
+    """Multipart frames `[topic, payload]` for a sensor message."""
+    payload = {"v": VERSION, "session": message.session, "source": message.source,
+               "modality": message.modality, "seq": message.seq, "t": float(message.t),
+               "kind": message.kind}
+    if message.kind == "data":
+        payload["encoding"] = message.encoding
+        payload["data"] = message.data
+        payload["duration"] = float(message.duration)
+        if message.encoding in ("features", "rgb8"):
+            payload["shape"] = list(message.shape)
+            payload["dtype"] = message.dtype
+        if message.encoding == "pcm16":
+            payload["rate"] = message.rate
+    return [message.topic.encode(), msgpack.packb(payload, use_bin_type=True)]
+
+
+def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> SensorMessage:
+    """Decode and validate one multipart sensor message; raises WireError."""
+    if len(frames) != 2:
+        raise WireError("frames", f"expected [topic, payload], got {len(frames)} frame(s)")
+    topic, payload = frames
+    if len(payload) > max_payload:
+        raise WireError("oversized", f"payload of {len(payload)} bytes exceeds {max_payload}")
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError("msgpack", f"payload is not valid msgpack ({type(exc).__name__})") from exc
+    if not isinstance(body, dict):
+        raise WireError("not_a_map", f"payload is a msgpack {type(body).__name__}, not a map")
+    version = body.get("v")
+    if version != VERSION:
+        raise WireError("version", f"unsupported protocol version {version!r} (this daemon speaks {VERSION})")
+
+    session = _text(body, "session")
+    source = _text(body, "source")
+    modality = _choice(body, "modality", MODALITIES)
+    kind = _choice(body, "kind", KINDS)
+    seq = body.get("seq")
+    if type(seq) is not int or seq < 0:
+        raise WireError("bad_type:seq", f"seq must be a non-negative integer, got {seq!r}")
+    t = _number(body, "t")
+    expected_topic = f"{modality}/{session}"
+    if topic != expected_topic.encode():
+        raise WireError("topic", f"topic {topic[:80]!r} does not match payload ({expected_topic!r})")
+    if kind != "data":
+        return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t, kind=kind)
+
+    encoding = _choice(body, "encoding", ENCODINGS)
+    duration = _number(body, "duration") if "duration" in body else 0.0
+    if duration < 0:
+        raise WireError("bad_value:duration", f"duration must be >= 0, got {duration}")
+    data = body.get("data")
+    if encoding == "utf8":
+        if not isinstance(data, str):
+            raise WireError("bad_type:data", "utf8 data must be a msgpack str")
+        return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t,
+                             encoding=encoding, data=data, duration=duration)
+    if not isinstance(data, bytes):
+        raise WireError("bad_type:data", f"{encoding} data must be msgpack bin, got {type(data).__name__}")
+
+    shape = dtype = rate = None
+    if encoding in ("features", "rgb8"):
+        shape, dtype = _array_header(body, encoding, len(data))
+    elif encoding == "pcm16":
+        rate = body.get("rate")
+        if type(rate) is not int or not 0 < rate <= 384_000:
+            raise WireError("bad_type:rate", f"pcm16 needs an integer rate in Hz, got {rate!r}")
+        if len(data) % 2:
+            raise WireError("shape", "pcm16 data has an odd number of bytes")
+    return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t,
+                         encoding=encoding, data=data, shape=shape, dtype=dtype, rate=rate,
+                         duration=duration)
+
+
+def _text(body: dict, key: str) -> str:
+    if key not in body:
+        raise WireError(f"missing:{key}", f"required key {key!r} is missing")
+    value = body[key]
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN or "/" in value:
+        raise WireError(f"bad_type:{key}", f"{key} must be a non-empty string without '/', got {value!r:.80}")
+    return value
+
+
+def _choice(body: dict, key: str, allowed: tuple[str, ...]) -> str:
+    if key not in body:
+        raise WireError(f"missing:{key}", f"required key {key!r} is missing")
+    value = body[key]
+    if value not in allowed:
+        raise WireError(f"bad_value:{key}", f"{key} must be one of {', '.join(allowed)}; got {value!r:.80}")
+    return value
+
+
+def _number(body: dict, key: str) -> float:
+    if key not in body:
+        raise WireError(f"missing:{key}", f"required key {key!r} is missing")
+    value = body[key]
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise WireError(f"bad_type:{key}", f"{key} must be a finite number, got {value!r:.80}")
+    return float(value)
+
+
+def _array_header(body: dict, encoding: str, nbytes: int) -> tuple[tuple[int, ...], str]:
+    shape, dtype = body.get("shape"), body.get("dtype")
+    if not isinstance(shape, list) or not shape or not all(type(n) is int and n > 0 for n in shape):
+        raise WireError("bad_type:shape", f"shape must be a list of positive integers, got {shape!r:.80}")
+    if encoding == "features":
+        if dtype not in FEATURE_DTYPES:
+            raise WireError("bad_value:dtype", f"features dtype must be one of {FEATURE_DTYPES}, got {dtype!r:.40}")
+        if len(shape) > 2:
+            raise WireError("shape", f"features must be [dim] or [frames, dim], got {shape}")
+    else:
+        if dtype != "|u1":
+            raise WireError("bad_value:dtype", f"rgb8 dtype must be '|u1', got {dtype!r:.40}")
+        if len(shape) != 3 or shape[2] != 3:
+            raise WireError("shape", f"rgb8 shape must be [height, width, 3], got {shape}")
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if expected != nbytes:
+        raise WireError("shape", f"shape {shape} of {dtype} needs {expected} bytes, data has {nbytes}")
+    return tuple(shape), dtype
+
+
+def encode_decision(decision: Decision) -> list[bytes]:
+    payload = {"v": VERSION, "session": decision.session,
+               "window": {"id": decision.window_id, "start": decision.start, "end": decision.end},
+               "task": decision.task, "label": decision.label, "scores": decision.scores,
+               "present": decision.present, "restored": decision.restored, "dropped": decision.dropped,
+               "restorer": decision.restorer, "latency_ms": decision.latency_ms, "bundle": decision.bundle,
+               **decision.extra}
+    return [decision.topic.encode(), msgpack.packb(payload, use_bin_type=True)]
+
+
+def decode_decision(frames: list[bytes]) -> dict:
+    """Decode a decision for a downstream consumer (returns the plain map)."""
+    if len(frames) != 2:
+        raise WireError("frames", f"expected [topic, payload], got {len(frames)} frame(s)")
+    try:
+        body = msgpack.unpackb(frames[1], raw=False)
+    except Exception as exc:
+        raise WireError("msgpack", f"decision payload is not valid msgpack ({type(exc).__name__})") from exc
+    if not isinstance(body, dict) or body.get("v") != VERSION:
+        raise WireError("version", "not a v1 decision")
+    return body

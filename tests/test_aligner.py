@@ -1,0 +1,154 @@
+"""Windowing rules of the aligner, driven with explicit wall-clock times."""
+
+import numpy as np
+import pytest
+
+from mmfuse.actors.aligner import Aligner
+from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
+
+MODALITIES = ["audio", "text", "visual"]
+SENSORS = {"mic0": "audio", "asr0": "text", "cam0": "visual"}
+OFFSET = 1000.0  # daemon wall clock = sensor clock + 1000 s
+
+
+def make_aligner(length=2.0, hop=2.0, timeout=1.0):
+    return Aligner(MODALITIES, list(SENSORS), length, hop, timeout, session_idle_s=30.0)
+
+
+def utterance(source, window, session="s1", value=1.0, dim=3, ended=False, arrive_late=0.0, length=2.0):
+    """What a sensor sends for one window: its sum, and progress to the window's end."""
+    end = (window + 1) * length
+    delta = WindowDelta(session, source, SENSORS[source], window, np.full(dim, value, np.float32), 1.0, 1)
+    progress = StreamProgress(session, source, SENSORS[source], end, OFFSET + end + arrive_late, OFFSET, ended, 0)
+    return SensorBatch(source, [delta], [progress])
+
+
+def heartbeat(source, t, session="s1", ended=False):
+    return SensorBatch(source, [], [StreamProgress(session, source, SENSORS[source], t, OFFSET + t, OFFSET, ended, 0)])
+
+
+def feed_window(aligner, window, sources=SENSORS, session="s1"):
+    for source in sources:
+        aligner.push(utterance(source, window, session=session))
+
+
+def test_complete_window_closes_once_every_stream_passed_its_end():
+    aligner = make_aligner()
+    aligner.push(utterance("mic0", 0))
+    aligner.push(utterance("asr0", 0))
+    assert aligner.poll(OFFSET + 2.0) == []  # cam0 not heard from yet, still within the drop timeout
+    aligner.push(utterance("cam0", 0))
+    (window,) = aligner.poll(OFFSET + 2.0)
+    assert (window.window_id, window.start, window.end) == (0, 0.0, 2.0)
+    assert window.complete and window.present == MODALITIES and window.dropped == []
+    assert aligner.poll(OFFSET + 2.5) == []
+
+
+def test_silent_stream_is_dropped_after_the_timeout():
+    aligner = make_aligner()
+    feed_window(aligner, 0)
+    assert len(aligner.poll(OFFSET + 2.0)) == 1
+    feed_window(aligner, 1, sources=["mic0", "asr0"])  # the camera, last heard at 1002.0, died
+    assert aligner.poll(OFFSET + 2.99) == []
+    (window,) = aligner.poll(OFFSET + 3.01)
+    assert window.window_id == 1 and window.missing == ["visual"] and window.dropped == ["cam0"]
+    feed_window(aligner, 2, sources=["mic0", "asr0"])  # now cam0 is known dropped: no waiting any more
+    (window,) = aligner.poll(OFFSET + 6.0)
+    assert window.window_id == 2 and window.missing == ["visual"] and window.dropped == ["cam0"]
+
+
+def test_live_but_lagging_stream_is_waited_for_until_end_plus_timeout():
+    aligner = make_aligner()
+    feed_window(aligner, 0, sources=["mic0", "asr0"])
+    for now in (1.5, 2.3, 2.9):  # the camera keeps sending heartbeats, but only up to t=1.0
+        aligner.push(SensorBatch("cam0", [], [StreamProgress("s1", "cam0", "visual", 1.0, OFFSET + now, OFFSET,
+                                                             False, 0)]))
+        assert aligner.poll(OFFSET + now) == []
+    (window,) = aligner.poll(OFFSET + 3.01)  # end 2.0 + offset + timeout 1.0
+    assert window.missing == ["visual"] and window.dropped == ["cam0"]
+
+
+def test_source_that_returns_is_live_again():
+    aligner = make_aligner()
+    feed_window(aligner, 0)
+    feed_window(aligner, 1, sources=["mic0", "asr0"])
+    feed_window(aligner, 2, sources=["mic0", "asr0"])
+    closed = aligner.poll(OFFSET + 3.5)
+    assert [w.window_id for w in closed] == [0, 1, 2]
+    assert "cam0" in aligner.sessions["s1"].dropped
+    feed_window(aligner, 3)
+    (window,) = aligner.poll(OFFSET + 8.0)
+    assert window.complete and window.dropped == []
+    assert "cam0" not in aligner.sessions["s1"].dropped
+
+
+def test_late_data_for_a_closed_window_is_counted_not_merged():
+    aligner = make_aligner()
+    feed_window(aligner, 0, sources=["mic0", "asr0"])
+    aligner.push(heartbeat("cam0", 2.0))  # camera alive but sent nothing for window 0
+    (window,) = aligner.poll(OFFSET + 2.0)
+    assert window.missing == ["visual"] and window.dropped == []
+    aligner.push(utterance("cam0", 0))
+    assert aligner.counts["late"] == 1
+    assert aligner.poll(OFFSET + 2.1) == []
+
+
+def test_ended_stream_is_named_in_later_windows_only():
+    aligner = make_aligner()
+    feed_window(aligner, 0, sources=["mic0", "asr0"])
+    aligner.push(utterance("cam0", 0, ended=True))
+    (window,) = aligner.poll(OFFSET + 2.0)
+    assert window.complete and window.dropped == []
+    feed_window(aligner, 1, sources=["mic0", "asr0"])
+    (window,) = aligner.poll(OFFSET + 4.0)  # no wait for a stream that said `end`
+    assert window.dropped == ["cam0"] and window.missing == ["visual"]
+
+
+def test_windows_without_any_data_give_no_decision():
+    aligner = make_aligner()
+    feed_window(aligner, 0)
+    for source in SENSORS:
+        aligner.push(heartbeat(source, 4.0))
+    feed_window(aligner, 2)
+    assert [w.window_id for w in aligner.poll(OFFSET + 6.0)] == [0, 2]
+    assert aligner.counts["empty"] == 1
+
+
+def test_sessions_are_independent():
+    aligner = make_aligner()
+    feed_window(aligner, 0, session="a")
+    feed_window(aligner, 0, session="b")
+    feed_window(aligner, 1, session="a", sources=["mic0", "asr0"])
+    feed_window(aligner, 1, session="b")
+    closed = aligner.poll(OFFSET + 2.5)
+    assert [(w.session, w.window_id) for w in closed] == [("a", 0), ("b", 0), ("b", 1)]
+    (late,) = aligner.poll(OFFSET + 3.1)
+    assert (late.session, late.window_id, late.dropped) == ("a", 1, ["cam0"])
+
+
+def test_sliding_windows_share_data():
+    aligner = Aligner(MODALITIES, ["mic0"], 2.0, 1.0, 1.0)
+    for k in (-1, 0):
+        aligner.push(SensorBatch("mic0", [WindowDelta("s", "mic0", "audio", k, np.ones(2, np.float32), 1.0, 1)], []))
+    aligner.push(heartbeat("mic0", 1.0, session="s"))
+    assert [w.window_id for w in aligner.poll(OFFSET + 1.0)] == [-1]
+    aligner.push(heartbeat("mic0", 2.0, session="s"))
+    assert [w.window_id for w in aligner.poll(OFFSET + 2.0)] == [0]
+
+
+def test_drain_closes_every_open_window():
+    aligner = make_aligner()
+    feed_window(aligner, 0, sources=["mic0"])
+    closed = aligner.drain(OFFSET + 0.5)
+    assert [(w.window_id, w.present) for w in closed] == [(0, ["audio"])]
+    assert aligner.sessions == {}
+
+
+def test_window_features_are_weighted_means():
+    aligner = make_aligner()
+    batch = SensorBatch("mic0", [WindowDelta("s1", "mic0", "audio", 0, np.full(3, 6.0, np.float32), 3.0, 3)],
+                        [StreamProgress("s1", "mic0", "audio", 2.0, OFFSET + 2.0, OFFSET, False, 0)])
+    aligner.push(batch)
+    aligner.push(SensorBatch("mic0", [WindowDelta("s1", "mic0", "audio", 0, np.full(3, 2.0, np.float32), 1.0, 1)], []))
+    (window,) = aligner.drain(OFFSET + 2.0)
+    np.testing.assert_allclose(window.features["audio"], [2.0, 2.0, 2.0])

@@ -1,0 +1,99 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmfuse.daemon.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"bundle": "models/x", "sensors": [{"name": "cam0", "modality": "visual", "endpoint": "tcp://127.0.0.1:1"}]}
+
+
+def problems(raw):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, "test.yaml")
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["lab.yaml", "demo.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = load_config(ROOT / "config" / name)
+    assert [s.modality for s in config.sensors] == ["visual", "audio", "text"]
+    assert config.window.length_s == 2.0 and config.drop.timeout_s == 1.0
+    assert config.restorer.method == "mean" and config.output.endpoint == "tcp://127.0.0.1:5560"
+
+
+def test_defaults_fill_optional_sections():
+    config = parse_config(MINIMAL)
+    assert config.window.hop_s == 2.0 and config.ray.address is None and not config.sensors[0].bind
+
+
+def test_wrong_type_names_the_key_and_the_fix():
+    message = problems({**MINIMAL, "window": {"length_s": "long"}})
+    assert "window.length_s" in message and "use a number" in message
+
+
+def test_unknown_key_is_named():
+    message = problems({**MINIMAL, "drop": {"timeout": 1.0}})
+    assert "drop.timeout" in message and "remove it or check its spelling" in message
+
+
+def test_bad_sensor_entry_is_located():
+    sensors = MINIMAL["sensors"] + [{"name": "mic0", "modality": "smell", "endpoint": "127.0.0.1:5"}]
+    message = problems({**MINIMAL, "sensors": sensors})
+    assert "sensors[1].modality" in message and "sensors[1].endpoint" in message and "tcp://" in message
+
+
+def test_missing_and_semantic_errors():
+    assert "bundle: Field required" in problems({"sensors": MINIMAL["sensors"]})
+    assert "unknown restorer 'magic'" in problems({**MINIMAL, "restorer": {"method": "magic"}})
+    assert "hop_s" in problems({**MINIMAL, "window": {"length_s": 1.0, "hop_s": 2.0}})
+    twice = MINIMAL["sensors"] * 2
+    assert "cam0 appear more than once" in problems({**MINIMAL, "sensors": twice})
+    assert "top level must be a mapping" in problems(["a", "b"])
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("bundle: x\nsensors: [\n  {name: a\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(path)
+
+
+def run_check(path):
+    return subprocess.run([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(path), "--check"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_accepts_lab_config_without_bundle_yet():
+    result = run_check(ROOT / "config" / "lab.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stderr and "mmfuse-train" in result.stderr
+
+
+def test_check_rejects_wrong_type_naming_the_key(tmp_path):
+    raw = yaml.safe_load((ROOT / "config" / "lab.yaml").read_text())
+    raw["drop"]["timeout_s"] = "soon"
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = run_check(path)
+    assert result.returncode == 2
+    assert "drop.timeout_s" in result.stderr
+
+
+def test_check_rejects_bundle_that_does_not_fit(tmp_path, bundle_dir):
+    raw = {**MINIMAL, "bundle": str(bundle_dir), "restorer": {"method": "mean"}}
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert run_check(path).returncode == 0
+    manifest = (bundle_dir / "manifest.json").read_text()
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    for f in bundle_dir.iterdir():
+        (narrow / f.name).write_bytes(f.read_bytes())
+    (narrow / "manifest.json").write_text(manifest.replace('"visual"', '"visual_gone"'))
+    path.write_text(yaml.safe_dump({**raw, "bundle": str(narrow)}))
+    result = run_check(path)
+    assert result.returncode == 2 and "sensors for visual" in result.stderr

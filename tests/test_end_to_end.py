@@ -1,0 +1,165 @@
+"""The daemon as users run it: `mmfuse-daemon` in its own process, fed by a plain pyzmq
+client written here (not the project's replay), decisions read from its output socket."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import yaml
+import zmq
+
+from conftest import free_port
+
+WINDOW = 0.5
+TIMEOUT = 0.6
+DIMS = {"audio": 73, "visual": 100, "text": 100}
+SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
+
+
+class Daemon:
+    def __init__(self, config_path):
+        self.process = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path)],
+                                        stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if "daemon ready" in line:
+                self.ready.set()
+
+    def log(self) -> str:
+        return "".join(self.lines[-80:])
+
+
+def decode(frames):
+    return msgpack.unpackb(frames[1], raw=False)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, bundle_dir):
+    """A running daemon, the client's sensor sockets, and a decision subscriber."""
+    ports = {name: free_port() for name in SENSORS}
+    output = f"tcp://127.0.0.1:{free_port()}"
+    config = {"bundle": str(bundle_dir),
+              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
+                          for n, m in SENSORS.items()],
+              "window": {"length_s": WINDOW, "hop_s": WINDOW}, "drop": {"timeout_s": TIMEOUT},
+              "restorer": {"method": "mean"}, "output": {"endpoint": output},
+              "pipeline": {"batch_interval_ms": 20}, "log": {"stats_interval_s": 2}}
+    path = tmp_path_factory.mktemp("e2e") / "lab.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    context = zmq.Context()
+    sockets = {}
+    for name, port in ports.items():
+        sockets[name] = context.socket(zmq.XPUB)  # XPUB tells us when the daemon has subscribed
+        sockets[name].bind(f"tcp://127.0.0.1:{port}")
+    decisions = context.socket(zmq.SUB)
+    decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    decisions.connect(output)
+
+    daemon = Daemon(path)
+    assert daemon.ready.wait(120), f"daemon did not become ready:\n{daemon.log()}"
+    for name, sock in sockets.items():
+        assert sock.poll(10_000), f"daemon never subscribed to {name}"
+        sock.recv()
+    time.sleep(0.2)  # the decision subscriber's connection settles
+    yield daemon, sockets, decisions
+    if daemon.process.poll() is None:
+        daemon.process.kill()
+    context.destroy(linger=0)
+
+
+def message(session, source, seq, t, kind="data", rng=None):
+    body = {"v": 1, "session": session, "source": source, "modality": SENSORS[source], "seq": seq, "t": t,
+            "kind": kind}
+    if kind == "data":
+        vector = rng.normal(size=DIMS[SENSORS[source]]).astype("<f4")
+        body.update(encoding="features", data=vector.tobytes(), shape=[len(vector)], dtype="<f4", duration=WINDOW)
+    return [f"{SENSORS[source]}/{session}".encode(), msgpack.packb(body, use_bin_type=True)]
+
+
+def collect(decisions, quiet_s):
+    received = []
+    while decisions.poll(quiet_s * 1000):
+        received.append(decode(decisions.recv_multipart()))
+    return received
+
+
+def test_one_decision_per_window_and_a_dead_camera_is_restored(lab):
+    daemon, sockets, decisions = lab
+    rng = np.random.default_rng(0)
+    windows, camera_dies_after = 10, 4
+    seq = {(s, n): 0 for s in ("alpha", "beta") for n in SENSORS}
+    start = time.monotonic()
+    for k in range(windows):
+        time.sleep(max(0.0, start + (k + 1) * WINDOW - time.monotonic()))
+        for session in ("alpha", "beta"):
+            for name in SENSORS:
+                if session == "alpha" and name == "cam0" and k > camera_dies_after:
+                    continue
+                sockets[name].send_multipart(message(session, name, seq[session, name], k * WINDOW, rng=rng))
+                seq[session, name] += 1
+        if k == 6:  # garbage on a live socket: counted and logged, nothing else lost
+            sockets["mic0"].send_multipart([b"audio/alpha", b"\xc1\xc1 not msgpack"])
+            sockets["mic0"].send_multipart([b"audio/alpha", msgpack.packb({"v": 99, "session": "alpha"})])
+            sockets["mic0"].send_multipart([b"audio/beta", msgpack.packb([1, 2, 3])])
+    for session in ("alpha", "beta"):
+        for name in SENSORS:
+            if not (session == "alpha" and name == "cam0"):
+                sockets[name].send_multipart(message(session, name, seq[session, name], windows * WINDOW, "end"))
+
+    received = collect(decisions, quiet_s=3.0)
+    assert daemon.process.poll() is None, f"daemon died:\n{daemon.log()}"
+    by_session = {}
+    for decision in received:
+        by_session.setdefault(decision["session"], []).append(decision)
+    assert sorted(by_session) == ["alpha", "beta"]
+    for session, items in by_session.items():
+        ids = [d["window"]["id"] for d in items]
+        assert sorted(ids) == list(range(windows)), f"{session}: windows {ids}"
+
+    for decision in by_session["beta"]:
+        assert decision["present"] == ["audio", "text", "visual"]
+        assert decision["restored"] == [] and decision["dropped"] == [] and decision["restorer"] == "none"
+    for decision in by_session["alpha"]:
+        k = decision["window"]["id"]
+        assert decision["window"]["start"] == pytest.approx(k * WINDOW)
+        assert decision["window"]["end"] == pytest.approx((k + 1) * WINDOW)
+        if k <= camera_dies_after:
+            assert decision["restored"] == [] and decision["dropped"] == []
+        else:
+            assert decision["present"] == ["audio", "text"]
+            assert decision["restored"] == ["visual"] and decision["dropped"] == ["cam0"]
+            assert decision["restorer"] == "mean"
+    for decision in received:
+        assert decision["v"] == 1 and decision["task"] == "sentiment"
+        assert decision["label"] in decision["scores"]
+        assert sum(decision["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert decision["latency_ms"] >= 0 and decision["bundle"]
+    assert "malformed message rejected" in daemon.log()
+
+
+def test_sigterm_drains_open_windows_and_exits_cleanly(lab):
+    daemon, sockets, decisions = lab
+    rng = np.random.default_rng(1)
+    for name in SENSORS:  # window 0 of a new session, still open: nobody has passed its end
+        frames = message("gamma", name, 0, 0.0, rng=rng)
+        body = msgpack.unpackb(frames[1])
+        body["duration"] = 0.1
+        sockets[name].send_multipart([frames[0], msgpack.packb(body, use_bin_type=True)])
+    time.sleep(0.15)
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=60) == 0, daemon.log()
+    received = collect(decisions, quiet_s=1.0)
+    assert [(d["session"], d["window"]["id"]) for d in received] == [("gamma", 0)]
+    assert received[0]["present"] == ["audio", "text", "visual"]
+    assert "stopped" in daemon.log()

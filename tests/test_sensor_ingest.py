@@ -1,0 +1,92 @@
+import msgpack
+import numpy as np
+import pytest
+
+from mmfuse import wire
+from mmfuse.actors.sensor import SensorIngest, windows_overlapping
+
+
+@pytest.mark.parametrize("start, end, length, hop, expected", [
+    (0.0, 2.0, 2.0, 2.0, [0]),
+    (0.5, 0.5, 2.0, 2.0, [0]),
+    (2.0, 2.0, 2.0, 2.0, [1]),
+    (1.0, 3.0, 2.0, 2.0, [0, 1]),
+    (1.0, 1.5, 2.0, 1.0, [0, 1]),
+    (4.0, 6.0, 2.0, 2.0, [2]),
+    (-1.0, 0.0, 2.0, 2.0, [-1]),
+])
+def test_windows_overlapping(start, end, length, hop, expected):
+    assert list(windows_overlapping(start, end, length, hop)) == expected
+
+
+def ingest(dim=4, length=2.0, hop=2.0):
+    return SensorIngest("cam0", "visual", length, hop, dim)
+
+
+def send(sensor, seq, t, vector=None, duration=2.0, session="s1", source="cam0", kind="data", at=100.0):
+    if kind == "data":
+        message = wire.features_message(session, source, "visual", seq, t, np.asarray(vector), duration)
+    else:
+        message = wire.SensorMessage(session, source, "visual", seq, t, kind=kind)
+    sensor.ingest(wire.encode(message), at)
+
+
+def test_features_become_window_sums_and_progress():
+    sensor = ingest()
+    send(sensor, 0, 0.0, [1, 1, 1, 1], duration=1.0)
+    send(sensor, 1, 1.0, [3, 3, 3, 3], duration=2.0)  # half in window 0, half in window 1
+    batch = sensor.take_batch()
+    by_window = {d.window_id: d for d in batch.deltas}
+    assert by_window[0].weight == pytest.approx(1.5)
+    np.testing.assert_allclose(by_window[0].total / by_window[0].weight, [5 / 3] * 4)
+    np.testing.assert_allclose(by_window[1].total / by_window[1].weight, [3] * 4)
+    (progress,) = batch.progress
+    assert progress.progress == 3.0 and not progress.ended
+    assert sensor.take_batch() is None
+
+
+def test_malformed_messages_are_counted_not_raised():
+    sensor = ingest()
+    sensor.ingest([b"visual/s1", b"\x00\xff\x13"], 1.0)
+    sensor.ingest([b"visual/s1"], 1.0)
+    sensor.ingest([b"visual/s1", msgpack.packb({"v": 9})], 1.0)
+    send(sensor, 0, 0.0, [1, 2, 3])  # wrong dimension for this bundle
+    assert sensor.rejected.counts == {"msgpack": 1, "frames": 1, "version": 1, "dim": 1}
+    assert sensor.take_batch() is None
+    send(sensor, 0, 0.0, [1, 2, 3, 4])
+    assert sensor.accepted == 1
+
+
+def test_duplicates_and_gaps():
+    sensor = ingest()
+    send(sensor, 0, 0.0, [1, 1, 1, 1])
+    send(sensor, 0, 0.0, [1, 1, 1, 1])
+    send(sensor, 5, 2.0, [1, 1, 1, 1])
+    assert sensor.rejected.counts == {"duplicate_or_reordered": 1}
+    assert sensor.stats()["seq_gaps"] == 4
+
+
+def test_media_without_encoder_keeps_the_stream_alive():
+    sensor = ingest()
+    message = wire.SensorMessage("s1", "cam0", "visual", 0, 0.5, encoding="jpeg", data=b"\xff\xd8", duration=0.1)
+    sensor.ingest(wire.encode(message), 1.0)
+    batch = sensor.take_batch()
+    assert batch.deltas == [] and batch.progress[0].progress == pytest.approx(0.6)
+    assert sensor.unsupported.counts == {"jpeg": 1}
+
+
+def test_heartbeat_end_and_offset():
+    sensor = ingest()
+    send(sensor, 0, 10.0, kind="heartbeat", at=110.5)
+    send(sensor, 1, 11.0, kind="heartbeat", at=111.2)
+    send(sensor, 2, 12.0, kind="end", at=112.9)
+    (progress,) = sensor.take_batch().progress
+    assert progress.ended and progress.progress == 12.0
+    assert progress.offset == pytest.approx(100.2)
+
+
+def test_message_of_wrong_modality_is_rejected():
+    sensor = ingest()
+    message = wire.features_message("s1", "mic0", "audio", 0, 0.0, np.ones(4))
+    sensor.ingest(wire.encode(message), 1.0)
+    assert sensor.rejected.counts == {"modality": 1}

@@ -1,0 +1,1 @@
+"""Training: turns data sets into the model bundles the daemon loads (`mmfuse-train`)."""
