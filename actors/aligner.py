@@ -54,13 +54,14 @@ class Aligner:
     stream has passed its end, or when each stream that has not is later than
     end + the stream's clock offset + the drop timeout. A configured sensor not yet
     heard from in a session is waited for until the drop timeout has passed since
-    the session's first message; after that it counts as dropped.
+    the session's first message; after that it counts as dropped. (A configured
+    sensor whose modality arrives from other sources is not waited for.)
     """
 
-    def __init__(self, modalities: list[str], sensors: list[str], length_s: float, hop_s: float,
+    def __init__(self, modalities: list[str], sensors: dict[str, str], length_s: float, hop_s: float,
                  timeout_s: float, session_idle_s: float = 60.0, log=None):
         self.modalities = sorted(modalities)
-        self.sensors = sorted(sensors)
+        self.sensors = dict(sorted(sensors.items()))  # configured sensor name -> modality
         self.length, self.hop, self.timeout = length_s, hop_s, timeout_s
         self.session_idle = session_idle_s
         self.sessions: dict[str, Session] = {}
@@ -108,14 +109,23 @@ class Aligner:
             live = self._live(stream, now)
             if not live and source not in session.dropped:
                 session.dropped.add(source)
-                self.log.info("stream dropped", session=name, source=source, ended=stream.ended,
-                              silent_s=round(now - stream.arrived_at, 3))
+                if stream.ended:
+                    self.log.info("stream ended", session=name, source=source)
+                else:
+                    self.log.info("stream dropped", session=name, source=source,
+                                  silent_s=round(now - stream.arrived_at, 3))
             elif live and source in session.dropped:
                 session.dropped.discard(source)
                 self.log.info("stream back", session=name, source=source)
 
+    def _unheard(self, session: Session) -> list[str]:
+        """Configured sensors with no stream in this session, and none of their modality either."""
+        heard = {s.modality for s in session.streams.values()}
+        return [name for name, modality in self.sensors.items()
+                if name not in session.streams and modality not in heard]
+
     def _closable(self, session: Session, end: float, now: float) -> bool:
-        if now < session.first_seen + self.timeout and any(s not in session.streams for s in self.sensors):
+        if now < session.first_seen + self.timeout and self._unheard(session):
             return False
         for stream in session.streams.values():
             if stream.progress >= end or not self._live(stream, now):
@@ -148,7 +158,7 @@ class Aligner:
             present = sorted(features)
             missing = [m for m in self.modalities if m not in features]
             dropped = sorted({source for source, s in session.streams.items() if s.progress < end}
-                             | {source for source in self.sensors if source not in session.streams})
+                             | set(self._unheard(session)))
             closed.append(ClosedWindow(name, k, start, end, features, present, missing, dropped, now))
             self.counts["closed"] += 1
             self.counts["incomplete" if missing else "complete"] += 1
@@ -164,7 +174,7 @@ class AlignerActor:
 
     TICK_S = 0.01
 
-    def __init__(self, modalities: list[str], sensors: list[str], window: dict, drop: dict, pipeline: dict,
+    def __init__(self, modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
                  restorer, fusion, log_format: dict):
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="aligner")

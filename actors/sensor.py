@@ -60,6 +60,11 @@ class SensorIngest:
         self.rejected = Tally()
         self.unsupported = Tally()
         self.accepted = 0
+        self.due = False  # a window may close once the aligner hears what we hold: send soon
+
+    def _window_ends_before(self, t: float) -> float:
+        """How many window ends lie at or before event time t (a step function of t)."""
+        return math.floor((t - self.length) / self.hop) if math.isfinite(t) else -math.inf
 
     def ingest(self, frames: list[bytes], arrived_at: float) -> None:
         try:
@@ -97,6 +102,8 @@ class SensorIngest:
             stream.seq_gaps += message.seq - stream.last_seq - 1
         stream.last_seq = message.seq
         reached = message.t + message.duration
+        if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
+            self.due = True
         stream.progress = max(stream.progress, reached)
         stream.arrived_at = arrived_at
         stream.delays.append(arrived_at - reached)
@@ -142,6 +149,7 @@ class SensorIngest:
                             [self.streams[key].snapshot() for key in self.touched])
         self.deltas = {}
         self.touched = set()
+        self.due = False
         return batch
 
     def stats(self) -> dict:
@@ -151,14 +159,20 @@ class SensorIngest:
 
 
 class SensorActor:
-    """Reads the socket in its own thread; pushes one SensorBatch per batch interval."""
+    """Reads the socket in its own thread and pushes SensorBatches to the aligner.
+
+    A batch goes out as soon as a stream has passed a window end (at most one per
+    batch interval), otherwise after the flush interval, so Ray calls follow windows,
+    not frames.
+    """
 
     MAX_IN_FLIGHT = 4
 
     def __init__(self, sensor: dict, window: dict, pipeline: dict, dim: int | None, aligner, log_format: dict):
         configure(**log_format)
         self.sensor = sensor
-        self.interval = pipeline["batch_interval_ms"] / 1000.0
+        self.min_interval = pipeline["batch_interval_ms"] / 1000.0
+        self.flush_interval = pipeline["flush_interval_ms"] / 1000.0
         self.aligner = aligner
         self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
         self.ingest = SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,
@@ -198,10 +212,9 @@ class SensorActor:
         self.log.info("sensor listening", endpoint=self.sensor["endpoint"], bind=self.sensor["bind"])
         self.started.set()
         in_flight: list = []
-        next_push = time.monotonic() + self.interval
+        last_push = time.monotonic()
         while not self.stopping.is_set():
-            timeout_ms = max(0.0, next_push - time.monotonic()) * 1000
-            if socket.poll(timeout_ms, zmq.POLLIN):
+            if socket.poll(self.min_interval * 1000, zmq.POLLIN):
                 with self.lock:
                     for _ in range(10_000):
                         try:
@@ -209,9 +222,10 @@ class SensorActor:
                         except zmq.Again:
                             break
                         self.ingest.ingest(frames, time.time())
-            if time.monotonic() >= next_push:
-                next_push = time.monotonic() + self.interval
+            waited = time.monotonic() - last_push
+            if (self.ingest.due and waited >= self.min_interval) or waited >= self.flush_interval:
                 in_flight = self._push(in_flight)
+                last_push = time.monotonic()
         while True:  # drain what is already queued, then hand over the last batch
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)

@@ -77,8 +77,10 @@ class RayConfig(Section):
 
 
 class PipelineConfig(Section):
-    batch_interval_ms: float = Field(50.0, gt=0, le=1000,
-                                     description="how often a sensor actor sends its window sums to the aligner")
+    batch_interval_ms: float = Field(10.0, gt=0, le=1000,
+                                     description="least time between two batches a sensor actor sends the aligner")
+    flush_interval_ms: float = Field(200.0, gt=0, description="most time data waits in a sensor actor when "
+                                     "no window is due; keep it below drop.timeout_s")
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="larger sensor messages are rejected")
     session_idle_s: float = Field(60.0, gt=0, description="forget a session silent this long")
 
@@ -106,6 +108,10 @@ class DaemonConfig(Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"sensor names must be unique; {', '.join(duplicates)} appear more than once")
+        if self.pipeline.flush_interval_ms >= self.drop.timeout_s * 1000:
+            raise ValueError(f"pipeline.flush_interval_ms ({self.pipeline.flush_interval_ms:g}) must be below "
+                             f"drop.timeout_s ({self.drop.timeout_s:g} s), or windows close without data the "
+                             f"sensor actors still hold; lower it")
         endpoints = [s.endpoint for s in self.sensors] + [self.output.endpoint]
         shared = sorted({e for e in endpoints if endpoints.count(e) > 1})
         if shared:

@@ -41,8 +41,9 @@ def check(config: DaemonConfig, log) -> int:
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"configuration OK: {len(config.sensors)} sensor(s), bundle {bundle.id}, restorer {config.restorer.method}",
-          file=sys.stderr)
+    dims = ", ".join(f"{m} {spec['dim']}-d" for m, spec in bundle.modalities.items())
+    print(f"configuration OK: {len(config.sensors)} sensor(s), bundle {bundle.id} ({bundle.task}: "
+          f"{', '.join(bundle.labels)}; features {dims}), restorer {config.restorer.method}", file=sys.stderr)
     return 0
 
 
@@ -68,7 +69,7 @@ class Pipeline:
             name="restorer", num_cpus=0, num_gpus=config.restorer.num_gpus).remote(
             bundle_path, config.restorer.method, self.fusion, log_format)
         self.aligner = ray.remote(AlignerActor).options(name="aligner", **io).remote(
-            sorted(bundle.modalities), [s.name for s in config.sensors], config.window.model_dump(), config.drop.model_dump(),
+            sorted(bundle.modalities), {s.name: s.modality for s in config.sensors}, config.window.model_dump(), config.drop.model_dump(),
             config.pipeline.model_dump(), self.restorer, self.fusion, log_format)
         self.sensors = [
             ray.remote(SensorActor).options(name=f"sensor-{s.name}", **io).remote(

@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from mmfuse import wire
+from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.daemon.config import ConfigError, DaemonConfig, load_config
 from mmfuse.training.data import DataError, FeatureSet, load_features
 
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kill", type=parse_kill, action="append", default=[], metavar="MODALITY@Ts",
                         help="MODALITY's sensor falls silent T seconds into every session")
     parser.add_argument("--sessions", type=int, default=None, help="replay only the first N sessions")
+    parser.add_argument("--held-out-by", metavar="BUNDLE", default=None,
+                        help="replay only the sessions this bundle held out for validation (never trained on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --drop draws")
     parser.add_argument("--listen", action="store_true", help="print decisions from the daemon as they arrive")
     parser.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the daemon to subscribe")
@@ -86,7 +89,11 @@ def build_schedule(config: DaemonConfig, data: FeatureSet, args: argparse.Namesp
     for row, uid in enumerate(data.uid):
         video, _, number = uid.rpartition("_")
         by_session[video].append((int(number) if number.isdigit() else row, row))
-    sessions = list(by_session.items())[: args.sessions]
+    sessions = list(by_session.items())
+    if args.held_out_by:
+        held_out = set(load_bundle(args.held_out_by).manifest["data"]["val_videos"])
+        sessions = [(name, rows) for name, rows in sessions if name in held_out]
+    sessions = sessions[: args.sessions]
     schedule, labels, order = [], {}, 0
     for session, utterances in sessions:
         utterances.sort()
@@ -162,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    schedule, truth = build_schedule(config, data, args)
+    try:
+        schedule, truth = build_schedule(config, data, args)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     label_names = ["negative", "positive"] if data.sentiment is not None else []
     context = zmq.Context.instance()
     listener = None

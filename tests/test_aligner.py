@@ -12,7 +12,7 @@ OFFSET = 1000.0  # daemon wall clock = sensor clock + 1000 s
 
 
 def make_aligner(length=2.0, hop=2.0, timeout=1.0):
-    return Aligner(MODALITIES, list(SENSORS), length, hop, timeout, session_idle_s=30.0)
+    return Aligner(MODALITIES, SENSORS, length, hop, timeout, session_idle_s=30.0)
 
 
 def utterance(source, window, session="s1", value=1.0, dim=3, ended=False, arrive_late=0.0, length=2.0):
@@ -127,7 +127,7 @@ def test_sessions_are_independent():
 
 
 def test_sliding_windows_share_data():
-    aligner = Aligner(MODALITIES, ["mic0"], 2.0, 1.0, 1.0)
+    aligner = Aligner(MODALITIES, {"mic0": "audio"}, 2.0, 1.0, 1.0)
     for k in (-1, 0):
         aligner.push(SensorBatch("mic0", [WindowDelta("s", "mic0", "audio", k, np.ones(2, np.float32), 1.0, 1)], []))
     aligner.push(heartbeat("mic0", 1.0, session="s"))
@@ -152,3 +152,21 @@ def test_window_features_are_weighted_means():
     aligner.push(SensorBatch("mic0", [WindowDelta("s1", "mic0", "audio", 0, np.full(3, 2.0, np.float32), 1.0, 1)], []))
     (window,) = aligner.drain(OFFSET + 2.0)
     np.testing.assert_allclose(window.features["audio"], [2.0, 2.0, 2.0])
+
+
+def test_unconfigured_source_of_a_configured_modality_stands_in_for_its_sensor():
+    aligner = make_aligner()
+    feed_window(aligner, 0, sources=["mic0", "asr0"])
+    delta = WindowDelta("s1", "cam-left", "visual", 0, np.ones(3, np.float32), 1.0, 1)
+    aligner.push(SensorBatch("cam0", [delta], [StreamProgress("s1", "cam-left", "visual", 2.0, OFFSET + 2.0, OFFSET,
+                                                              False, 0)]))
+    (window,) = aligner.poll(OFFSET + 2.0)
+    assert window.complete and window.dropped == []
+
+
+def test_sensor_never_heard_from_is_waited_for_then_named():
+    aligner = make_aligner()
+    feed_window(aligner, 0, sources=["mic0", "asr0"])
+    assert aligner.poll(OFFSET + 2.5) == []
+    (window,) = aligner.poll(OFFSET + 3.01)
+    assert window.missing == ["visual"] and window.dropped == ["cam0"]

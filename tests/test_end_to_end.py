@@ -53,7 +53,7 @@ def lab(tmp_path_factory, bundle_dir):
                           for n, m in SENSORS.items()],
               "window": {"length_s": WINDOW, "hop_s": WINDOW}, "drop": {"timeout_s": TIMEOUT},
               "restorer": {"method": "mean"}, "output": {"endpoint": output},
-              "pipeline": {"batch_interval_ms": 20}, "log": {"stats_interval_s": 2}}
+              "log": {"stats_interval_s": 2}}
     path = tmp_path_factory.mktemp("e2e") / "lab.yaml"
     path.write_text(yaml.safe_dump(config))
 

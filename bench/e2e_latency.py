@@ -1,0 +1,219 @@
+"""End-to-end latency of a live daemon: N sessions of three feature sensors in real time.
+
+Starts `mmfuse-daemon` on free ports, publishes every session's streams at real-time
+pace with a share of incomplete windows (one modality left out, its sensor still
+heartbeating), and measures, per window, the time from the moment the last message
+of the window was sent (the window can close) to the decision's arrival.
+
+    python bench/e2e_latency.py --sessions 8 --duration-s 30
+
+Prints the figures and writes them as JSON (default bench/results/e2e_latency.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+import zmq
+
+from mmfuse import wire
+from mmfuse.bundle import load_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--duration-s", type=float, default=30.0, help="length of every session")
+    parser.add_argument("--window-s", type=float, default=1.0, help="window length and hop")
+    parser.add_argument("--incomplete", type=float, default=0.3, help="share of windows missing one modality")
+    parser.add_argument("--restorer", default="mean")
+    parser.add_argument("--bundle", default=None, help="bundle directory; default: train one on generated data")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "e2e_latency.json"))
+    return parser.parse_args()
+
+
+def ensure_bundle(path: str | None, workdir: Path) -> Path:
+    if path:
+        return Path(path)
+    from mmfuse.training.data import make_synthetic
+    from mmfuse.training.train import main as train
+
+    data = make_synthetic(workdir / "synthetic.npz")
+    train(["--data", str(data), "--out", str(workdir / "bundle"), "--epochs", "10"])
+    return workdir / "bundle"
+
+
+def tree_rss_mb(pid: int) -> float:
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        for child in process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mmfuse-bench-"))
+    bundle_path = ensure_bundle(args.bundle, workdir)
+    dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
+    ports = {name: free_port() for name in SENSORS}
+    output = f"tcp://127.0.0.1:{free_port()}"
+    config = {"bundle": str(bundle_path),
+              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
+                          for n, m in SENSORS.items()],
+              "window": {"length_s": args.window_s, "hop_s": args.window_s}, "drop": {"timeout_s": 1.0},
+              "restorer": {"method": args.restorer}, "output": {"endpoint": output},
+              "log": {"stats_interval_s": 3600}}
+    config_path = workdir / "bench.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    context = zmq.Context()
+    sockets = {}
+    for name, port in ports.items():
+        sockets[name] = context.socket(zmq.XPUB)
+        sockets[name].setsockopt(zmq.SNDHWM, 0)
+        sockets[name].bind(f"tcp://127.0.0.1:{port}")
+    listener = context.socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    listener.connect(output)
+
+    daemon = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
+                               "--log-json"],
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        log_lines: list[str] = []
+        threading.Thread(target=lambda: log_lines.extend(daemon.stderr), daemon=True).start()
+        for name, sock in sockets.items():
+            if not sock.poll(180_000):
+                print("daemon did not subscribe:\n" + "".join(log_lines[-40:]), file=sys.stderr)
+                daemon.kill()
+                return 1
+            sock.recv()
+        time.sleep(0.5)
+
+        rng = np.random.default_rng(0)
+        windows = int(args.duration_s / args.window_s)
+        sessions = [f"bench{i:02d}" for i in range(args.sessions)]
+        sent_at: dict[tuple[str, int], float] = {}
+        received: dict[tuple[str, int], tuple[float, dict]] = {}
+        duplicates = 0
+        incomplete = 0
+        peak_rss = 0.0
+        seq = {(s, n): 0 for s in sessions for n in SENSORS}
+
+        def drain(until: float) -> None:
+            nonlocal duplicates
+            while True:
+                timeout = until - time.monotonic()
+                if timeout <= 0 or not listener.poll(timeout * 1000):
+                    return
+                while True:
+                    try:
+                        frames = listener.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    now = time.monotonic()
+                    decision = wire.decode_decision(frames)
+                    key = (decision["session"], decision["window"]["id"])
+                    duplicates += key in received
+                    received[key] = (now, decision)
+
+        start = time.monotonic()
+        for k in range(windows):
+            drain(start + (k + 0.5) * args.window_s)
+            for session in sessions:  # sensors heartbeat at least every drop.timeout_s / 2 (docs/protocol.md)
+                for name, modality in SENSORS.items():
+                    message = wire.SensorMessage(session, name, modality, seq[session, name], k * args.window_s,
+                                                 kind="heartbeat")
+                    sockets[name].send_multipart(wire.encode(message))
+                    seq[session, name] += 1
+            drain(start + (k + 1) * args.window_s)
+            for i, session in enumerate(sessions):
+                leave_out = rng.choice(list(SENSORS)) if rng.random() < args.incomplete else None
+                incomplete += leave_out is not None
+                for name, modality in SENSORS.items():
+                    if name == leave_out:
+                        message = wire.SensorMessage(session, name, modality, seq[session, name], (k + 1) * args.window_s,
+                                                     kind="heartbeat")
+                    else:
+                        message = wire.features_message(session, name, modality, seq[session, name], k * args.window_s,
+                                                        rng.normal(size=dims[modality]), duration=args.window_s)
+                    sockets[name].send_multipart(wire.encode(message))
+                    seq[session, name] += 1
+                sent_at[(session, k)] = time.monotonic()
+            if k % 5 == 0:
+                peak_rss = max(peak_rss, tree_rss_mb(daemon.pid))
+        drain(time.monotonic() + 3.0)
+        elapsed = time.monotonic() - start
+
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+        time.sleep(0.2)
+        (workdir / "daemon.log").write_text("".join(log_lines))
+        final = next((json.loads(line) for line in log_lines if line.startswith("{") and '"stopped"' in line), {})
+        calls = (sum(s.get("pushes", 0) for s in final.get("sensors", [])) + final.get("aligner", {}).get("calls_out", 0)
+                 + final.get("restorer", {}).get("batches", 0) + final.get("fusion", {}).get("batches", 0))
+        closed = final.get("aligner", {}).get("closed", 0)
+
+        latencies = np.array([(received[key][0] - sent) * 1000 for key, sent in sent_at.items() if key in received])
+        internal = np.array([d["latency_ms"] for _, d in received.values()])
+        result = {
+            "sessions": args.sessions, "window_s": args.window_s, "duration_s": args.duration_s,
+            "windows_per_s": round(args.sessions / args.window_s, 2),
+            "incomplete_fraction": round(incomplete / max(1, len(sent_at)), 3),
+            "restorer": args.restorer,
+            "windows_sent": len(sent_at), "decisions": len(received), "duplicates": duplicates,
+            "missing": sorted(f"{s}/{k}" for s, k in sent_at if (s, k) not in received)[:20],
+            "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),
+                           "p99": round(float(np.percentile(latencies, 99)), 2),
+                           "max": round(float(latencies.max()), 2)},
+            "daemon_internal_latency_ms": {"p50": round(float(np.percentile(internal, 50)), 2),
+                                           "p99": round(float(np.percentile(internal, 99)), 2)},
+            "decisions_per_s": round(len(received) / elapsed, 2),
+            "ray_calls_per_window": round(calls / closed, 3) if closed else None,
+            "daemon_rss_mb": {"peak_sampled": round(peak_rss, 1), "at_exit": final.get("rss_mb")},
+            "daemon_exit_code": daemon.returncode,
+            "daemon_log": str(workdir / "daemon.log"),
+            "aligner": final.get("aligner"),
+            "cpu": os.cpu_count(),
+        }
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    print(json.dumps(result, indent=2))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    context.destroy(linger=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+import argparse
+import subprocess
+import sys
+
+import msgpack
+import pytest
+import yaml
+
+from conftest import free_port
+from mmfuse.daemon.config import parse_config
+from mmfuse.daemon.replay import build_schedule, parse_drop, parse_kill
+from mmfuse.training.data import load_features
+
+SENSORS = [{"name": "cam0", "modality": "visual"}, {"name": "mic0", "modality": "audio"},
+           {"name": "asr0", "modality": "text"}]
+
+
+def config(tmp_path=None, bundle="b"):
+    raw = {"bundle": bundle, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"} for s in SENSORS],
+           "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    return raw
+
+
+def args(**overrides):
+    base = dict(speed=1.0, drop=[], kill=[], sessions=None, seed=0, held_out_by=None)
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def decoded(schedule):
+    return [(item.sensor, msgpack.unpackb(item.frames[1])) for item in sorted(schedule)]
+
+
+def test_schedule_groups_rows_into_sessions_one_utterance_per_window(feature_file):
+    data = load_features(feature_file)
+    schedule, truth = build_schedule(parse_config(config()), data, args(sessions=2))
+    messages = decoded(schedule)
+    sessions = {body["session"] for _, body in messages}
+    assert len(sessions) == 2 and len(truth) == 24
+    first = [body for sensor, body in messages if sensor == "cam0" and body["kind"] == "data"][:2]
+    assert [(b["t"], b["duration"], b["seq"]) for b in first] == [(0.0, 2.0, 0), (0.0, 2.0, 0)]
+    ends = [body for _, body in messages if body["kind"] == "end"]
+    assert len(ends) == 6 and all(b["t"] == 24.0 for b in ends)
+
+
+def test_drop_and_kill(feature_file):
+    data = load_features(feature_file)
+    schedule, _ = build_schedule(parse_config(config()), data,
+                                 args(sessions=1, drop=[("text", 0.5)], kill=[parse_kill("visual@10s")]))
+    messages = decoded(schedule)
+    camera = [b for s, b in messages if s == "cam0"]
+    assert max(b["t"] for b in camera) < 10.0 and not any(b["kind"] == "end" for b in camera)
+    text = [b for s, b in messages if s == "asr0"]
+    heartbeats = sum(b["kind"] == "heartbeat" for b in text)
+    assert 2 <= heartbeats <= 10 and [b["seq"] for b in text] == list(range(len(text)))
+
+
+def test_bad_flags_are_explained():
+    with pytest.raises(argparse.ArgumentTypeError, match="text:0.3"):
+        parse_drop("text=0.3")
+    with pytest.raises(argparse.ArgumentTypeError, match="visual@10s"):
+        parse_kill("camera@10")
+
+
+def test_replay_without_daemon_fails_fast(tmp_path, feature_file):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config()))
+    result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.replay", "--config", str(path), "--data",
+                             str(feature_file), "--wait-s", "0.5"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and "is mmfuse-daemon running" in result.stderr
