@@ -37,6 +37,7 @@ class Session:
     next_window: int | None = None
     dropped: set[str] = field(default_factory=set)
     first_seen: float = math.inf
+    closed: int = 0
 
     def reach(self) -> float:
         return max((s.progress for s in self.streams.values()), default=-math.inf)
@@ -159,7 +160,8 @@ class Aligner:
             missing = [m for m in self.modalities if m not in features]
             dropped = sorted({source for source, s in session.streams.items() if s.progress < end}
                              | set(self._unheard(session)))
-            closed.append(ClosedWindow(name, k, start, end, features, present, missing, dropped, now))
+            closed.append(ClosedWindow(name, k, start, end, features, present, missing, dropped, now, session.closed))
+            session.closed += 1
             self.counts["closed"] += 1
             self.counts["incomplete" if missing else "complete"] += 1
         return closed

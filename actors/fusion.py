@@ -1,50 +1,103 @@
-"""Fusion actor: the bundle's fusion head turns a batch of windows into decisions."""
+"""Fusion actor: the bundle's fusion head turns windows into decisions, each session's
+windows in the order the aligner closed them (complete windows come straight from the
+aligner, incomplete ones through the restorer, so they may arrive out of order)."""
 
 from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 import torch
 
+from mmfuse.actors.restorer import WindowEncoder
 from mmfuse.bundle import Bundle, load_bundle
 from mmfuse.frames import ClosedWindow
 from mmfuse.logs import configure
 from mmfuse.wire import Decision
 
 
+@dataclass
+class SessionState:
+    next_seq: int = 0
+    waiting: dict[int, ClosedWindow] = field(default_factory=dict)
+    history: deque = field(default_factory=deque)  # filled embeddings of the previous windows
+    seen_at: float = 0.0
+
+
 class FusionHead:
-    """The bundle's head over batches of closed windows (every modality filled). No I/O."""
+    """Decisions for batches of closed windows, in per-session order, with session context. No I/O."""
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, restorer: str, session_idle_s: float = 60.0):
         self.bundle = bundle
-        self.model = bundle.fusion_head()
-        self.dims = {m: spec["dim"] for m, spec in bundle.modalities.items()}
+        self.head = bundle.head(bundle.restorers[restorer]["head"])
+        self.encoder = WindowEncoder(bundle)
+        self.context = bundle.context
+        self.session_idle = session_idle_s
+        self.sessions: dict[str, SessionState] = {}
 
-    @torch.no_grad()
-    def decide(self, windows: list[ClosedWindow]) -> list[Decision]:
-        inputs = {m: torch.from_numpy(np.stack([w.features[m] for w in windows])) for m in self.dims}
-        probabilities = torch.softmax(self.model(inputs), dim=-1).numpy()
-        labels = self.bundle.labels
-        decisions = []
-        for window, p in zip(windows, probabilities):
-            decisions.append(Decision(
-                session=window.session, window_id=window.window_id, start=window.start, end=window.end,
-                task=self.bundle.task, label=labels[int(p.argmax())],
-                scores={label: round(float(v), 6) for label, v in zip(labels, p)},
-                present=window.present, restored=window.restored, dropped=window.dropped,
-                restorer=window.restorer, latency_ms=0.0, bundle=self.bundle.id,
-                closed_at=window.closed_at, extra=window.extra))
-        return decisions
+    def decide(self, windows: list[ClosedWindow], now: float | None = None) -> list[Decision]:
+        now = time.time() if now is None else now
+        ready = []
+        for window in windows:
+            state = self.sessions.setdefault(window.session, SessionState())
+            state.waiting[window.seq] = window
+            state.seen_at = now
+            while state.next_seq in state.waiting:
+                ready.append(state.waiting.pop(state.next_seq))
+                state.next_seq += 1
+        self._forget_idle(now)
+        if not ready:
+            return []
+        raw = [w for w in ready if w.embeddings is None]
+        if raw:
+            z, _ = self.encoder.encode(raw)
+            for window, row in zip(raw, z.numpy()):
+                window.embeddings = row
+        filled = torch.from_numpy(np.stack([w.embeddings for w in ready]))
+        context = torch.from_numpy(np.stack([self._context(w) for w in ready])) if self.context else None
+        with torch.no_grad():
+            outputs = self.head(filled, context).numpy()
+        return [self._decision(w, o) for w, o in zip(ready, outputs)]
+
+    def _context(self, window: ClosedWindow) -> np.ndarray:
+        """Mean of the session's previous windows' embeddings (zeros for its first), then remember this one."""
+        history = self.sessions[window.session].history
+        context = np.mean(history, axis=0) if history else np.zeros_like(window.embeddings)
+        history.append(window.embeddings)
+        while len(history) > self.context:
+            history.popleft()
+        return context.astype(np.float32)
+
+    def _decision(self, window: ClosedWindow, output: np.ndarray) -> Decision:
+        if self.bundle.manifest["output"] == "regression":
+            value = float(output[0])
+            label, scores = ("positive" if value >= 0 else "negative"), {"sentiment": round(value, 4)}
+        else:
+            p = torch.softmax(torch.from_numpy(output), dim=-1).numpy()
+            label = self.bundle.labels[int(p.argmax())]
+            scores = {name: round(float(v), 6) for name, v in zip(self.bundle.labels, p)}
+        return Decision(session=window.session, window_id=window.window_id, start=window.start, end=window.end,
+                        task=self.bundle.task, label=label, scores=scores, present=window.present,
+                        restored=window.restored, dropped=window.dropped, restorer=window.restorer, latency_ms=0.0,
+                        bundle=self.bundle.id, closed_at=window.closed_at, extra=window.extra)
+
+    def _forget_idle(self, now: float) -> None:
+        idle = [name for name, s in self.sessions.items() if not s.waiting and now - s.seen_at > self.session_idle]
+        for name in idle:
+            del self.sessions[name]
 
 
 class FusionActor:
-    def __init__(self, bundle_path: str, publisher, log_format: dict):
+    def __init__(self, bundle_path: str, restorer: str, session_idle_s: float, publisher, log_format: dict):
         from mmfuse.actors import limit_threads
 
         limit_threads()
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="fusion")
-        self.head = FusionHead(load_bundle(bundle_path))
+        self.head = FusionHead(load_bundle(bundle_path), restorer, session_idle_s)
         self.publisher = publisher
         self.in_flight: list = []
         self.decisions = 0
@@ -57,8 +110,10 @@ class FusionActor:
         import ray
 
         decisions = self.head.decide(windows)
-        self.decisions += len(decisions)
         self.batches += 1
+        if not decisions:
+            return
+        self.decisions += len(decisions)
         self.in_flight.append(self.publisher.publish.remote(decisions))
         if len(self.in_flight) > 64:
             _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
@@ -68,6 +123,9 @@ class FusionActor:
 
         ray.get(self.in_flight)
         self.in_flight = []
+        waiting = sum(len(s.waiting) for s in self.head.sessions.values())
+        if waiting:
+            self.log.error("windows never released", count=waiting)
         return self.stats()
 
     def stats(self) -> dict:

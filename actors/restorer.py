@@ -1,31 +1,55 @@
-"""Restorer actor: fills the missing modality embeddings of incomplete windows, a batch
-at a time, then hands the batch to the fusion actor."""
+"""Restorer actor: encodes incomplete windows, fills their missing modality embeddings
+with the configured restorer, a batch at a time, and hands the batch to fusion."""
 
 from __future__ import annotations
 
-import numpy as np
 import structlog
+import torch
 
-from mmfuse.bundle import load_bundle
+from mmfuse.bundle import Bundle, load_bundle
 from mmfuse.frames import ClosedWindow
+from mmfuse.inference import embed
 from mmfuse.logs import configure
-from mmfuse.restorers import create_restorer
 
 
-def restore_windows(restorer, dims: dict[str, int], windows: list[ClosedWindow]) -> list[ClosedWindow]:
-    """Fill every window's missing modalities in one batched restorer call."""
-    features = {m: np.zeros((len(windows), dim), np.float32) for m, dim in dims.items()}
-    present = {m: np.zeros(len(windows), bool) for m in dims}
-    for i, window in enumerate(windows):
-        for m, vector in window.features.items():
-            features[m][i] = vector
-            present[m][i] = True
-    filled = restorer.restore(features, present)
-    for i, window in enumerate(windows):
-        window.restored = [m for m in window.missing if m in dims]
-        window.features = {**window.features, **{m: filled[m][i] for m in window.restored}}
-        window.restorer = restorer.name
-    return windows
+class WindowEncoder:
+    """The bundle's frozen stage-1 encoders over a batch of windows. No I/O."""
+
+    def __init__(self, bundle: Bundle):
+        self.encoders = bundle.encoders()
+        self.order = bundle.modality_order
+        self.embed_dim = bundle.manifest["embed_dim"]
+
+    def encode(self, windows: list[ClosedWindow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, M, E] and presence [B, M]; modalities absent from a window stay zero."""
+        z = torch.zeros(len(windows), len(self.order), self.embed_dim)
+        present = torch.zeros(len(windows), len(self.order), dtype=torch.bool)
+        for i, modality in enumerate(self.order):
+            rows = [b for b, w in enumerate(windows) if modality in w.features]
+            if rows:
+                features = {modality: torch.stack([torch.from_numpy(windows[b].features[modality]) for b in rows])}
+                z[rows, i] = embed(self.encoders, features, [modality], len(rows), self.embed_dim)[0][:, 0]
+                present[rows, i] = True
+        return z, present
+
+
+class WindowRestorer:
+    """Encode + restore a batch of incomplete windows. No I/O."""
+
+    def __init__(self, bundle: Bundle, method: str):
+        self.encoder = WindowEncoder(bundle)
+        self.restorer = bundle.restorer(method)
+        self.method = method
+
+    def restore(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
+        z, present = self.encoder.encode(windows)
+        with torch.no_grad():
+            filled = self.restorer.restore(z, present).numpy()
+        for i, window in enumerate(windows):
+            window.embeddings = filled[i]
+            window.restored = [m for m in window.missing if m in self.encoder.order]
+            window.restorer = self.method
+        return windows
 
 
 class RestorerActor:
@@ -36,13 +60,13 @@ class RestorerActor:
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="restorer")
         bundle = load_bundle(bundle_path)
-        self.restorer = create_restorer(method, bundle)
-        self.dims = {m: spec["dim"] for m, spec in bundle.modalities.items()}
+        self.restorer = WindowRestorer(bundle, method)
         self.fusion = fusion
         self.in_flight: list = []
         self.windows = 0
         self.batches = 0
-        self.log.info("restorer ready", method=method, bundle=bundle.id)
+        self.log.info("restorer ready", method=method, bundle=bundle.id,
+                      device="cuda" if torch.cuda.is_available() else "cpu")
 
     def ready(self) -> None:
         return None
@@ -50,7 +74,7 @@ class RestorerActor:
     def restore(self, windows: list[ClosedWindow]) -> None:
         import ray
 
-        windows = restore_windows(self.restorer, self.dims, windows)
+        windows = self.restorer.restore(windows)
         self.windows += len(windows)
         self.batches += 1
         self.in_flight.append(self.fusion.decide.remote(windows))
@@ -65,4 +89,4 @@ class RestorerActor:
         return self.stats()
 
     def stats(self) -> dict:
-        return {"windows": self.windows, "batches": self.batches, "method": self.restorer.name}
+        return {"windows": self.windows, "batches": self.batches, "method": self.restorer.method}

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import yaml
 import zmq
 
 from mmfuse import wire
 from mmfuse.bundle import load_bundle
+from mmfuse.daemon.main import tree_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
@@ -63,20 +63,6 @@ def ensure_bundle(path: str | None, workdir: Path) -> Path:
     data = make_synthetic(workdir / "synthetic.npz")
     train(["--data", str(data), "--out", str(workdir / "bundle"), "--epochs", "10"])
     return workdir / "bundle"
-
-
-def tree_rss_mb(pid: int) -> float:
-    try:
-        process = psutil.Process(pid)
-        total = process.memory_info().rss
-        for child in process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total / 2**20
-    except psutil.Error:
-        return 0.0
 
 
 def main() -> int:

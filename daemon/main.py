@@ -59,12 +59,14 @@ class Pipeline:
         from mmfuse.actors.restorer import RestorerActor
         from mmfuse.actors.sensor import SensorActor
 
-        io = {"num_cpus": 0, "max_concurrency": 4}
+        # One method call at a time per actor: calls from one caller then run in order, and the
+        # publisher's ZeroMQ socket is never used from two threads.
+        io = {"num_cpus": 0, "max_concurrency": 1}
         bundle_path = str(config.bundle.resolve())
         self.publisher = ray.remote(PublisherActor).options(name="publisher", **io).remote(
             config.output.endpoint, log_format)
         self.fusion = ray.remote(FusionActor).options(name="fusion", num_cpus=0).remote(
-            bundle_path, self.publisher, log_format)
+            bundle_path, config.restorer.method, config.pipeline.session_idle_s, self.publisher, log_format)
         self.restorer = ray.remote(RestorerActor).options(
             name="restorer", num_cpus=0, num_gpus=config.restorer.num_gpus).remote(
             bundle_path, config.restorer.method, self.fusion, log_format)
@@ -112,11 +114,15 @@ class Pipeline:
                 "publisher": ray.get(self.publisher.drain.remote())}
 
 
-def memory_mb() -> float:
-    """RSS of this process and all its children (Ray's processes included), in MiB."""
-    process = psutil.Process()
-    total = process.memory_info().rss
-    for child in process.children(recursive=True):
+def tree_rss_mb(pid: int | None = None) -> float:
+    """RSS of a process (default this one) and all its children, Ray's processes included, in MiB."""
+    try:
+        process = psutil.Process(pid)
+        total = process.memory_info().rss
+        children = process.children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    for child in children:
         try:
             total += child.memory_info().rss
         except psutil.Error:
@@ -169,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                  output=config.output.endpoint, restorer=config.restorer.method,
                  startup_s=round(time.monotonic() - started, 2))
         while not stop.wait(config.log.stats_interval_s):
-            log.info("stats", **pipeline.stats(), rss_mb=memory_mb())
+            log.info("stats", **pipeline.stats(), rss_mb=tree_rss_mb())
         log.info("draining")
         final = pipeline.drain()
-        log.info("stopped", **final, rss_mb=memory_mb())
+        log.info("stopped", **final, rss_mb=tree_rss_mb())
         return 0
     finally:
         ray.shutdown()

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mmfuse
-from mmfuse.models import build_fusion_head
+from mmfuse.models import build_encoder, build_fusion_head
+from mmfuse.restorers import RESTORERS
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -56,8 +57,13 @@ class Bundle:
         return self.manifest["modalities"]
 
     @property
-    def restorers(self) -> list[str]:
+    def restorers(self) -> dict[str, dict]:
         return self.manifest["restorers"]
+
+    @property
+    def context(self) -> int:
+        """How many previous windows of the session the fusion heads see (0: none)."""
+        return self.manifest.get("context", 0)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         filename = f"{name}.safetensors"
@@ -71,12 +77,30 @@ class Bundle:
             raise BundleError(f"{path} does not match the sha256 in {MANIFEST}; the bundle is damaged")
         return load_file(path)
 
-    def fusion_head(self) -> torch.nn.Module:
-        spec = self.manifest["fusion"]
-        dims = {m: spec_m["dim"] for m, spec_m in self.modalities.items()}
-        head = build_fusion_head(spec["arch"], dims, len(self.labels), **spec["args"])
-        head.load_state_dict(self.tensors("fusion"))
+    @property
+    def modality_order(self) -> list[str]:
+        """Modalities in the order of the M axis of embeddings."""
+        return list(self.modalities)
+
+    def encoders(self) -> dict[str, torch.nn.Module]:
+        result = {}
+        for modality, spec in self.modalities.items():
+            encoder = build_encoder(spec["encoder"]["arch"], **spec["encoder"]["args"])
+            encoder.load_state_dict(self.tensors(f"encoder_{modality}"))
+            result[modality] = encoder.eval()
+        return result
+
+    def head(self, name: str) -> torch.nn.Module:
+        spec = self.manifest["heads"][name]
+        head = build_fusion_head(spec["arch"], **spec["args"])
+        head.load_state_dict(self.tensors(f"head_{name}"))
         return head.eval()
+
+    def restorer(self, name: str):
+        if name not in self.restorers:
+            raise BundleError(f"bundle {self.id} has no '{name}' restorer (it has {', '.join(self.restorers)})")
+        state = self.tensors(f"restorer_{name}") if f"restorer_{name}.safetensors" in self.manifest["files"] else {}
+        return RESTORERS[name].from_state(state, self.restorers[name].get("args", {}))
 
     def check_fits(self, modalities: list[str], restorer: str) -> None:
         """Raise BundleError when a daemon with these sensors and this restorer cannot use the bundle."""
@@ -103,7 +127,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path} has bundle format {manifest.get('format')!r}; this mmfuse "
                           f"({mmfuse.__version__}) reads format {FORMAT}: retrain with this version")
-    missing = [k for k in ("id", "task", "head", "labels", "modalities", "fusion", "restorers", "files")
+    missing = [k for k in ("id", "task", "output", "labels", "modalities", "heads", "restorers", "files")
                if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; the bundle is damaged")

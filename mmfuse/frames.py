@@ -55,6 +55,8 @@ class ClosedWindow:
     missing: list[str]
     dropped: list[str]
     closed_at: float
+    seq: int = 0                        # close order within the session: 0, 1, 2, ... without gaps
+    embeddings: np.ndarray | None = None  # [M, E] in the bundle's modality order, once encoded and restored
     restored: list[str] = field(default_factory=list)
     restorer: str = "none"
     extra: dict = field(default_factory=dict)

@@ -1,45 +1,130 @@
 """Restorers fill the embeddings of missing modalities from the ones present.
 
-Each restorer works on a batch: `features` maps modality -> float32 array [B, dim]
-(rows of missing modalities hold anything), `present` maps modality -> bool array [B].
-It returns new arrays; rows of present modalities are returned unchanged.
+All work in the frozen stage-1 embedding space on a batch: `z` is a float tensor
+[B, M, E] (rows of missing modalities hold anything), `present` a bool tensor
+[B, M] with at least one True per row. `restore` returns a new tensor in which
+present rows are bit-identical to the input. Each restorer names the fusion head
+it is paired with: `complete` (trained on complete data only) or its own
+(trained on available + restored embeddings, stage 3).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import torch
+
+from mmfuse.models import CascadedResidualAutoencoder
+
+
+def keep_present(z: torch.Tensor, present: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    return torch.where(present.unsqueeze(-1), z, filled)
 
 
 class ZeroRestorer:
-    """Missing embeddings become zero vectors: what a pipeline without a restorer does."""
+    """Missing embeddings become zeros, fed to a head that never saw a missing one."""
     name = "zero"
+    head = "complete"
 
-    def __init__(self, bundle):
-        self.dims = {m: spec["dim"] for m, spec in bundle.modalities.items()}
+    def restore(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return keep_present(z, present, torch.zeros_like(z))
 
-    def restore(self, features: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {m: np.where(present[m][:, None], x, 0.0).astype(np.float32) for m, x in features.items()}
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    @classmethod
+    def from_state(cls, state: dict, args: dict) -> "ZeroRestorer":
+        return cls()
+
+
+class DropoutRestorer(ZeroRestorer):
+    """Zeros too, but fed to a head trained with modality dropout on zero-filled inputs."""
+    name = "dropout"
+    head = "dropout"
 
 
 class MeanRestorer:
-    """Missing embeddings become the training-set mean of that modality (from the bundle)."""
+    """Missing embeddings become the training-set mean embedding of that modality."""
     name = "mean"
+    head = "complete"
 
-    def __init__(self, bundle):
-        stats = bundle.tensors("stats")
-        self.means = {m: stats[f"{m}.mean"].numpy() for m in bundle.modalities}
+    def __init__(self, means: torch.Tensor):
+        self.means = means  # [M, E]
 
-    def restore(self, features: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {m: np.where(present[m][:, None], x, self.means[m]).astype(np.float32) for m, x in features.items()}
+    @classmethod
+    def fit(cls, z_train: torch.Tensor) -> "MeanRestorer":
+        return cls(z_train.mean(dim=0))
+
+    def restore(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return keep_present(z, present, self.means.expand_as(z))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"means": self.means}
+
+    @classmethod
+    def from_state(cls, state: dict, args: dict) -> "MeanRestorer":
+        return cls(state["means"])
+
+
+class AutoencoderRestorer:
+    """MMIN-style cascaded residual autoencoder imagines the missing embeddings."""
+    name = "autoencoder"
+    head = "autoencoder"
+
+    def __init__(self, model: CascadedResidualAutoencoder):
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def restore(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        return keep_present(z, present, self.model(z, present))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    @classmethod
+    def from_state(cls, state: dict, args: dict) -> "AutoencoderRestorer":
+        model = CascadedResidualAutoencoder(**args)
+        model.load_state_dict(state)
+        return cls(model)
+
+
+class RetrievalRestorer:
+    """Average of the missing embeddings of the k training samples nearest in the present ones.
+
+    Distance: mean over present modalities of the squared L2 distance, each
+    modality scaled by its spread in the bank so no modality dominates.
+    """
+    name = "retrieval"
+    head = "retrieval"
+
+    def __init__(self, bank: torch.Tensor, k: int = 10):
+        self.bank = bank  # [N, M, E]
+        self.k = k
+        self.scale = bank.var(dim=0).sum(dim=-1).clamp_min(1e-6)  # [M]
+
+    @torch.no_grad()
+    def restore(self, z: torch.Tensor, present: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """`exclude` [B, N] bool hides bank rows from a query (same video, while training)."""
+        distance = torch.zeros(len(z), len(self.bank))
+        for m in range(z.shape[1]):
+            d = torch.cdist(z[:, m], self.bank[:, m]).square() / self.scale[m]
+            distance += d * present[:, m:m + 1]
+        distance /= present.sum(dim=1, keepdim=True)
+        if exclude is not None:
+            distance = distance.masked_fill(exclude, float("inf"))
+        nearest = distance.topk(min(self.k, len(self.bank)), dim=1, largest=False).indices  # [B, k]
+        return keep_present(z, present, self.bank[nearest].mean(dim=1))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank}
+
+    @classmethod
+    def from_state(cls, state: dict, args: dict) -> "RetrievalRestorer":
+        return cls(state["bank"], **args)
 
 
 RESTORERS = {
     "zero": ZeroRestorer,
     "mean": MeanRestorer,
+    "dropout": DropoutRestorer,
+    "autoencoder": AutoencoderRestorer,
+    "retrieval": RetrievalRestorer,
 }
-
-
-def create_restorer(name: str, bundle):
-    if name not in RESTORERS:
-        raise KeyError(f"unknown restorer {name!r}; choose one of {', '.join(sorted(RESTORERS))}")
-    return RESTORERS[name](bundle)

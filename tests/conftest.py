@@ -12,6 +12,9 @@ from mmfuse.training.data import make_synthetic
 from mmfuse.training.train import main as train_main
 
 
+FAST_TRAINING = ["--encoder-epochs", "15", "--restorer-epochs", "20", "--head-epochs", "15"]
+
+
 @pytest.fixture(scope="session")
 def feature_file(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("data") / "synthetic.npz", videos=24, per_video=12, seed=1)
@@ -20,7 +23,7 @@ def feature_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, feature_file):
     out = tmp_path_factory.mktemp("models") / "synthetic"
-    assert train_main(["--data", str(feature_file), "--out", str(out), "--epochs", "15", "--seed", "0"]) == 0
+    assert train_main(["--data", str(feature_file), "--out", str(out), "--seed", "0", *FAST_TRAINING]) == 0
     return out
 
 

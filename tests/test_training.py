@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from mmfuse.bundle import BundleError, load_bundle
-from mmfuse.restorers import create_restorer
 from mmfuse.training.data import DataError, load_features, split_by_video
 from mmfuse.training.train import main as train_main
 
@@ -13,19 +12,25 @@ from mmfuse.training.train import main as train_main
 def test_bundle_manifest_and_weights(bundle_dir, feature_file):
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
-    assert manifest["format"] == 1 and manifest["task"] == "sentiment" and manifest["head"] == "classification"
+    assert manifest["format"] == 1 and manifest["task"] == "sentiment" and manifest["output"] == "classification"
     assert bundle.labels == ["negative", "positive"]
-    assert bundle.modalities == {"audio": {"dim": 73, "data_key": "audio"},
-                                 "visual": {"dim": 100, "data_key": "video"},
-                                 "text": {"dim": 100, "data_key": "text"}}
-    assert set(manifest["files"]) == {"fusion.safetensors", "stats.safetensors"}
+    assert {m: (s["dim"], s["data_key"]) for m, s in bundle.modalities.items()} == {
+        "audio": (73, "audio"), "visual": (100, "video"), "text": (100, "text")}
+    assert set(bundle.restorers) == {"zero", "mean", "dropout", "autoencoder", "retrieval"}
+    assert set(manifest["heads"]) == {"complete", "dropout", "autoencoder", "retrieval"}
+    assert {f for f in manifest["files"]} == {
+        "encoder_audio.safetensors", "encoder_visual.safetensors", "encoder_text.safetensors",
+        "head_complete.safetensors", "head_dropout.safetensors", "head_autoencoder.safetensors",
+        "head_retrieval.safetensors", "restorer_mean.safetensors", "restorer_autoencoder.safetensors",
+        "restorer_retrieval.safetensors"}
     assert manifest["data"]["sha256"] == load_features(feature_file).sha256
-    accuracy = manifest["metrics"]["validation_accuracy"]["mean"]
-    assert set(accuracy) == {"a", "v", "t", "av", "at", "vt", "avt", "mean_incomplete"}
-    assert accuracy["avt"] > 0.75  # the generated set is learnable
-    head = bundle.fusion_head()
-    logits = head({m: torch.zeros(2, spec["dim"]) for m, spec in bundle.modalities.items()})
-    assert logits.shape == (2, 2)
+    validation = manifest["metrics"]["validation"]
+    assert set(validation["mean"]) == {"a", "v", "t", "av", "at", "vt", "avt", "mean_incomplete"}
+    assert validation["mean"]["avt"]["acc"] > 0.75  # the generated set is learnable
+    encoders = bundle.encoders()
+    z = torch.stack([encoders[m](torch.zeros(2, s["dim"])) for m, s in bundle.modalities.items()], dim=1)
+    assert z.shape == (2, 3, manifest["embed_dim"])
+    assert bundle.head("complete")(z).shape == (2, 2)
 
 
 def test_damaged_weights_are_detected(bundle_dir, tmp_path):
@@ -33,11 +38,11 @@ def test_damaged_weights_are_detected(bundle_dir, tmp_path):
     copy.mkdir()
     for f in bundle_dir.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    data = bytearray((copy / "fusion.safetensors").read_bytes())
+    data = bytearray((copy / "head_complete.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (copy / "fusion.safetensors").write_bytes(bytes(data))
+    (copy / "head_complete.safetensors").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="damaged"):
-        load_bundle(copy).fusion_head()
+        load_bundle(copy).head("complete")
 
 
 def test_missing_or_foreign_bundle(tmp_path):
@@ -49,8 +54,9 @@ def test_missing_or_foreign_bundle(tmp_path):
 
 
 def test_training_is_deterministic_for_a_seed(feature_file, tmp_path):
+    quick = ["--encoder-epochs", "2", "--restorer-epochs", "2", "--head-epochs", "2"]
     for name in ("a", "b"):
-        assert train_main(["--data", str(feature_file), "--out", str(tmp_path / name), "--epochs", "3"]) == 0
+        assert train_main(["--data", str(feature_file), "--out", str(tmp_path / name), *quick]) == 0
     files = [json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in ("a", "b")]
     assert files[0] == files[1]
 
@@ -71,20 +77,21 @@ def test_validation_split_keeps_videos_whole():
     assert len(train) + len(val) == len(videos)
 
 
-def test_zero_and_mean_restorers_leave_present_rows_alone(bundle_dir):
+def test_every_restorer_leaves_present_rows_bit_identical(bundle_dir):
     bundle = load_bundle(bundle_dir)
-    features = {m: np.full((2, spec["dim"]), 7.0, np.float32) for m, spec in bundle.modalities.items()}
-    present = {"audio": np.array([True, False]), "visual": np.array([True, True]), "text": np.array([False, True])}
-    zero = create_restorer("zero", bundle).restore(features, present)
-    mean = create_restorer("mean", bundle).restore(features, present)
-    means = bundle.tensors("stats")
-    for m in bundle.modalities:
-        for i in range(2):
-            if present[m][i]:
-                assert (zero[m][i] == 7.0).all() and (mean[m][i] == 7.0).all()
-            else:
-                assert (zero[m][i] == 0.0).all()
-                np.testing.assert_allclose(mean[m][i], means[f"{m}.mean"].numpy())
+    z = torch.randn(64, 3, bundle.manifest["embed_dim"])
+    present = torch.from_numpy(np.random.default_rng(0).random((64, 3)) < 0.5)
+    present[:, 2] |= ~present.any(dim=1)
+    for name in bundle.restorers:
+        filled = bundle.restorer(name).restore(z, present)
+        assert torch.equal(filled[present], z[present]), name
+        assert not torch.equal(filled[~present], z[~present]), name
+    zero = bundle.restorer("zero").restore(z, present)
+    assert (zero[~present] == 0).all()
+    mean = bundle.restorer("mean").restore(z, present)
+    means = bundle.tensors("restorer_mean")["means"]
+    rows, modality = torch.nonzero(~present, as_tuple=True)
+    assert torch.equal(mean[rows, modality], means[modality])
 
 
 def test_real_mosi_features_load(shared_data):

@@ -42,6 +42,25 @@ class FeatureSet:
         """The video (session) of each row: the part of `uid` before the last '_'."""
         return np.array([u.rsplit("_", 1)[0] for u in self.uid])
 
+    def previous_rows(self, k: int) -> np.ndarray:
+        """[N, k] indices of each row's k preceding utterances in its video (nearest first), -1 where none.
+
+        Utterances are ordered by the number after the last '_' of `uid`.
+        """
+        result = np.full((len(self), k), -1, dtype=np.int64)
+        if k == 0:
+            return result
+        by_video: dict[str, list[tuple[int, int]]] = {}
+        for row, uid in enumerate(self.uid):
+            video, _, number = uid.rpartition("_")
+            by_video.setdefault(video, []).append((int(number) if number.isdigit() else row, row))
+        for rows in by_video.values():
+            ordered = [row for _, row in sorted(rows)]
+            for position, row in enumerate(ordered):
+                before = ordered[max(0, position - k):position][::-1]
+                result[row, :len(before)] = before
+        return result
+
     def rows(self, index: np.ndarray) -> "FeatureSet":
         return FeatureSet(self.path, self.sha256, {m: x[index] for m, x in self.features.items()}, self.keys,
                           self.label[index], None if self.sentiment is None else self.sentiment[index],

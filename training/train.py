@@ -1,8 +1,11 @@
-"""`mmfuse-train --data FILE --out DIR`: train a model bundle from a feature data set.
+"""`mmfuse-train --data FILE --out DIR`: stage-wise training of a model bundle (the ADMC recipe).
 
-Per-modality standardisation, an MLP fusion head trained with modality dropout
-(a dropped modality is replaced by its training mean, as the `mean` restorer does
-live), model selection on a validation split made of whole videos.
+Stage 1: one encoder per modality, each trained alone through its own head, then
+frozen. Stage 2: the restorers, in that embedding space (mean, autoencoder,
+retrieval; zero and dropout need no fitting). Stage 3: fusion heads, one trained
+on complete data (used with `zero` and `mean`), and one per learned restorer on
+available + restored embeddings. Validation is a split of whole videos; every
+model is selected on it, never on test data.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,10 +24,14 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
-from mmfuse.models import build_fusion_head
+from mmfuse.inference import embed, predict, session_context
+from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
+                           build_encoder, build_fusion_head)
+from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DropoutRestorer, MeanRestorer, RetrievalRestorer,
+                              ZeroRestorer)
 from mmfuse.training.data import DataError, FeatureSet, load_features, split_by_video
+from mmfuse.training.metrics import headline, score
 
-# label names of a binary data set that carries `sentiment` (label == sentiment >= 0)
 SENTIMENT_LABELS = ["negative", "positive"]
 
 
@@ -31,138 +40,280 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="features npz (keys audio, video|visual, text, label, uid)")
     parser.add_argument("--out", required=True, help="bundle directory to write")
+    parser.add_argument("--task", choices=["classification", "regression"], default="classification",
+                        help="classify `label`, or regress `sentiment`")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--dropout", type=float, default=0.3, help="dropout inside the fusion MLP")
-    parser.add_argument("--modality-dropout", type=float, default=0.3,
-                        help="chance that a training sample loses each modality (never all of them)")
+    parser.add_argument("--restorers", default=",".join(RESTORERS),
+                        help=f"comma-separated subset of {', '.join(RESTORERS)}")
+    parser.add_argument("--context", type=int, default=0,
+                        help="feed the fusion heads the mean of the session's previous N windows (0: none)")
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--encoder-epochs", type=int, default=60)
+    parser.add_argument("--restorer-epochs", type=int, default=100, help="epochs of the autoencoder")
+    parser.add_argument("--head-epochs", type=int, default=60)
+    parser.add_argument("--neighbours", type=int, default=10, help="k of the retrieval restorer")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3)
-    return parser.parse_args(argv)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    args.restorers = [r.strip() for r in args.restorers.split(",") if r.strip()]
+    unknown = [r for r in args.restorers if r not in RESTORERS]
+    if unknown:
+        parser.error(f"--restorers: unknown {', '.join(unknown)}; choose from {', '.join(RESTORERS)}")
+    return args
 
 
-def conditions(modalities: list[str]) -> dict[str, tuple[str, ...]]:
-    """Every non-empty set of available modalities, named by initials (a, v, t, av, ..., avt)."""
-    result = {}
-    for size in range(1, len(modalities) + 1):
-        for subset in itertools.combinations(modalities, size):
-            result["".join(m[0] for m in subset)] = subset
-    return result
+@dataclass
+class Split:
+    """One side of the train/validation split, in embedding space once stage 1 is done."""
+    data: FeatureSet
+    targets: torch.Tensor
+    previous: torch.Tensor          # [N, context] rows of the same video before each row, -1 where none
+    z: torch.Tensor | None = None   # [N, M, E]
 
 
-def random_presence(n: int, modalities: list[str], p_missing: float, rng: np.random.Generator) -> np.ndarray:
-    """Bool [n, M]: each modality missing with p_missing, at least one present per row."""
-    present = rng.random((n, len(modalities))) >= p_missing
-    empty = ~present.any(axis=1)
-    present[empty, rng.integers(len(modalities), size=empty.sum())] = True
-    return present
+def all_patterns(num_modalities: int) -> torch.Tensor:
+    """Every non-empty presence pattern, [2^M - 1, M] bool, complete last."""
+    patterns = [p for p in itertools.product([False, True], repeat=num_modalities) if any(p)]
+    return torch.tensor(patterns)
 
 
-def fill(features: dict[str, torch.Tensor], present: torch.Tensor, means: dict[str, torch.Tensor],
-         modalities: list[str]) -> dict[str, torch.Tensor]:
-    return {m: torch.where(present[:, i:i + 1], features[m], means[m]) for i, m in enumerate(modalities)}
+def condition_name(pattern, modalities: list[str]) -> str:
+    return "".join(m[0] for m, on in zip(modalities, pattern) if on)
 
 
-@torch.no_grad()
-def accuracy_by_condition(model: nn.Module, data: dict[str, torch.Tensor], labels: torch.Tensor,
-                          fill_values: dict[str, torch.Tensor], modalities: list[str]) -> dict[str, float]:
-    model.eval()
-    result = {}
-    for name, subset in conditions(modalities).items():
-        present = torch.tensor([[m in subset for m in modalities]]).expand(len(labels), -1)
-        predictions = model(fill(data, present, fill_values, modalities)).argmax(dim=-1)
-        result[name] = round(float((predictions == labels).float().mean()), 4)
-    full = "".join(m[0] for m in modalities)
-    incomplete = [v for k, v in result.items() if k != full]
-    result["mean_incomplete"] = round(float(np.mean(incomplete)), 4) if incomplete else result[full]
-    return result
+def fit(modules: list[nn.Module], epochs: int, train_epoch: Callable[[int], None], validate: Callable[[], float],
+        desc: str) -> tuple[float, int]:
+    """Train for `epochs`, keep the state with the best validation score; returns (score, epoch)."""
+    best, best_epoch, best_state = -np.inf, 0, None
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stderr, leave=False):
+        for module in modules:
+            module.train()
+        train_epoch(epoch)
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            value = validate()
+        if value > best:
+            best, best_epoch = value, epoch + 1
+            best_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    for module, state in zip(modules, best_state):
+        module.load_state_dict(state)
+        module.eval()
+    return best, best_epoch
 
 
-def train(args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    dataset = load_features(args.data)
-    modalities = [m for m in MODALITIES if m in dataset.features]
-    train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
-    train_set, val_set = dataset.rows(train_idx), dataset.rows(val_idx)
-    num_classes = int(dataset.label.max()) + 1
-    labels = SENTIMENT_LABELS if dataset.sentiment is not None and num_classes == 2 else \
-        [f"class_{i}" for i in range(num_classes)]
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.rng = np.random.default_rng(args.seed)
+        dataset = load_features(args.data)
+        if args.task == "regression" and dataset.sentiment is None:
+            raise DataError(f"{args.data}: --task regression needs a `sentiment` key")
+        self.dataset = dataset
+        self.modalities = [m for m in MODALITIES if m in dataset.features]
+        self.output = args.task
+        self.num_outputs = int(dataset.label.max()) + 1 if self.output == "classification" else 1
+        train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
+        self.train, self.val = self._split(train_idx), self._split(val_idx)
+        self.loss = nn.CrossEntropyLoss() if self.output == "classification" else nn.L1Loss()
+        self.patterns = all_patterns(len(self.modalities))
 
-    def tensors(part: FeatureSet) -> dict[str, torch.Tensor]:
-        return {m: torch.from_numpy(part.features[m]) for m in modalities}
+    def _split(self, index: np.ndarray) -> Split:
+        part = self.dataset.rows(index)
+        targets = torch.from_numpy(part.label) if self.output == "classification" else \
+            torch.from_numpy(part.sentiment).unsqueeze(1)
+        return Split(part, targets, torch.from_numpy(part.previous_rows(self.args.context)))
 
-    x_train, x_val = tensors(train_set), tensors(val_set)
-    y_train, y_val = torch.from_numpy(train_set.label), torch.from_numpy(val_set.label)
-    means = {m: x.mean(dim=0) for m, x in x_train.items()}
-    stds = {m: x.std(dim=0).clamp_min(1e-6) for m, x in x_train.items()}
-    zeros = {m: torch.zeros_like(v) for m, v in means.items()}
-    dims = {m: x.shape[1] for m, x in x_train.items()}
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(outputs, targets)
 
-    fusion_args = {"hidden": args.hidden, "dropout": args.dropout}
-    model = build_fusion_head("mlp", dims, num_classes, **fusion_args)
-    for m in modalities:
-        model.standardize[m].mean.copy_(means[m])
-        model.standardize[m].std.copy_(stds[m])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
-    class_weights = len(y_train) / (num_classes * torch.bincount(y_train, minlength=num_classes).clamp_min(1))
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights.float())
+    def _metrics(self, outputs: torch.Tensor, split: Split) -> dict[str, float]:
+        return score(outputs.numpy(), split.targets.squeeze(1).numpy() if self.output == "regression"
+                     else split.targets.numpy(), self.output)
 
-    best = {"score": -1.0}
-    batch = 64
-    for epoch in tqdm(range(args.epochs), desc="fusion head", unit="epoch", file=sys.stderr):
-        model.train()
-        order = torch.from_numpy(rng.permutation(len(y_train)))
-        for start in range(0, len(order), batch):
-            index = order[start:start + batch]
-            present = torch.from_numpy(random_presence(len(index), modalities, args.modality_dropout, rng))
-            inputs = fill({m: x[index] for m, x in x_train.items()}, present, means, modalities)
-            loss = loss_fn(model(inputs), y_train[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        metrics = accuracy_by_condition(model, x_val, y_val, means, modalities)
-        full = metrics["".join(m[0] for m in modalities)]
-        score = (full + metrics["mean_incomplete"]) / 2
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch + 1, "state": {k: v.clone() for k, v in model.state_dict().items()}}
-    model.load_state_dict(best["state"])
+    def _batches(self, n: int):
+        order = torch.from_numpy(self.rng.permutation(n))
+        return [order[i:i + self.args.batch_size] for i in range(0, n, self.args.batch_size)]
 
-    manifest = {
-        "id": f"{Path(args.out).name}-{dataset.sha256[:8]}-s{args.seed}",
-        "task": "sentiment" if labels is SENTIMENT_LABELS else "classification",
-        "head": "classification",
-        "labels": labels,
-        "modalities": {m: {"dim": dims[m], "data_key": dataset.keys[m]} for m in modalities},
-        "fusion": {"arch": "mlp", "args": fusion_args},
-        "restorers": ["zero", "mean"],
-        "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
-                 "train_rows": len(train_idx), "val_rows": len(val_idx),
-                 "val_videos": sorted(set(val_set.videos.tolist()))},
-        "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out")},
-                     "best_epoch": best["epoch"]},
-        "metrics": {"validation_accuracy": {
-            "mean": accuracy_by_condition(model, x_val, y_val, means, modalities),
-            "zero": accuracy_by_condition(model, x_val, y_val, zeros, modalities)}},
-    }
-    weights = {"fusion": model.state_dict(),
-               "stats": {**{f"{m}.mean": means[m] for m in modalities}, **{f"{m}.std": stds[m] for m in modalities}}}
-    bundle = save_bundle(args.out, manifest, weights)
-    return bundle.manifest
+    # stage 1 ---------------------------------------------------------------------------------
+    def train_encoder(self, modality: str) -> tuple[ModalityEncoder, dict]:
+        x_train = torch.from_numpy(self.train.data.features[modality])
+        x_val = torch.from_numpy(self.val.data.features[modality])
+        encoder_args = {"in_dim": x_train.shape[1], "embed_dim": self.args.embed_dim}
+        encoder = build_encoder("mlp", **encoder_args)
+        encoder.standardize.mean.copy_(x_train.mean(dim=0))
+        encoder.standardize.std.copy_(x_train.std(dim=0).clamp_min(1e-6))
+        head = SingleModalityHead(self.args.embed_dim, self.num_outputs)
+        optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=self.args.lr,
+                                      weight_decay=1e-2)
+
+        def train_epoch(_):
+            for batch in self._batches(len(x_train)):
+                loss = self._loss(head(encoder(x_train[batch])), self.train.targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+        def validate():
+            return headline(self._metrics(head(encoder(x_val)), self.val), self.output)
+
+        fit([encoder, head], self.args.encoder_epochs, train_epoch, validate, f"stage 1: {modality} encoder")
+        metrics = self._metrics(head(encoder(x_val)).detach(), self.val)
+        return encoder, {"args": encoder_args, "validation": metrics}
+
+    # stage 2 ---------------------------------------------------------------------------------
+    def train_autoencoder(self) -> tuple[AutoencoderRestorer, dict]:
+        model_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim}
+        model = CascadedResidualAutoencoder(**model_args)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=1e-4)
+        incomplete = self.patterns[:-1]
+        z_train, z_val = self.train.z, self.val.z
+        val_present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(z_val)))]
+
+        def masked_error(z, present):
+            missing = (~present).unsqueeze(-1)
+            return ((model(z, present) - z).square() * missing).sum() / (missing.sum() * z.shape[-1])
+
+        def train_epoch(_):
+            for batch in self._batches(len(z_train)):
+                present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(batch)))]
+                loss = masked_error(z_train[batch], present)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+        best, epoch = fit([model], self.args.restorer_epochs, train_epoch, lambda: -float(masked_error(z_val, val_present)),
+                          "stage 2: autoencoder")
+        return AutoencoderRestorer(model), {"args": model_args, "validation_mse": round(-best, 5), "epoch": epoch}
+
+    # stage 3 ---------------------------------------------------------------------------------
+    def train_head(self, name: str, restorer, complete_only: bool) -> tuple[FusionHead, dict]:
+        head_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim,
+                     "num_outputs": self.num_outputs, "context": self.args.context}
+        head = build_fusion_head("mlp", **head_args)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.args.lr, weight_decay=1e-2)
+        z, n = self.train.z, len(self.train.z)
+        same_video = torch.from_numpy(self.train.data.videos[:, None] == self.train.data.videos[None, :])
+
+        def fill(present):
+            if isinstance(restorer, RetrievalRestorer):  # never retrieve a training sample's own video
+                return restorer.restore(z, present, exclude=same_video)
+            return restorer.restore(z, present)
+
+        def train_epoch(_):
+            if complete_only:
+                present = torch.ones(n, len(self.modalities), dtype=torch.bool)
+            else:
+                present = self.patterns[torch.from_numpy(self.rng.integers(len(self.patterns), size=n))]
+            filled = fill(present)
+            context = session_context(filled, self.train.previous) if self.args.context else None
+            for batch in self._batches(n):
+                outputs = head(filled[batch], None if context is None else context[batch])
+                loss = self._loss(outputs, self.train.targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+        def validate():
+            if complete_only:
+                return headline(self.evaluate_condition(head, restorer, self.patterns[-1]), self.output)
+            return float(np.mean([headline(self.evaluate_condition(head, restorer, p), self.output)
+                                  for p in self.patterns]))
+
+        _, epoch = fit([head], self.args.head_epochs, train_epoch, validate, f"stage 3: {name} head")
+        return head, {"arch": "mlp", "args": head_args, "epoch": epoch}
+
+    def evaluate_condition(self, head: FusionHead, restorer, pattern: torch.Tensor) -> dict[str, float]:
+        present = pattern.expand(len(self.val.z), -1)
+        outputs, _ = predict(head, restorer, self.val.z, present, self.val.previous)
+        return self._metrics(outputs, self.val)
+
+    def run(self) -> dict:
+        args = self.args
+        encoders, encoder_info = {}, {}
+        for modality in self.modalities:
+            encoders[modality], encoder_info[modality] = self.train_encoder(modality)
+        for split in (self.train, self.val):
+            split.z, _ = embed(encoders, split.data.features, self.modalities, len(split.data), args.embed_dim)
+
+        restorers, restorer_info = {}, {}
+        for name in args.restorers:
+            if name == "zero":
+                restorers[name], restorer_info[name] = ZeroRestorer(), {}
+            elif name == "dropout":
+                restorers[name], restorer_info[name] = DropoutRestorer(), {}
+            elif name == "mean":
+                restorers[name], restorer_info[name] = MeanRestorer.fit(self.train.z), {}
+            elif name == "autoencoder":
+                restorers[name], restorer_info[name] = self.train_autoencoder()
+            elif name == "retrieval":
+                restorers[name] = RetrievalRestorer(self.train.z, k=args.neighbours)
+                restorer_info[name] = {"args": {"k": args.neighbours}}
+
+        heads, head_info = {}, {}
+        for name, restorer in restorers.items():
+            if restorer.head not in heads:
+                complete_only = restorer.head == "complete"
+                heads[restorer.head], head_info[restorer.head] = self.train_head(restorer.head, restorer, complete_only)
+
+        validation = {}
+        for name, restorer in restorers.items():
+            per_condition = {condition_name(p.tolist(), self.modalities):
+                             self.evaluate_condition(heads[restorer.head], restorer, p) for p in self.patterns}
+            incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
+            per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
+                                                for m in incomplete[0]} if incomplete else {}
+            validation[name] = per_condition
+        return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
+
+    def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
+        args, dataset = self.args, self.dataset
+        binary_sentiment = dataset.sentiment is not None and (self.output == "regression" or self.num_outputs == 2)
+        labels = SENTIMENT_LABELS if binary_sentiment else [f"class_{i}" for i in range(self.num_outputs)]
+        manifest = {
+            "id": f"{Path(args.out).name}-{dataset.sha256[:8]}-s{args.seed}",
+            "task": "sentiment" if binary_sentiment else "classification",
+            "output": self.output,
+            "target": "label" if self.output == "classification" else "sentiment",
+            "labels": labels,
+            "embed_dim": args.embed_dim,
+            "context": args.context,
+            "modalities": {m: {"dim": int(dataset.features[m].shape[1]), "data_key": dataset.keys[m],
+                               "encoder": {"arch": "mlp", "args": encoder_info[m]["args"]}}
+                           for m in self.modalities},
+            "heads": {name: {"arch": info["arch"], "args": info["args"]} for name, info in head_info.items()},
+            "restorers": {name: {"head": restorers[name].head, **({"args": info["args"]} if "args" in info else {})}
+                          for name, info in restorer_info.items()},
+            "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
+                     "train_rows": len(self.train.data), "val_rows": len(self.val.data),
+                     "val_videos": sorted(set(self.val.data.videos.tolist()))},
+            "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out")},
+                         "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
+                         "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
+                         "autoencoder": {k: v for k, v in restorer_info.get("autoencoder", {}).items()
+                                         if k != "args"}},
+            "metrics": {"validation": validation},
+        }
+        weights = {f"encoder_{m}": e.state_dict() for m, e in encoders.items()}
+        weights.update({f"head_{name}": h.state_dict() for name, h in heads.items()})
+        weights.update({f"restorer_{name}": r.state() for name, r in restorers.items() if r.state()})
+        return save_bundle(args.out, manifest, weights).manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        manifest = train(args)
+        manifest = Trainer(args).run()
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    accuracy = manifest["metrics"]["validation_accuracy"]["mean"]
-    print(f"bundle {manifest['id']} written to {args.out} (best epoch {manifest['training']['best_epoch']})")
-    print("validation accuracy by available modalities (mean restorer): "
-          + ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()))
+    print(f"bundle {manifest['id']} written to {args.out}")
+    metric = "acc" if manifest["output"] == "classification" else "mae"
+    for name, conditions in manifest["metrics"]["validation"].items():
+        print(f"  {name:<12} validation {metric}: " + ", ".join(
+            f"{c}={v[metric]:.3f}" for c, v in conditions.items() if v))
     return 0
 
 

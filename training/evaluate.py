@@ -1,0 +1,219 @@
+"""`mmfuse-eval --bundle DIR --data FILE`: accuracy under missing modalities, two standard protocols.
+
+fixed (MMIN's): every non-empty set of available modalities (a, v, t, av, at, vt,
+avt) for all samples, and the mean over the incomplete sets (mean6 for three
+modalities). rate: each (sample, modality) cell missing at rate r for r = 0.0 ...
+0.7, never all modalities of a sample; the masks come from the seed alone and are
+the same for every restorer. Rates above (M-1)/M cannot keep a modality in every
+sample; they are capped there, and `realised_rate` says what was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfuse import MODALITIES
+from mmfuse.bundle import Bundle, BundleError, load_bundle
+from mmfuse.inference import embed, predict
+from mmfuse.training.data import DataError, FeatureSet, load_features
+from mmfuse.training.metrics import score
+
+RATES = tuple(round(0.1 * i, 1) for i in range(8))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmfuse-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="bundle directory made by mmfuse-train")
+    parser.add_argument("--data", required=True, help="features npz of the training schema")
+    parser.add_argument("--restorer", default="all", help="a restorer of the bundle, or all")
+    parser.add_argument("--protocol", choices=["fixed", "rate", "both"], default="both")
+    parser.add_argument("--seeds", type=int, default=5, help="mask seeds of the rate protocol")
+    parser.add_argument("--subset", choices=["all", "validation"], default="all",
+                        help="validation: only the videos the bundle held out when it was trained")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--report", help="write a markdown report with plots into this directory")
+    return parser.parse_args(argv)
+
+
+def rate_mask(rows: int, modalities: int, rate: float, seed: int) -> np.ndarray:
+    """Presence [rows, modalities]: round(rate * cells) cells missing, at least one present per row.
+
+    Cells are visited in an order drawn from the seed and marked missing unless that
+    would empty their row, so the realised rate is exact up to the cap (M-1)/M.
+    """
+    rng = np.random.default_rng([seed, int(round(rate * 1000))])
+    present = np.ones((rows, modalities), dtype=bool)
+    target = int(round(rate * rows * modalities))
+    left_in_row = np.full(rows, modalities)
+    removed = 0
+    for cell in rng.permutation(rows * modalities):
+        if removed == target:
+            break
+        row = cell // modalities
+        if left_in_row[row] > 1:
+            present[row, cell % modalities] = False
+            left_in_row[row] -= 1
+            removed += 1
+    return present
+
+
+def condition_masks(modalities: list[str]) -> dict[str, np.ndarray]:
+    """Every non-empty subset of modalities as a presence pattern, named by initials in a, v, t order."""
+    masks = {}
+    for size in range(1, len(modalities) + 1):
+        for bits in range(1, 2 ** len(modalities)):
+            pattern = [(bits >> i) & 1 == 1 for i in range(len(modalities))]
+            if sum(pattern) == size:
+                masks["".join(m[0] for m, on in zip(modalities, pattern) if on)] = np.array(pattern)
+    return masks
+
+
+def mean_metrics(entries: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(float(np.mean([e[k] for e in entries])), 4) for k in entries[0]}
+
+
+class Evaluation:
+    """One bundle on one data file: embeddings computed once, then any restorer under any mask."""
+
+    def __init__(self, bundle: Bundle, data: FeatureSet):
+        self.bundle = bundle
+        self.order = bundle.modality_order
+        available = [m for m in self.order if m in data.features]
+        if not available:
+            raise DataError(f"{data.path} has none of the bundle's modalities ({', '.join(self.order)})")
+        for m in available:
+            if data.features[m].shape[1] != bundle.modalities[m]["dim"]:
+                raise DataError(f"{data.path}: {data.keys[m]} has {data.features[m].shape[1]} dims, bundle "
+                                f"{bundle.id} expects {bundle.modalities[m]['dim']}")
+        self.available = [m for m in MODALITIES if m in available]
+        if bundle.manifest["output"] == "regression":
+            if data.sentiment is None:
+                raise DataError(f"{data.path}: bundle {bundle.id} regresses sentiment; the file has no `sentiment`")
+            self.targets = data.sentiment
+        else:
+            self.targets = data.label
+        self.data = data
+        encoders = bundle.encoders()
+        self.z, self.observed = embed(encoders, data.features, self.order, len(data), bundle.manifest["embed_dim"])
+        self.previous = torch.from_numpy(data.previous_rows(bundle.context))
+
+    def presence(self, pattern: np.ndarray) -> torch.Tensor:
+        """Bundle-ordered presence for a pattern over `self.available` ([M'] or [N, M'])."""
+        pattern = np.broadcast_to(pattern, (len(self.data), len(self.available)))
+        present = np.zeros((len(self.data), len(self.order)), dtype=bool)
+        for j, m in enumerate(self.available):
+            present[:, self.order.index(m)] = pattern[:, j]
+        return torch.from_numpy(present)
+
+    def run(self, restorer_name: str, pattern: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
+        restorer = self.bundle.restorer(restorer_name)
+        head = self.bundle.head(self.bundle.restorers[restorer_name]["head"])
+        outputs, filled = predict(head, restorer, self.z, self.presence(pattern), self.previous)
+        metrics = score(outputs.numpy(), self.targets, self.bundle.manifest["output"])
+        return {k: round(v, 4) for k, v in metrics.items()}, filled
+
+    def fixed(self, restorer_name: str) -> dict[str, dict]:
+        result = {name: self.run(restorer_name, mask)[0] for name, mask in condition_masks(self.available).items()}
+        incomplete = [v for k, v in result.items() if len(k) < len(self.available)]
+        if incomplete:
+            result["mean6" if len(self.available) == 3 else "mean_incomplete"] = mean_metrics(incomplete)
+        return result
+
+    def rate(self, restorer_name: str, seeds: int) -> dict[str, dict]:
+        result = {}
+        for rate in RATES:
+            runs, realised = [], []
+            for seed in range(seeds):
+                mask = rate_mask(len(self.data), len(self.available), rate, seed)
+                runs.append(self.run(restorer_name, mask)[0])
+                realised.append(1 - mask.mean())
+            entry = mean_metrics(runs)
+            entry.update({f"{k}_std": round(float(np.std([r[k] for r in runs])), 4) for k in runs[0]})
+            entry["realised_rate"] = round(float(np.mean(realised)), 4)
+            result[f"{rate:.1f}"] = entry
+        return result
+
+    def projection(self, restorer_name: str) -> dict:
+        """Real embeddings of one modality against what the restorer makes of it when hidden."""
+        modality = "text" if "text" in self.available else self.available[-1]
+        pattern = np.array([m != modality for m in self.available])
+        if not pattern.any():
+            return {}
+        _, filled = self.run(restorer_name, pattern)
+        i = self.order.index(modality)
+        return {"real": self.z[:, i].numpy(), "restored": filled[:, i].numpy(), "modality": modality}
+
+
+def select_rows(data: FeatureSet, bundle: Bundle, subset: str) -> FeatureSet:
+    if subset == "all":
+        return data
+    held_out = set(bundle.manifest["data"]["val_videos"])
+    index = np.flatnonzero([v in held_out for v in data.videos])
+    if not len(index):
+        raise DataError(f"no row of {data.path} belongs to the validation videos of bundle {bundle.id}")
+    return data.rows(index)
+
+
+def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
+    bundle = load_bundle(args.bundle)
+    data = select_rows(load_features(args.data), bundle, args.subset)
+    names = list(bundle.restorers) if args.restorer == "all" else [args.restorer]
+    for name in names:
+        if name not in bundle.restorers:
+            raise BundleError(f"bundle {bundle.id} has no restorer {name!r}; it has {', '.join(bundle.restorers)}")
+    evaluation = Evaluation(bundle, data)
+    result = {"bundle": str(args.bundle), "data": str(args.data), "task": bundle.manifest["output"],
+              "subset": args.subset, "rows": len(data), "modalities": evaluation.available, "seeds": args.seeds,
+              "restorers": {}}
+    projections = {}
+    for name in names:
+        entry = {}
+        if args.protocol in ("fixed", "both"):
+            entry["fixed"] = evaluation.fixed(name)
+        if args.protocol in ("rate", "both"):
+            entry["rate"] = evaluation.rate(name, args.seeds)
+        result["restorers"][name] = entry
+        if args.report and len(evaluation.available) > 1:
+            projections[name] = evaluation.projection(name)
+    return result, {k: v for k, v in projections.items() if v}
+
+
+def print_summary(result: dict) -> None:
+    metric = "acc" if result["task"] == "classification" else "mae"
+    print(f"{result['rows']} rows of {result['data']} ({result['subset']}), metric {metric}")
+    for name, entry in result["restorers"].items():
+        parts = []
+        if "fixed" in entry:
+            parts += [f"{c}={v[metric]:.3f}" for c, v in entry["fixed"].items()]
+        if "rate" in entry:
+            parts += [f"r{r}={v[metric]:.3f}" for r, v in entry["rate"].items()]
+        print(f"  {name:<12} " + " ".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result, projections = evaluate(args)
+    except (DataError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.report:
+        from mmfuse.training.report import write_report
+
+        print(f"report: {write_report(Path(args.report), result, projections)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
