@@ -1,0 +1,55 @@
+"""Markdown tables of restorers under both protocols, aggregated over several `mmfuse-eval --json` files.
+
+    python bench/restorer_table.py out/results/mosi_s*.json
+
+Each file is one bundle (one training seed) evaluated on its own validation split;
+cells are mean ± std over the files (fixed protocol) or over files and mask seeds
+(rate protocol, whose per-file std is the spread over mask seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+FIXED = ["a", "v", "t", "av", "at", "vt", "avt", "mean6"]
+RATES = [f"{0.1 * i:.1f}" for i in range(8)]
+
+
+def cell(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def rate_cell(entries: list[dict], metric: str) -> str:
+    means = np.array([e[metric] for e in entries])
+    within = np.array([e.get(f"{metric}_std", 0.0) for e in entries])
+    total_std = np.sqrt(np.mean(within ** 2) + np.var(means))  # law of total variance over files and mask seeds
+    return f"{means.mean():.3f} ± {total_std:.3f}"
+
+
+def main(paths: list[str]) -> int:
+    results = [json.loads(open(p).read()) for p in paths]
+    metric = "acc" if results[0]["task"] == "classification" else "mae"
+    restorers = list(results[0]["restorers"])
+    print(f"{len(results)} bundle(s), metric `{metric}`, rows per validation split: "
+          f"{', '.join(str(r['rows']) for r in results)}\n")
+    columns = [c for c in FIXED if c in results[0]["restorers"][restorers[0]]["fixed"]]
+    print("| restorer | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name in restorers:
+        cells = [cell([r["restorers"][name]["fixed"][c][metric] for r in results]) for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n| restorer | " + " | ".join(f"r={r}" for r in RATES) + " |")
+    print("|---|" + "---|" * len(RATES))
+    for name in restorers:
+        cells = [rate_cell([r["restorers"][name]["rate"][rate] for r in results], metric) for rate in RATES]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    realised = [results[0]["restorers"][restorers[0]]["rate"][rate]["realised_rate"] for rate in RATES]
+    print("\nrealised missing rate: " + ", ".join(f"{r:.3f}" for r in realised))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,66 @@
+"""The I/O-free parts of the restorer and fusion actors, with a real trained bundle."""
+
+import numpy as np
+import pytest
+
+from conftest import FAST_TRAINING
+from mmfuse.actors.fusion import FusionHead
+from mmfuse.actors.restorer import WindowRestorer
+from mmfuse.bundle import load_bundle
+from mmfuse.frames import ClosedWindow
+from mmfuse.training.train import main as train_main
+
+DIMS = {"audio": 73, "visual": 100, "text": 100}
+
+
+def window(seq, present, session="s", rng=np.random.default_rng(0)):
+    features = {m: rng.normal(size=DIMS[m]).astype(np.float32) for m in present}
+    missing = [m for m in ("audio", "text", "visual") if m not in present]
+    return ClosedWindow(session, seq, seq * 2.0, seq * 2.0 + 2.0, features, sorted(present), missing, [], 0.0, seq)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "dropout", "autoencoder", "retrieval"])
+def test_every_restorer_runs_in_the_daemon_path(bundle_dir, method):
+    bundle = load_bundle(bundle_dir)
+    windows = [window(0, ["audio", "text"]), window(1, ["visual"]), window(2, ["text"])]
+    restored = WindowRestorer(bundle, method).restore(windows)
+    assert [w.restored for w in restored] == [["visual"], ["audio", "text"], ["audio", "visual"]]
+    assert all(w.restorer == method and w.embeddings.shape == (3, bundle.manifest["embed_dim"]) for w in restored)
+    decisions = FusionHead(bundle, method).decide(restored + [window(3, ["audio", "text", "visual"])])
+    assert [d.window_id for d in decisions] == [0, 1, 2, 3]
+    assert all(sum(d.scores.values()) == pytest.approx(1, abs=1e-4) for d in decisions)
+    assert decisions[3].restored == [] and decisions[3].restorer == "none"
+
+
+def test_present_embeddings_are_what_the_encoder_gives(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    encoded = FusionHead(bundle, "mean").encoder.encode([window(0, ["audio", "text", "visual"], rng=np.random.default_rng(5))])[0]
+    partial = window(0, ["audio", "text"], rng=np.random.default_rng(5))
+    filled = WindowRestorer(bundle, "autoencoder").restore([partial])[0].embeddings
+    order = bundle.modality_order
+    for m in ("audio", "text"):
+        np.testing.assert_array_equal(filled[order.index(m)], encoded[0, order.index(m)].numpy())
+
+
+def test_fusion_releases_each_session_in_close_order(bundle_dir):
+    head = FusionHead(load_bundle(bundle_dir), "mean")
+    released = head.decide([window(1, ["audio"]), window(0, ["text"], session="other")])
+    assert [(d.session, d.window_id) for d in released] == [("other", 0)]
+    assert head.decide([window(2, ["audio"])]) == []  # session s still waits for window 0
+    released = head.decide([window(0, ["audio", "text", "visual"])])
+    assert [(d.session, d.window_id) for d in released] == [("s", 0), ("s", 1), ("s", 2)]
+
+
+def test_context_bundle_uses_the_session_history(feature_file, tmp_path):
+    out = tmp_path / "ctx"
+    assert train_main(["--data", str(feature_file), "--out", str(out), "--context", "2",
+                       "--restorers", "mean", *FAST_TRAINING]) == 0
+    bundle = load_bundle(out)
+    assert bundle.context == 2
+    first = FusionHead(bundle, "mean")
+    second = FusionHead(bundle, "mean")
+    history = [window(k, ["audio", "text", "visual"], rng=np.random.default_rng(k)) for k in range(3)]
+    a = first.decide(history)
+    b = second.decide([window(0, ["audio", "text", "visual"], rng=np.random.default_rng(2))])
+    assert a[2].scores != b[0].scores  # same window content, different history
+    assert len(first.sessions["s"].history) == 2
