@@ -79,6 +79,8 @@ class FusionHead:
             p = torch.softmax(torch.from_numpy(output), dim=-1).numpy()
             label = self.bundle.labels[int(p.argmax())]
             scores = {name: round(float(v), 6) for name, v in zip(self.bundle.labels, p)}
+        if window.extra.get("abstain"):
+            label = "abstain"
         return Decision(session=window.session, window_id=window.window_id, start=window.start, end=window.end,
                         task=self.bundle.task, label=label, scores=scores, present=window.present,
                         restored=window.restored, dropped=window.dropped, restorer=window.restorer, latency_ms=0.0,

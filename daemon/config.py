@@ -56,6 +56,32 @@ class DropConfig(Section):
 class RestorerConfig(Section):
     method: str = "mean"
     num_gpus: float = Field(0.0, ge=0, description="GPUs the restorer actor asks Ray for; 0 runs on CPU")
+    max_batch: int = Field(64, ge=1, description="most windows restored in one batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a window waits for others to batch with")
+    steps: int | None = Field(None, ge=1, description="diffusion: sampling steps (default: the bundle's)")
+    mode: Literal["ddim", "admc"] | None = Field(None, description="diffusion: sampler (default: the bundle's)")
+    samples: int = Field(1, ge=1, description="diffusion: samples averaged per window; > 1 publishes their spread")
+    abstain_spread: float | None = Field(None, gt=0, description="diffusion: label 'abstain' above this spread")
+    seed: int = Field(0, description="diffusion: noise seed; with it a replay restores identically")
+
+    @model_validator(mode="after")
+    def _diffusion_options(self):
+        if self.method != "diffusion":
+            used = [k for k in ("steps", "mode", "abstain_spread") if getattr(self, k) is not None]
+            used += ["samples"] if self.samples != 1 else []
+            if used:
+                raise ValueError(f"{', '.join(used)} only apply to method diffusion; remove them or set "
+                                 f"method: diffusion")
+        if self.abstain_spread is not None and self.samples < 2:
+            raise ValueError("abstain_spread needs samples >= 2 (the spread of one sample is zero)")
+        return self
+
+    def overrides(self) -> dict:
+        """Sampler settings that replace the bundle's."""
+        if self.method != "diffusion":
+            return {}
+        chosen = {"steps": self.steps, "mode": self.mode, "samples": self.samples, "seed": self.seed}
+        return {k: v for k, v in chosen.items() if v is not None}
 
     @field_validator("method")
     @classmethod

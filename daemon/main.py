@@ -67,9 +67,10 @@ class Pipeline:
             config.output.endpoint, log_format)
         self.fusion = ray.remote(FusionActor).options(name="fusion", num_cpus=0).remote(
             bundle_path, config.restorer.method, config.pipeline.session_idle_s, self.publisher, log_format)
+        restorer = {**config.restorer.model_dump(), "overrides": config.restorer.overrides()}
         self.restorer = ray.remote(RestorerActor).options(
             name="restorer", num_cpus=0, num_gpus=config.restorer.num_gpus).remote(
-            bundle_path, config.restorer.method, self.fusion, log_format)
+            bundle_path, restorer, self.fusion, log_format)
         self.aligner = ray.remote(AlignerActor).options(name="aligner", **io).remote(
             sorted(bundle.modalities), {s.name: s.modality for s in config.sensors}, config.window.model_dump(), config.drop.model_dump(),
             config.pipeline.model_dump(), self.restorer, self.fusion, log_format)

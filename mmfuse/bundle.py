@@ -96,11 +96,12 @@ class Bundle:
         head.load_state_dict(self.tensors(f"head_{name}"))
         return head.eval()
 
-    def restorer(self, name: str):
+    def restorer(self, name: str, **overrides):
+        """The named restorer; `overrides` replace arguments it was trained with (diffusion sampler settings)."""
         if name not in self.restorers:
             raise BundleError(f"bundle {self.id} has no '{name}' restorer (it has {', '.join(self.restorers)})")
         state = self.tensors(f"restorer_{name}") if f"restorer_{name}.safetensors" in self.manifest["files"] else {}
-        return RESTORERS[name].from_state(state, self.restorers[name].get("args", {}))
+        return RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
 
     def check_fits(self, modalities: list[str], restorer: str) -> None:
         """Raise BundleError when a daemon with these sensors and this restorer cannot use the bundle."""

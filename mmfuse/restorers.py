@@ -121,10 +121,67 @@ class RetrievalRestorer:
         return cls(state["bank"], **args)
 
 
+
+
+class DiffusionRestorer:
+    """Conditional diffusion in the embedding space (mmfuse.diffusion), K samples averaged.
+
+    With K > 1 the spread of the samples (mean standard deviation over the missing
+    tokens) is left in `last_spread`. Noise comes from one generator per row seeded
+    by the caller, so a window restores the same whatever batch it is in.
+    """
+    name = "diffusion"
+    head = "diffusion"
+
+    def __init__(self, model, prior: torch.Tensor, steps: int = 10, mode: str = "ddim", admc_start: int = 50,
+                 samples: int = 1, seed: int = 0):
+        from mmfuse.diffusion import DiffusionSampler
+
+        self.model = model.eval()
+        self.prior = prior  # [M, E] training mean, ADMC's starting guess
+        self.sampler = DiffusionSampler(model, steps, mode, admc_start)
+        self.samples = samples
+        self.seed = seed
+        self.last_spread = torch.zeros(0)
+
+    def noise(self, rows: int, shape: tuple, seeds: list[int] | None) -> torch.Tensor:
+        draws = len(self.sampler.timesteps()) + 1
+        noise = torch.empty(self.samples, draws, rows, *shape)
+        for i in range(rows):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (seeds[i] if seeds else i))
+            noise[:, :, i] = torch.randn(self.samples, draws, *shape, generator=generator)
+        return noise
+
+    @torch.no_grad()
+    def restore(self, z: torch.Tensor, present: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        rows, k = len(z), self.samples
+        noise = self.noise(rows, tuple(z.shape[1:]), seeds)                    # [K, draws, B, M, E]
+        noise = noise.transpose(0, 1).reshape(noise.shape[1], k * rows, *z.shape[1:])
+        device = next(self.model.parameters()).device
+        draws = self.sampler.sample(z.repeat(k, 1, 1).to(device), present.repeat(k, 1).to(device),
+                                    noise.to(device), self.prior.to(device)).cpu().view(k, rows, *z.shape[1:])
+        missing = (~present).unsqueeze(-1).float()
+        spread = (draws.std(dim=0, unbiased=False) * missing).sum(dim=(1, 2)) if k > 1 else torch.zeros(rows)
+        self.last_spread = spread / (missing.sum(dim=(1, 2)) * z.shape[-1]).clamp_min(1)
+        return keep_present(z, present, draws.mean(dim=0))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, "prior": self.prior}
+
+    @classmethod
+    def from_state(cls, state: dict, args: dict) -> "DiffusionRestorer":
+        from mmfuse.diffusion import DiffusionDenoiser
+
+        model = DiffusionDenoiser(**args["model"])
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        return cls(model, state["prior"], **{k: v for k, v in args.items() if k != "model"})
+
+
 RESTORERS = {
     "zero": ZeroRestorer,
     "mean": MeanRestorer,
     "dropout": DropoutRestorer,
     "autoencoder": AutoencoderRestorer,
     "retrieval": RetrievalRestorer,
+    "diffusion": DiffusionRestorer,
 }

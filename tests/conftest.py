@@ -12,7 +12,9 @@ from mmfuse.training.data import make_synthetic
 from mmfuse.training.train import main as train_main
 
 
-FAST_TRAINING = ["--encoder-epochs", "15", "--restorer-epochs", "20", "--head-epochs", "15"]
+FAST_TRAINING = ["--encoder-epochs", "15", "--restorer-epochs", "20", "--head-epochs", "15",
+                 "--diffusion-epochs", "20", "--mutual-epochs", "10", "--diffusion-width", "32",
+                 "--diffusion-depth", "1", "--diffusion-steps", "5"]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ def window(seq, present, session="s", rng=np.random.default_rng(0)):
     return ClosedWindow(session, seq, seq * 2.0, seq * 2.0 + 2.0, features, sorted(present), missing, [], 0.0, seq)
 
 
-@pytest.mark.parametrize("method", ["zero", "mean", "dropout", "autoencoder", "retrieval"])
+@pytest.mark.parametrize("method", ["zero", "mean", "dropout", "autoencoder", "retrieval", "diffusion"])
 def test_every_restorer_runs_in_the_daemon_path(bundle_dir, method):
     bundle = load_bundle(bundle_dir)
     windows = [window(0, ["audio", "text"]), window(1, ["visual"]), window(2, ["text"])]

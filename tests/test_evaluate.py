@@ -14,7 +14,7 @@ from mmfuse.training.metrics import classification_metrics, regression_metrics
 from mmfuse.training.train import main as train_main
 
 CONDITIONS = ["a", "v", "t", "av", "at", "vt", "avt"]
-RESTORER_NAMES = {"zero", "mean", "dropout", "autoencoder", "retrieval"}
+RESTORER_NAMES = {"zero", "mean", "dropout", "autoencoder", "retrieval", "diffusion"}
 RATE_KEYS = [f"{r:.1f}" for r in RATES]
 
 
@@ -161,7 +161,8 @@ def inferable_text_results(tmp_path_factory):
     test_file = make_inferable_text(root / "test.npz", seed=1001)
     bundle = root / "bundle"
     assert train_main(["--data", str(train_file), "--out", str(bundle), "--seed", "1", "--encoder-epochs", "15",
-                       "--restorer-epochs", "20", "--head-epochs", "40"]) == 0
+                       "--restorer-epochs", "20", "--head-epochs", "40",
+                       "--restorers", "zero,mean,dropout,autoencoder,retrieval"]) == 0
     out = root / "eval.json"
     assert eval_main(["--bundle", str(bundle), "--data", str(test_file), "--protocol", "fixed",
                       "--json", str(out)]) == 0

@@ -16,13 +16,13 @@ def test_bundle_manifest_and_weights(bundle_dir, feature_file):
     assert bundle.labels == ["negative", "positive"]
     assert {m: (s["dim"], s["data_key"]) for m, s in bundle.modalities.items()} == {
         "audio": (73, "audio"), "visual": (100, "video"), "text": (100, "text")}
-    assert set(bundle.restorers) == {"zero", "mean", "dropout", "autoencoder", "retrieval"}
-    assert set(manifest["heads"]) == {"complete", "dropout", "autoencoder", "retrieval"}
+    assert set(bundle.restorers) == {"zero", "mean", "dropout", "autoencoder", "retrieval", "diffusion"}
+    assert set(manifest["heads"]) == {"complete", "dropout", "autoencoder", "retrieval", "diffusion"}
     assert {f for f in manifest["files"]} == {
         "encoder_audio.safetensors", "encoder_visual.safetensors", "encoder_text.safetensors",
         "head_complete.safetensors", "head_dropout.safetensors", "head_autoencoder.safetensors",
-        "head_retrieval.safetensors", "restorer_mean.safetensors", "restorer_autoencoder.safetensors",
-        "restorer_retrieval.safetensors"}
+        "head_retrieval.safetensors", "head_diffusion.safetensors", "restorer_mean.safetensors",
+        "restorer_autoencoder.safetensors", "restorer_retrieval.safetensors", "restorer_diffusion.safetensors"}
     assert manifest["data"]["sha256"] == load_features(feature_file).sha256
     validation = manifest["metrics"]["validation"]
     assert set(validation["mean"]) == {"a", "v", "t", "av", "at", "vt", "avt", "mean_incomplete"}
@@ -54,7 +54,8 @@ def test_missing_or_foreign_bundle(tmp_path):
 
 
 def test_training_is_deterministic_for_a_seed(feature_file, tmp_path):
-    quick = ["--encoder-epochs", "2", "--restorer-epochs", "2", "--head-epochs", "2"]
+    quick = ["--encoder-epochs", "2", "--restorer-epochs", "2", "--head-epochs", "2", "--diffusion-epochs", "10",
+             "--mutual-epochs", "0", "--diffusion-width", "16", "--diffusion-depth", "1"]
     for name in ("a", "b"):
         assert train_main(["--data", str(feature_file), "--out", str(tmp_path / name), *quick]) == 0
     files = [json.loads((tmp_path / n / "manifest.json").read_text())["files"] for n in ("a", "b")]

@@ -27,8 +27,10 @@ from mmfuse.bundle import save_bundle
 from mmfuse.inference import embed, predict, session_context
 from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
                            build_encoder, build_fusion_head)
-from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DropoutRestorer, MeanRestorer, RetrievalRestorer,
-                              ZeroRestorer)
+from mmfuse.diffusion import DiffusionDenoiser
+from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DiffusionRestorer, DropoutRestorer, MeanRestorer,
+                              RetrievalRestorer, ZeroRestorer)
+from mmfuse.training.diffusion import train_diffusion
 from mmfuse.training.data import DataError, FeatureSet, load_features, split_by_video
 from mmfuse.training.metrics import headline, score
 
@@ -52,6 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restorer-epochs", type=int, default=100, help="epochs of the autoencoder")
     parser.add_argument("--head-epochs", type=int, default=60)
     parser.add_argument("--neighbours", type=int, default=10, help="k of the retrieval restorer")
+    parser.add_argument("--diffusion-epochs", type=int, default=150, help="epochs of L_base")
+    parser.add_argument("--mutual-epochs", type=int, default=50,
+                        help="further epochs of L_base + L_mutual (0: no mutual learning)")
+    parser.add_argument("--diffusion-conditioning", choices=DiffusionDenoiser.CONDITIONINGS, default="gating")
+    parser.add_argument("--diffusion-width", type=int, default=128)
+    parser.add_argument("--diffusion-depth", type=int, default=3)
+    parser.add_argument("--diffusion-steps", type=int, default=10, help="sampling steps the bundle uses by default")
+    parser.add_argument("--diffusion-mode", choices=["ddim", "admc"], default="ddim")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -188,6 +198,33 @@ class Trainer:
                           "stage 2: autoencoder")
         return AutoencoderRestorer(model), {"args": model_args, "validation_mse": round(-best, 5), "epoch": epoch}
 
+    def train_diffusion(self) -> tuple[DiffusionRestorer, dict]:
+        args = self.args
+        model_args = {"num_modalities": len(self.modalities), "embed_dim": args.embed_dim,
+                      "width": args.diffusion_width, "depth": args.diffusion_depth,
+                      "conditioning": args.diffusion_conditioning}
+        model = DiffusionDenoiser(**model_args)
+        sampler_args = {"steps": args.diffusion_steps, "mode": args.diffusion_mode}
+        restorer = DiffusionRestorer(model, self.train.z.mean(dim=0), **sampler_args)
+        incomplete = self.patterns[:-1]
+        z_val = self.val.z
+        val_present = incomplete[torch.from_numpy(np.random.default_rng(args.seed).integers(len(incomplete),
+                                                                                              size=len(z_val)))]
+
+        def validate():
+            missing = (~val_present).unsqueeze(-1)
+            error = (restorer.restore(z_val, val_present) - z_val).square() * missing
+            return -float(error.sum() / (missing.sum() * z_val.shape[-1]))
+
+        def progress(epochs):
+            return tqdm(epochs, desc="stage 2: diffusion", unit="epoch", file=sys.stderr, leave=False)
+
+        best, epoch = train_diffusion(model, self.train.z, args.diffusion_epochs, args.mutual_epochs,
+                                      args.batch_size * 2, args.lr, args.seed, validate, progress)
+        restorer.model.eval()
+        return restorer, {"args": {"model": model_args, **sampler_args}, "validation_mse": round(-best, 5),
+                          "epoch": epoch}
+
     # stage 3 ---------------------------------------------------------------------------------
     def train_head(self, name: str, restorer, complete_only: bool) -> tuple[FusionHead, dict]:
         head_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim,
@@ -251,6 +288,8 @@ class Trainer:
             elif name == "retrieval":
                 restorers[name] = RetrievalRestorer(self.train.z, k=args.neighbours)
                 restorer_info[name] = {"args": {"k": args.neighbours}}
+            elif name == "diffusion":
+                restorers[name], restorer_info[name] = self.train_diffusion()
 
         heads, head_info = {}, {}
         for name, restorer in restorers.items():
@@ -292,8 +331,8 @@ class Trainer:
             "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out")},
                          "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
-                         "autoencoder": {k: v for k, v in restorer_info.get("autoencoder", {}).items()
-                                         if k != "args"}},
+                         **{name: {k: v for k, v in restorer_info.get(name, {}).items() if k != "args"}
+                            for name in ("autoencoder", "diffusion") if name in restorer_info}},
             "metrics": {"validation": validation},
         }
         weights = {f"encoder_{m}": e.state_dict() for m, e in encoders.items()}
