@@ -152,12 +152,13 @@ class DiffusionSampler:
     """Samplers over a trained denoiser. Present tokens are never altered in the output."""
 
     def __init__(self, model: DiffusionDenoiser, steps: int = 10, mode: str = "ddim", admc_start: int = 50,
-                 alpha_bar: torch.Tensor | None = None):
+                 alpha_bar: torch.Tensor | None = None, clip: float | None = None):
         if mode not in ("ddim", "admc"):
             raise ValueError(f"mode must be ddim or admc, got {mode!r}")
         self.model = model.eval()
         self.alpha_bar = linear_alpha_bar() if alpha_bar is None else alpha_bar
         self.steps, self.mode, self.admc_start = steps, mode, admc_start
+        self.clip = clip  # bound on |x0_hat| (the data's range); None leaves the estimate as it is
 
     def timesteps(self) -> list[int]:
         """Descending timesteps the sampler visits: S of [0, T) for DDIM, S of [0, n) for ADMC."""
@@ -170,6 +171,9 @@ class DiffusionSampler:
         a_t = self.alpha_bar[t]
         a_prev = self.alpha_bar[t_prev] if t_prev >= 0 else torch.tensor(1.0)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if self.clip is not None:  # early estimates divide by sqrt(a_t) ~ 0.006: keep them in range
+            x0 = x0.clamp(-self.clip, self.clip)
+            eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     def noised(self, z: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:

@@ -134,12 +134,12 @@ class DiffusionRestorer:
     head = "diffusion"
 
     def __init__(self, model, prior: torch.Tensor, steps: int = 10, mode: str = "ddim", admc_start: int = 50,
-                 samples: int = 1, seed: int = 0):
+                 samples: int = 1, seed: int = 0, clip: float | None = 5.0):
         from mmfuse.diffusion import DiffusionSampler
 
         self.model = model.eval()
         self.prior = prior  # [M, E] training mean, ADMC's starting guess
-        self.sampler = DiffusionSampler(model, steps, mode, admc_start)
+        self.sampler = DiffusionSampler(model, steps, mode, admc_start, clip=clip)
         self.samples = samples
         self.seed = seed
         self.last_spread = torch.zeros(0)

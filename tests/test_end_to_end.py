@@ -163,3 +163,50 @@ def test_sigterm_drains_open_windows_and_exits_cleanly(lab):
     assert [(d["session"], d["window"]["id"]) for d in received] == [("gamma", 0)]
     assert received[0]["present"] == ["audio", "text", "visual"]
     assert "stopped" in daemon.log()
+
+
+def test_daemon_restores_with_diffusion_and_publishes_the_spread(tmp_path, bundle_dir):
+    ports = {name: free_port() for name in SENSORS}
+    output = f"tcp://127.0.0.1:{free_port()}"
+    config = {"bundle": str(bundle_dir),
+              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
+                          for n, m in SENSORS.items()],
+              "window": {"length_s": WINDOW, "hop_s": WINDOW}, "drop": {"timeout_s": TIMEOUT},
+              "restorer": {"method": "diffusion", "steps": 4, "samples": 3, "abstain_spread": 1e-9},
+              "output": {"endpoint": output}}
+    path = tmp_path / "diffusion.yaml"
+    path.write_text(yaml.safe_dump(config))
+    context = zmq.Context()
+    sockets = {name: context.socket(zmq.XPUB) for name in SENSORS}
+    for name, sock in sockets.items():
+        sock.bind(f"tcp://127.0.0.1:{ports[name]}")
+    decisions = context.socket(zmq.SUB)
+    decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    decisions.connect(output)
+    daemon = Daemon(path)
+    try:
+        assert daemon.ready.wait(120), daemon.log()
+        for sock in sockets.values():
+            assert sock.poll(10_000)
+            sock.recv()
+        time.sleep(0.2)
+        rng = np.random.default_rng(2)
+        for k in range(3):
+            for name in ("cam0", "mic0") if k else SENSORS:  # text goes missing after window 0
+                sockets[name].send_multipart(message("delta", name, k, k * WINDOW, rng=rng))
+            if k:
+                sockets["asr0"].send_multipart(message("delta", "asr0", k, (k + 1) * WINDOW, "heartbeat"))
+            time.sleep(WINDOW)
+        received = collect(decisions, quiet_s=2.0)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=60) == 0, daemon.log()
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+        context.destroy(linger=0)
+    assert [d["window"]["id"] for d in received] == [0, 1, 2]
+    assert received[0]["restorer"] == "none" and "restoration_spread" not in received[0]
+    for decision in received[1:]:
+        assert decision["restorer"] == "diffusion" and decision["restored"] == ["text"]
+        assert decision["restoration_spread"] > 0 and decision["abstain"] is True
+        assert decision["label"] == "abstain"
