@@ -97,7 +97,7 @@ def main() -> int:
     try:
         log_lines: list[str] = []
         threading.Thread(target=lambda: log_lines.extend(daemon.stderr), daemon=True).start()
-        for name, sock in sockets.items():
+        for sock in sockets.values():
             if not sock.poll(180_000):
                 print("daemon did not subscribe:\n" + "".join(log_lines[-40:]), file=sys.stderr)
                 daemon.kill()
@@ -142,7 +142,7 @@ def main() -> int:
                     sockets[name].send_multipart(wire.encode(message))
                     seq[session, name] += 1
             drain(start + (k + 1) * args.window_s)
-            for i, session in enumerate(sessions):
+            for session in sessions:
                 leave_out = rng.choice(list(SENSORS)) if rng.random() < args.incomplete else None
                 incomplete += leave_out is not None
                 for name, modality in SENSORS.items():

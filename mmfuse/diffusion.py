@@ -12,7 +12,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 T_STEPS = 1000
 

@@ -1,7 +1,6 @@
 """Windowing rules of the aligner, driven with explicit wall-clock times."""
 
 import numpy as np
-import pytest
 
 from mmfuse.actors.aligner import Aligner
 from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta

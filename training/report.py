@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-HEADLINE = {"classification": "acc", "regression": "mae"}
-METRICS = {"classification": ["acc", "f1_weighted", "ua"], "regression": ["mae", "corr", "acc2"]}
-LOWER_IS_BETTER = {"mae"}
+from mmfuse.training.metrics import CLASSIFICATION, HEADLINE, REGRESSION  # noqa: E402
+
+METRICS = {"classification": CLASSIFICATION, "regression": REGRESSION}
 SUMMARY_KEYS = {"fixed": "mean6", "rate": "0.5"}
 
 
@@ -21,7 +21,7 @@ def write_report(out_dir: Path, result: dict, projections: dict[str, dict]) -> P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     restorers: dict[str, dict] = result["restorers"]
-    metric = HEADLINE[result["task"]]
+    metric = HEADLINE[result["task"]][0]
     lines = [
         "# Missing-modality report",
         "",
@@ -67,7 +67,7 @@ def write_report(out_dir: Path, result: dict, projections: dict[str, dict]) -> P
 
 def _section(title: str, protocol: str, restorers: dict[str, dict], task: str) -> list[str]:
     """Headline table over all columns of a protocol, then all metrics at its summary column."""
-    metric = HEADLINE[task]
+    metric = HEADLINE[task][0]
     lines = ["", f"## {title}", "", f"`{_axis_label(metric)}`", ""]
     lines += _table(["restorer", *_columns(restorers, protocol)], [
         [name, *(_cell(runs.get(protocol, {}).get(col), metric) for col in _columns(restorers, protocol))]
@@ -105,7 +105,8 @@ def _columns(restorers: dict[str, dict], protocol: str) -> list[str]:
 
 
 def _axis_label(metric: str) -> str:
-    return f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)"
+    lower = any(name == metric and sign < 0 for name, sign in HEADLINE.values())
+    return f"{metric} ({'lower' if lower else 'higher'} is better)"
 
 
 def _plot_rate(path: Path, restorers: dict[str, dict], metric: str) -> None:

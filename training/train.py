@@ -292,7 +292,7 @@ class Trainer:
                 restorers[name], restorer_info[name] = self.train_diffusion()
 
         heads, head_info = {}, {}
-        for name, restorer in restorers.items():
+        for restorer in restorers.values():
             if restorer.head not in heads:
                 complete_only = restorer.head == "complete"
                 heads[restorer.head], head_info[restorer.head] = self.train_head(restorer.head, restorer, complete_only)
