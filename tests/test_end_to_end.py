@@ -16,7 +16,7 @@ import zmq
 from conftest import free_port
 
 WINDOW = 0.5
-TIMEOUT = 0.6
+TIMEOUT = 1.5  # generous: the suite must not fail on a loaded 2-core machine
 DIMS = {"audio": 73, "visual": 100, "text": 100}
 SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
 
@@ -43,39 +43,50 @@ def decode(frames):
     return msgpack.unpackb(frames[1], raw=False)
 
 
+class Lab:
+    """A running daemon on free ports, the client's sensor sockets, and a decision subscriber."""
+
+    def __init__(self, directory, bundle_dir, restorer: dict):
+        ports = {name: free_port() for name in SENSORS}
+        output = f"tcp://127.0.0.1:{free_port()}"
+        config = {"bundle": str(bundle_dir),
+                  "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
+                              for n, m in SENSORS.items()],
+                  "window": {"length_s": WINDOW, "hop_s": WINDOW}, "drop": {"timeout_s": TIMEOUT},
+                  "restorer": restorer, "output": {"endpoint": output}, "log": {"stats_interval_s": 2}}
+        path = directory / "lab.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.context = zmq.Context()
+        self.sockets = {}
+        for name, port in ports.items():
+            self.sockets[name] = self.context.socket(zmq.XPUB)  # XPUB tells us when the daemon has subscribed
+            self.sockets[name].bind(f"tcp://127.0.0.1:{port}")
+        self.decisions = self.context.socket(zmq.SUB)
+        self.decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
+        self.decisions.connect(output)
+        self.daemon = Daemon(path)
+
+    def wait_ready(self):
+        assert self.daemon.ready.wait(120), f"daemon did not become ready:\n{self.daemon.log()}"
+        for name, sock in self.sockets.items():
+            assert sock.poll(10_000), f"daemon never subscribed to {name}"
+            sock.recv()
+        time.sleep(0.2)  # the decision subscriber's connection settles
+
+    def close(self):
+        if self.daemon.process.poll() is None:
+            self.daemon.process.kill()
+        self.context.destroy(linger=0)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, bundle_dir):
-    """A running daemon, the client's sensor sockets, and a decision subscriber."""
-    ports = {name: free_port() for name in SENSORS}
-    output = f"tcp://127.0.0.1:{free_port()}"
-    config = {"bundle": str(bundle_dir),
-              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
-                          for n, m in SENSORS.items()],
-              "window": {"length_s": WINDOW, "hop_s": WINDOW}, "drop": {"timeout_s": TIMEOUT},
-              "restorer": {"method": "mean"}, "output": {"endpoint": output},
-              "log": {"stats_interval_s": 2}}
-    path = tmp_path_factory.mktemp("e2e") / "lab.yaml"
-    path.write_text(yaml.safe_dump(config))
-
-    context = zmq.Context()
-    sockets = {}
-    for name, port in ports.items():
-        sockets[name] = context.socket(zmq.XPUB)  # XPUB tells us when the daemon has subscribed
-        sockets[name].bind(f"tcp://127.0.0.1:{port}")
-    decisions = context.socket(zmq.SUB)
-    decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
-    decisions.connect(output)
-
-    daemon = Daemon(path)
-    assert daemon.ready.wait(120), f"daemon did not become ready:\n{daemon.log()}"
-    for name, sock in sockets.items():
-        assert sock.poll(10_000), f"daemon never subscribed to {name}"
-        sock.recv()
-    time.sleep(0.2)  # the decision subscriber's connection settles
-    yield daemon, sockets, decisions
-    if daemon.process.poll() is None:
-        daemon.process.kill()
-    context.destroy(linger=0)
+    lab = Lab(tmp_path_factory.mktemp("e2e"), bundle_dir, {"method": "mean"})
+    try:
+        lab.wait_ready()
+        yield lab.daemon, lab.sockets, lab.decisions
+    finally:
+        lab.close()
 
 
 def message(session, source, seq, t, kind="data", rng=None):
@@ -166,44 +177,21 @@ def test_sigterm_drains_open_windows_and_exits_cleanly(lab):
 
 
 def test_daemon_restores_with_diffusion_and_publishes_the_spread(tmp_path, bundle_dir):
-    ports = {name: free_port() for name in SENSORS}
-    output = f"tcp://127.0.0.1:{free_port()}"
-    config = {"bundle": str(bundle_dir),
-              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
-                          for n, m in SENSORS.items()],
-              "window": {"length_s": WINDOW, "hop_s": WINDOW}, "drop": {"timeout_s": TIMEOUT},
-              "restorer": {"method": "diffusion", "steps": 4, "samples": 3, "abstain_spread": 1e-9},
-              "output": {"endpoint": output}}
-    path = tmp_path / "diffusion.yaml"
-    path.write_text(yaml.safe_dump(config))
-    context = zmq.Context()
-    sockets = {name: context.socket(zmq.XPUB) for name in SENSORS}
-    for name, sock in sockets.items():
-        sock.bind(f"tcp://127.0.0.1:{ports[name]}")
-    decisions = context.socket(zmq.SUB)
-    decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
-    decisions.connect(output)
-    daemon = Daemon(path)
+    lab = Lab(tmp_path, bundle_dir, {"method": "diffusion", "steps": 4, "samples": 3, "abstain_spread": 1e-9})
     try:
-        assert daemon.ready.wait(120), daemon.log()
-        for sock in sockets.values():
-            assert sock.poll(10_000)
-            sock.recv()
-        time.sleep(0.2)
+        lab.wait_ready()
         rng = np.random.default_rng(2)
         for k in range(3):
             for name in ("cam0", "mic0") if k else SENSORS:  # text goes missing after window 0
-                sockets[name].send_multipart(message("delta", name, k, k * WINDOW, rng=rng))
+                lab.sockets[name].send_multipart(message("delta", name, k, k * WINDOW, rng=rng))
             if k:
-                sockets["asr0"].send_multipart(message("delta", "asr0", k, (k + 1) * WINDOW, "heartbeat"))
+                lab.sockets["asr0"].send_multipart(message("delta", "asr0", k, (k + 1) * WINDOW, "heartbeat"))
             time.sleep(WINDOW)
-        received = collect(decisions, quiet_s=2.0)
-        daemon.process.send_signal(signal.SIGTERM)
-        assert daemon.process.wait(timeout=60) == 0, daemon.log()
+        received = collect(lab.decisions, quiet_s=2.0)
+        lab.daemon.process.send_signal(signal.SIGTERM)
+        assert lab.daemon.process.wait(timeout=60) == 0, lab.daemon.log()
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-        context.destroy(linger=0)
+        lab.close()
     assert [d["window"]["id"] for d in received] == [0, 1, 2]
     assert received[0]["restorer"] == "none" and "restoration_spread" not in received[0]
     for decision in received[1:]:
