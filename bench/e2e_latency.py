@@ -61,7 +61,8 @@ def ensure_bundle(path: str | None, workdir: Path) -> Path:
     from mmfuse.training.train import main as train
 
     data = make_synthetic(workdir / "synthetic.npz")
-    train(["--data", str(data), "--out", str(workdir / "bundle"), "--epochs", "10"])
+    train(["--data", str(data), "--out", str(workdir / "bundle"), "--restorers", "zero,mean,dropout,autoencoder,retrieval",
+           "--encoder-epochs", "10", "--restorer-epochs", "10", "--head-epochs", "10"])
     return workdir / "bundle"
 
 
