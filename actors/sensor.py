@@ -1,5 +1,6 @@
 """Sensor actor: owns one sensor's SUB socket, decodes and validates every message,
-and sends the aligner window-level sums, batched, never per frame."""
+runs the media tower on raw media (batched across sessions), and sends the aligner
+window-level sums, batched, never per frame."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import structlog
 from mmfuse import wire
 from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
 from mmfuse.logs import Tally, configure
+from mmfuse.media import MediaEncoder, MediaError
 
 OFFSET_MEMORY = 64  # arrivals over which the lowest delay is taken
 
@@ -49,8 +51,9 @@ class SensorIngest:
     """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
 
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
-                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None):
+                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None):
         self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.media = media
         self.length, self.hop = length_s, hop_s
         self.max_payload = max_payload
         self.log = log or structlog.get_logger().bind(sensor=sensor)
@@ -92,16 +95,31 @@ class SensorIngest:
             if not np.isfinite(vectors).all():
                 self._reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
                 return
-            self._accumulate(message, vectors)
+            step = message.duration / len(vectors)
+            for i, vector in enumerate(vectors):
+                self._add_span(message.session, message.source, message.t + i * step, message.t + (i + 1) * step,
+                               vector)
+        elif message.kind == "data" and self.media is not None and self.media.accepts(message.encoding):
+            try:
+                self.media.add(message)
+            except MediaError as exc:
+                self._reject(exc.reason, exc.detail)
+                return
         elif message.kind == "data" and self.unsupported.add(message.encoding):
-            self.log.warning("media frame without an encoder", encoding=message.encoding,
+            self.log.warning("frames this sensor cannot encode", encoding=message.encoding,
                              count=self.unsupported.counts[message.encoding],
-                             hint="send encoding 'features' until raw-media encoders are configured")
+                             hint="send 'features', or use a bundle trained on this modality's raw media"
+                             if self.media is None else f"a {self.modality} sensor takes "
+                             f"{', '.join(e for e in wire.ENCODINGS if self.media.accepts(e))} or features")
 
         if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
             stream.seq_gaps += message.seq - stream.last_seq - 1
         stream.last_seq = message.seq
         reached = message.t + message.duration
+        if self.media is not None:
+            if message.kind == "end":
+                self.media.end(key)
+            reached = self.media.complete_until(key, reached)
         if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
             self.due = True
         stream.progress = max(stream.progress, reached)
@@ -116,26 +134,22 @@ class SensorIngest:
         self.touched.add(key)
         self.accepted += 1
 
-    def _accumulate(self, message: wire.SensorMessage, vectors: np.ndarray) -> None:
-        step = message.duration / len(vectors)
-        for i, vector in enumerate(vectors):
-            start = message.t + i * step
-            end = start + step
-            for k in windows_overlapping(start, end, self.length, self.hop):
-                if end > start:
-                    w_start = k * self.hop
-                    weight = (min(end, w_start + self.length) - max(start, w_start)) / step
-                else:
-                    weight = 1.0
-                key = (message.session, message.source, k)
-                delta = self.deltas.get(key)
-                if delta is None:
-                    self.deltas[key] = WindowDelta(message.session, message.source, self.modality, k,
-                                                   vector * weight, weight, 1)
-                else:
-                    delta.total += vector * weight
-                    delta.weight += weight
-                    delta.frames += 1
+    def _add_span(self, session: str, source: str, start: float, end: float, vector: np.ndarray) -> None:
+        """Add a vector covering [start, end] to every window it overlaps, weighted by the overlap."""
+        for k in windows_overlapping(start, end, self.length, self.hop):
+            if end > start:
+                w_start = k * self.hop
+                weight = (min(end, w_start + self.length) - max(start, w_start)) / (end - start)
+            else:
+                weight = 1.0
+            key = (session, source, k)
+            delta = self.deltas.get(key)
+            if delta is None:
+                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 1)
+            else:
+                delta.total += vector * weight
+                delta.weight += weight
+                delta.frames += 1
 
     def _reject(self, reason: str, detail: str) -> None:
         if self.rejected.add(reason):
@@ -143,6 +157,9 @@ class SensorIngest:
                              count=self.rejected.counts[reason])
 
     def take_batch(self) -> SensorBatch | None:
+        if self.media is not None:
+            for span in self.media.encode():
+                self._add_span(span.session, span.source, span.start, span.end, span.vector.astype(np.float32))
         if not self.touched and not self.deltas:
             return None
         batch = SensorBatch(self.sensor, list(self.deltas.values()),
@@ -153,7 +170,9 @@ class SensorIngest:
         return batch
 
     def stats(self) -> dict:
-        return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts),
+        media = {} if self.media is None else {"encoded": self.media.encoded,
+                                               "frames_skipped": self.media.skipped_frames}
+        return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts), **media,
                 "unsupported": dict(self.unsupported.counts), "streams": len(self.streams),
                 "seq_gaps": sum(s.seq_gaps for s in self.streams.values())}
 
@@ -168,15 +187,23 @@ class SensorActor:
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, sensor: dict, window: dict, pipeline: dict, dim: int | None, aligner, log_format: dict):
+    def __init__(self, sensor: dict, window: dict, pipeline: dict, dim: int | None, bundle_path: str | None,
+                 aligner, log_format: dict):
+        from mmfuse.actors import limit_threads
+        from mmfuse.bundle import load_bundle
+
+        limit_threads()
         configure(**log_format)
         self.sensor = sensor
         self.min_interval = pipeline["batch_interval_ms"] / 1000.0
         self.flush_interval = pipeline["flush_interval_ms"] / 1000.0
         self.aligner = aligner
         self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
+        tower = load_bundle(bundle_path).towers().get(sensor["modality"]) if bundle_path else None
+        media = None if tower is None else MediaEncoder(sensor["modality"], tower,
+                                                        window["length_s"] / sensor["frames_per_window"])
         self.ingest = SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,
-                                   pipeline["max_payload_bytes"], self.log)
+                                   pipeline["max_payload_bytes"], self.log, media)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.started = threading.Event()

@@ -33,6 +33,7 @@ class SensorConfig(Section):
     modality: Literal["audio", "visual", "text"]
     endpoint: str
     bind: bool = Field(False, description="daemon binds this endpoint instead of connecting to it")
+    frames_per_window: int = Field(1, ge=1, description="camera frames encoded per window and stream (jpeg, rgb8)")
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

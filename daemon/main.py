@@ -77,7 +77,7 @@ class Pipeline:
         self.sensors = [
             ray.remote(SensorActor).options(name=f"sensor-{s.name}", **io).remote(
                 s.model_dump(), config.window.model_dump(), config.pipeline.model_dump(),
-                bundle.modalities[s.modality]["dim"], self.aligner, log_format)
+                bundle.modalities[s.modality]["dim"], bundle_path, self.aligner, log_format)
             for s in config.sensors
         ]
 

@@ -90,6 +90,26 @@ class Bundle:
             result[modality] = encoder.eval()
         return result
 
+    def towers(self) -> dict[str, torch.nn.Module]:
+        """The media towers of a bundle trained on raw media (modality -> tower), else {}."""
+        media = self.manifest.get("media")
+        if not media:
+            return {}
+        from mmfuse.towers import AudioTower, ImageTower, TextTower, build_clip
+
+        towers = {}
+        if "clip" in media:
+            clip = build_clip(media["clip"]["config"])
+            clip.load_state_dict(self.tensors("clip"))
+            if "visual" in media["towers"]:
+                towers["visual"] = ImageTower(clip, media["clip"]["preprocess"])
+            if "text" in media["towers"]:
+                towers["text"] = TextTower(clip, media["clip"]["context_length"])
+        if "audio" in media["towers"]:
+            towers["audio"] = AudioTower(**media["audio"]["args"])
+            towers["audio"].load_state_dict(self.tensors("tower_audio"))
+        return {m: tower.eval() for m, tower in towers.items()}
+
     def head(self, name: str) -> torch.nn.Module:
         spec = self.manifest["heads"][name]
         head = build_fusion_head(spec["arch"], **spec["args"])

@@ -91,6 +91,30 @@ def features_message(session: str, source: str, modality: str, seq: int, t: floa
                          shape=tuple(array.shape), dtype="<f4", duration=duration)
 
 
+def rgb8_message(session: str, source: str, seq: int, t: float, image: np.ndarray,
+                 duration: float = 0.0) -> SensorMessage:
+    array = np.ascontiguousarray(image, dtype=np.uint8)
+    return SensorMessage(session=session, source=source, modality="visual", seq=seq, t=t, encoding="rgb8",
+                         data=array.tobytes(), shape=tuple(array.shape), dtype="|u1", duration=duration)
+
+
+def jpeg_message(session: str, source: str, seq: int, t: float, jpeg: bytes, duration: float = 0.0) -> SensorMessage:
+    return SensorMessage(session=session, source=source, modality="visual", seq=seq, t=t, encoding="jpeg",
+                         data=jpeg, duration=duration)
+
+
+def pcm16_message(session: str, source: str, seq: int, t: float, samples: np.ndarray, rate: int) -> SensorMessage:
+    """Audio from float samples in [-1, 1]; the message covers len(samples) / rate seconds."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    return SensorMessage(session=session, source=source, modality="audio", seq=seq, t=t, encoding="pcm16",
+                         data=pcm.tobytes(), rate=rate, duration=len(pcm) / rate)
+
+
+def text_message(session: str, source: str, seq: int, t: float, text: str, duration: float) -> SensorMessage:
+    return SensorMessage(session=session, source=source, modality="text", seq=seq, t=t, encoding="utf8",
+                         data=text, duration=duration)
+
+
 def encode(message: SensorMessage) -> list[bytes]:
     """Multipart frames `[topic, payload]` for a sensor message."""
     payload = {"v": VERSION, "session": message.session, "source": message.source,

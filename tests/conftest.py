@@ -29,6 +29,24 @@ def bundle_dir(tmp_path_factory, feature_file):
     return out
 
 
+MEDIA_TRAINING = ["--tower-epochs", "4", "--encoder-epochs", "15", "--head-epochs", "15",
+                  "--restorers", "zero,mean"]
+
+
+@pytest.fixture(scope="session")
+def media_manifest(tmp_path_factory):
+    from mmfuse.training.media import make_synthetic_media
+
+    return make_synthetic_media(tmp_path_factory.mktemp("media"), sessions=10, per_session=6, seed=2)
+
+
+@pytest.fixture(scope="session")
+def media_bundle(tmp_path_factory, media_manifest):
+    out = tmp_path_factory.mktemp("models") / "media"
+    assert train_main(["--data", str(media_manifest), "--out", str(out), "--seed", "0", *MEDIA_TRAINING]) == 0
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

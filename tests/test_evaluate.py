@@ -216,8 +216,9 @@ def test_eval_json_shape(full_evaluation, bundle_dir, feature_file):
     assert result["rows"] == rows and result["modalities"] == ["audio", "visual", "text"]
     assert set(result["restorers"]) == RESTORER_NAMES
     for name, entry in result["restorers"].items():
-        assert set(entry) == {"fixed", "rate"}, name
-        assert list(entry["fixed"]) == [*CONDITIONS, "mean6"], name
+        assert set(entry) == {"fixed", "rate", "missing"}, name
+        assert list(entry["fixed"]) == [*CONDITIONS, "full", "mean6"], name
+        assert entry["fixed"]["full"] == entry["fixed"]["avt"]
         for condition, metrics in entry["fixed"].items():
             assert set(metrics) == {"acc", "f1_weighted", "ua"}, (name, condition)
             assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in metrics.values()), (name, condition)
@@ -230,6 +231,7 @@ def test_eval_json_shape(full_evaluation, bundle_dir, feature_file):
         # nothing missing at rate 0: the same numbers as the complete condition, with no spread over seeds
         assert {k: entry["rate"]["0.0"][k] for k in ("acc", "f1_weighted", "ua")} == entry["fixed"]["avt"]
         assert entry["rate"]["0.0"]["acc_std"] == 0.0
+        assert set(entry["missing"]) == {"eta", "audio", "visual", "text", "mixed"}, name
     # the trained bundle is better than chance on complete data
     assert result["restorers"]["zero"]["fixed"]["avt"]["acc"] > 0.7
 

@@ -33,6 +33,7 @@ class FeatureSet:
     label: np.ndarray                 # int64 [N]
     sentiment: np.ndarray | None      # float32 [N]
     uid: np.ndarray                   # str [N]
+    label_names: list[str] | None = None  # class names when the source names them (media manifests)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -64,7 +65,7 @@ class FeatureSet:
     def rows(self, index: np.ndarray) -> "FeatureSet":
         return FeatureSet(self.path, self.sha256, {m: x[index] for m, x in self.features.items()}, self.keys,
                           self.label[index], None if self.sentiment is None else self.sentiment[index],
-                          self.uid[index])
+                          self.uid[index], self.label_names)
 
 
 def load_features(path: str | Path) -> FeatureSet:

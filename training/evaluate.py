@@ -6,6 +6,13 @@ modalities). rate: each (sample, modality) cell missing at rate r for r = 0.0 ..
 0.7, never all modalities of a sample; the masks come from the seed alone and are
 the same for every restorer. Rates above (M-1)/M cannot keep a modality in every
 sample; they are capped there, and `realised_rate` says what was used.
+missing (the DiT restorer paper's): a share eta (default 0.7) of the samples lacks one
+given modality, the others complete; `mixed`: a share eta lacks one modality, split
+evenly between the modalities (for image + text: half lose the image, half the text).
+`both` runs all three. `fixed` always includes `full`, every available modality present.
+
+--data takes an npz of the training schema or, for a bundle trained on raw media, a
+JSONL manifest of the same format (paths relative to the manifest's folder).
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="bundle directory made by mmfuse-train")
-    parser.add_argument("--data", required=True, help="features npz of the training schema")
+    parser.add_argument("--data", required=True, help="features npz of the training schema, or a media JSONL manifest")
     parser.add_argument("--restorer", default="all", help="a restorer of the bundle, or all")
-    parser.add_argument("--protocol", choices=["fixed", "rate", "both"], default="both")
+    parser.add_argument("--protocol", choices=["fixed", "rate", "missing", "both"], default="both",
+                        help="both: fixed, rate and missing")
+    parser.add_argument("--eta", type=float, default=0.7, help="share of samples with a missing modality in `missing`")
     parser.add_argument("--seeds", type=int, default=5, help="mask seeds of the rate protocol")
     parser.add_argument("--subset", choices=["all", "validation"], default="all",
                         help="validation: only the videos the bundle held out when it was trained")
@@ -61,6 +70,16 @@ def rate_mask(rows: int, modalities: int, rate: float, seed: int) -> np.ndarray:
             present[row, cell % modalities] = False
             left_in_row[row] -= 1
             removed += 1
+    return present
+
+
+def missing_mask(rows: int, modalities: int, eta: float, which: int | None, seed: int) -> np.ndarray:
+    """Presence [rows, modalities]: round(eta * rows) rows lack modality `which` (None: one each, in turn)."""
+    rng = np.random.default_rng([seed, int(round(eta * 1000)), 99 if which is None else which])
+    present = np.ones((rows, modalities), dtype=bool)
+    chosen = rng.permutation(rows)[:int(round(eta * rows))]
+    lost = np.full(len(chosen), which) if which is not None else np.arange(len(chosen)) % modalities
+    present[chosen, lost] = False
     return present
 
 
@@ -122,6 +141,7 @@ class Evaluation:
     def fixed(self, restorer_name: str) -> dict[str, dict]:
         result = {name: self.run(restorer_name, mask)[0] for name, mask in condition_masks(self.available).items()}
         incomplete = [v for k, v in result.items() if len(k) < len(self.available)]
+        result["full"] = result["".join(m[0] for m in self.available)]
         if incomplete:
             result["mean6" if len(self.available) == 3 else "mean_incomplete"] = mean_metrics(incomplete)
         return result
@@ -139,6 +159,16 @@ class Evaluation:
             entry["realised_rate"] = round(float(np.mean(realised)), 4)
             result[f"{rate:.1f}"] = entry
         return result
+
+    def missing(self, restorer_name: str, eta: float, seeds: int) -> dict[str, dict]:
+        result = {}
+        for name, which in [*((m, j) for j, m in enumerate(self.available)), ("mixed", None)]:
+            runs = [self.run(restorer_name, missing_mask(len(self.data), len(self.available), eta, which, seed))[0]
+                    for seed in range(seeds)]
+            entry = mean_metrics(runs)
+            entry.update({f"{k}_std": round(float(np.std([r[k] for r in runs])), 4) for k in runs[0]})
+            result[name] = entry
+        return {"eta": eta, **result}
 
     def projection(self, restorer_name: str) -> dict:
         """Real embeddings of one modality against what the restorer makes of it when hidden."""
@@ -163,7 +193,13 @@ def select_rows(data: FeatureSet, bundle: Bundle, subset: str) -> FeatureSet:
 
 def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     bundle = load_bundle(args.bundle)
-    data = select_rows(load_features(args.data), bundle, args.subset)
+    if Path(args.data).suffix == ".jsonl":
+        from mmfuse.training.media import bundle_media_features
+
+        data = bundle_media_features(args.data, bundle)
+    else:
+        data = load_features(args.data)
+    data = select_rows(data, bundle, args.subset)
     names = list(bundle.restorers) if args.restorer == "all" else [args.restorer]
     for name in names:
         if name not in bundle.restorers:
@@ -179,6 +215,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
             entry["fixed"] = evaluation.fixed(name)
         if args.protocol in ("rate", "both"):
             entry["rate"] = evaluation.rate(name, args.seeds)
+        if args.protocol in ("missing", "both") and len(evaluation.available) > 1:
+            entry["missing"] = evaluation.missing(name, args.eta, args.seeds)
         result["restorers"][name] = entry
         if args.report and len(evaluation.available) > 1:
             projections[name] = evaluation.projection(name)
@@ -194,6 +232,9 @@ def print_summary(result: dict) -> None:
             parts += [f"{c}={v[metric]:.3f}" for c, v in entry["fixed"].items()]
         if "rate" in entry:
             parts += [f"r{r}={v[metric]:.3f}" for r, v in entry["rate"].items()]
+        if "missing" in entry:
+            parts += [f"no-{c}@{entry['missing']['eta']}={v[metric]:.3f}" for c, v in entry["missing"].items()
+                      if c != "eta"]
         print(f"  {name:<12} " + " ".join(parts))
 
 

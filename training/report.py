@@ -100,7 +100,7 @@ def _columns(restorers: dict[str, dict], protocol: str) -> list[str]:
     """Condition names (in order of first appearance) or rates (ascending) present for any restorer."""
     columns: list[str] = []
     for runs in restorers.values():
-        columns += [key for key in runs.get(protocol, {}) if key not in columns]
+        columns += [key for key in runs.get(protocol, {}) if key not in columns and key != "full"]
     return sorted(columns, key=float) if protocol == "rate" else columns
 
 

@@ -15,7 +15,6 @@ import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -32,18 +31,25 @@ from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DiffusionRestorer,
                               RetrievalRestorer, ZeroRestorer)
 from mmfuse.training.diffusion import train_diffusion
 from mmfuse.training.data import DataError, FeatureSet, load_features, split_by_video
+from mmfuse.training.loop import fit
 from mmfuse.training.metrics import headline, score
 
 SENTIMENT_LABELS = ["negative", "positive"]
+SENTIMENT_NAMES = {"negative", "neutral", "positive"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="features npz (keys audio, video|visual, text, label, uid)")
+    parser.add_argument("--data", required=True,
+                        help="features npz (keys audio, video|visual, text, label, uid), or a media JSONL manifest "
+                             "(rows id, label and any of image, text, audio)")
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument("--task", choices=["classification", "regression"], default="classification",
                         help="classify `label`, or regress `sentiment`")
+    parser.add_argument("--task-name", default=None,
+                        help="what the decisions are about (emotion, intent, sentiment, ...); default: sentiment "
+                             "when the labels are sentiment labels, else classification")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restorers", default=",".join(RESTORERS),
                         help=f"comma-separated subset of {', '.join(RESTORERS)}")
@@ -62,11 +68,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--diffusion-depth", type=int, default=3)
     parser.add_argument("--diffusion-steps", type=int, default=10, help="sampling steps the bundle uses by default")
     parser.add_argument("--diffusion-mode", choices=["ddim", "admc"], default="ddim")
+    media = parser.add_argument_group("raw media (JSONL manifests)")
+    media.add_argument("--clip-model", default="mmfuse-tiny",
+                       help="open_clip model name (ViT-B-32, ...) or a config shipped with mmfuse")
+    media.add_argument("--pretrained", default=None,
+                       help="open_clip checkpoint path, or a tag already in the offline cache; none: from scratch")
+    media.add_argument("--tower-epochs", type=int, default=15, help="epochs of each tower's supervised stage")
+    media.add_argument("--contrastive-epochs", type=int, default=0,
+                       help="epochs of open_clip's contrastive loss on image-text pairs first (0: none)")
+    media.add_argument("--tower-lr", type=float, default=None, help="default: 5e-4 from scratch, 1e-5 fine-tuning")
+    media.add_argument("--tower-batch-size", type=int, default=64)
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     args.restorers = [r.strip() for r in args.restorers.split(",") if r.strip()]
+    if args.tower_lr is None:
+        args.tower_lr = 1e-5 if args.pretrained else 5e-4
     unknown = [r for r in args.restorers if r not in RESTORERS]
     if unknown:
         parser.error(f"--restorers: unknown {', '.join(unknown)}; choose from {', '.join(RESTORERS)}")
@@ -92,37 +110,27 @@ def condition_name(pattern, modalities: list[str]) -> str:
     return "".join(m[0] for m, on in zip(modalities, pattern) if on)
 
 
-def fit(modules: list[nn.Module], epochs: int, train_epoch: Callable[[int], None], validate: Callable[[], float],
-        desc: str) -> tuple[float, int]:
-    """Train for `epochs`, keep the state with the best validation score; returns (score, epoch)."""
-    best, best_epoch, best_state = -np.inf, 0, None
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stderr, leave=False):
-        for module in modules:
-            module.train()
-        train_epoch(epoch)
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            value = validate()
-        if value > best:
-            best, best_epoch = value, epoch + 1
-            best_state = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
-    for module, state in zip(modules, best_state):
-        module.load_state_dict(state)
-        module.eval()
-    return best, best_epoch
-
-
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         torch.manual_seed(args.seed)
         self.rng = np.random.default_rng(args.seed)
-        dataset = load_features(args.data)
+        self.media, self.media_weights = None, {}
+        if Path(args.data).suffix == ".jsonl":
+            from mmfuse.training.media import train_media_features
+
+            dataset, self.media, self.media_weights = train_media_features(
+                args, lambda videos: split_by_video(videos, args.val_fraction, args.seed))
+        else:
+            dataset = load_features(args.data)
         if args.task == "regression" and dataset.sentiment is None:
             raise DataError(f"{args.data}: --task regression needs a `sentiment` key")
         self.dataset = dataset
         self.modalities = [m for m in MODALITIES if m in dataset.features]
+        if len(self.modalities) == 1 and args.restorers != ["zero"]:
+            print(f"one modality ({self.modalities[0]}): nothing can go missing, so no restorer is trained",
+                  file=sys.stderr)
+            args.restorers = ["zero"]
         self.output = args.task
         self.num_outputs = int(dataset.label.max()) + 1 if self.output == "classification" else 1
         train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
@@ -310,10 +318,12 @@ class Trainer:
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
         args, dataset = self.args, self.dataset
         binary_sentiment = dataset.sentiment is not None and (self.output == "regression" or self.num_outputs == 2)
-        labels = SENTIMENT_LABELS if binary_sentiment else [f"class_{i}" for i in range(self.num_outputs)]
+        labels = dataset.label_names or (SENTIMENT_LABELS if binary_sentiment
+                                         else [f"class_{i}" for i in range(self.num_outputs)])
         manifest = {
             "id": f"{Path(args.out).name}-{dataset.sha256[:8]}-s{args.seed}",
-            "task": "sentiment" if binary_sentiment else "classification",
+            "task": args.task_name or ("sentiment" if binary_sentiment or set(labels) <= SENTIMENT_NAMES
+                                       else "classification"),
             "output": self.output,
             "target": "label" if self.output == "classification" else "sentiment",
             "labels": labels,
@@ -334,8 +344,9 @@ class Trainer:
                          **{name: {k: v for k, v in restorer_info.get(name, {}).items() if k != "args"}
                             for name in ("autoencoder", "diffusion") if name in restorer_info}},
             "metrics": {"validation": validation},
+            **({"media": self.media} if self.media else {}),
         }
-        weights = {f"encoder_{m}": e.state_dict() for m, e in encoders.items()}
+        weights = {**self.media_weights, **{f"encoder_{m}": e.state_dict() for m, e in encoders.items()}}
         weights.update({f"head_{name}": h.state_dict() for name, h in heads.items()})
         weights.update({f"restorer_{name}": r.state() for name, r in restorers.items() if r.state()})
         return save_bundle(args.out, manifest, weights).manifest

@@ -1,0 +1,164 @@
+"""Raw media of one sensor -> feature vectors over time spans, encoded in batches. No I/O.
+
+A sensor actor hands every decoded media message to a `MediaEncoder` and, once per
+batch interval, asks it to encode what it queued: one forward pass of the tower for
+all sessions of that sensor. What is queued is already thinned out:
+
+- camera frames (`jpeg`, `rgb8`): at most one frame per `frame_period_s` per stream
+  (window length / frames per window), so a 15 fps camera costs one image encode per
+  window; each encoded frame counts at its time stamp;
+- text (`utf8`): one vector per segment, over the segment's span;
+- audio (`pcm16`): cut into segments on a fixed time grid (`segment_s`, the length the
+  audio tower was trained on), one vector per segment. A stream's audio counts as
+  delivered only up to the start of its unfinished segment (`complete_until`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmfuse.wire import SensorMessage
+
+IMAGE_ENCODINGS = ("jpeg", "rgb8")
+MEDIA_ENCODINGS = {"visual": IMAGE_ENCODINGS, "text": ("utf8",), "audio": ("pcm16",)}
+MIN_PARTIAL_SEGMENT_S = 0.2  # a shorter audio remainder (stream end, gap) is not worth a vector
+
+
+class MediaError(ValueError):
+    """A media payload that cannot be decoded; `reason` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def decode_image(message: SensorMessage) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a `jpeg` or `rgb8` message."""
+    if message.encoding == "rgb8":
+        return message.array()
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(message.data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MediaError("undecodable", f"jpeg of {message.session}/{message.source} seq {message.seq}: {exc}")
+
+
+def decode_pcm16(message: SensorMessage, rate: int) -> np.ndarray:
+    """Mono float32 samples in [-1, 1] at `rate` Hz (linear resampling when the sensor's rate differs)."""
+    samples = np.frombuffer(message.data, dtype="<i2").astype(np.float32) / 32768.0
+    if message.rate != rate and len(samples):
+        n = max(1, round(len(samples) * rate / message.rate))
+        samples = np.interp(np.arange(n) * message.rate / rate, np.arange(len(samples)), samples).astype(np.float32)
+    return samples
+
+
+@dataclass(slots=True)
+class EncodedSpan:
+    """A feature vector covering [start, end] of one stream (start == end: an instant)."""
+    session: str
+    source: str
+    start: float
+    end: float
+    vector: np.ndarray
+
+
+@dataclass(slots=True)
+class _Pending:
+    session: str
+    source: str
+    start: float
+    end: float
+    item: object  # image array, text or waveform: what the tower's encode() takes
+
+
+@dataclass
+class _AudioSegment:
+    index: int                   # position on the grid: covers [index * segment_s, (index + 1) * segment_s)
+    start: float                 # where its audio begins (later than the grid point for a stream's first segment)
+    chunks: list = field(default_factory=list)
+    samples: int = 0
+
+
+class MediaEncoder:
+    def __init__(self, modality: str, tower, frame_period_s: float):
+        self.modality = modality
+        self.tower = tower
+        self.frame_period = frame_period_s
+        self.pending: list[_Pending] = []
+        self.last_slot: dict[tuple[str, str], int] = {}
+        self.audio: dict[tuple[str, str], _AudioSegment] = {}
+        self.skipped_frames = 0
+        self.encoded = 0
+
+    def accepts(self, encoding: str) -> bool:
+        return encoding in MEDIA_ENCODINGS[self.modality]
+
+    def add(self, message: SensorMessage) -> None:
+        """Queue what this message contributes; raises MediaError for an undecodable payload."""
+        key = (message.session, message.source)
+        if message.encoding in IMAGE_ENCODINGS:
+            slot = math.floor(message.t / self.frame_period)
+            if slot <= self.last_slot.get(key, -math.inf):
+                self.skipped_frames += 1
+                return
+            image = decode_image(message)
+            self.last_slot[key] = slot
+            self.pending.append(_Pending(*key, message.t, message.t, image))
+        elif message.encoding == "utf8":
+            if message.data.strip():
+                self.pending.append(_Pending(*key, message.t, message.t + message.duration, message.data))
+        else:
+            self._add_audio(key, message.t, decode_pcm16(message, self.tower.rate))
+
+    def _add_audio(self, key: tuple[str, str], t: float, samples: np.ndarray) -> None:
+        rate, length = self.tower.rate, self.tower.segment_s
+        segment = self.audio.get(key)
+        if segment is not None and t - (segment.start + segment.samples / rate) > 0.05:
+            self._close_segment(key)  # a gap in the audio: the unfinished segment ends where its audio did
+            segment = None
+        while len(samples):
+            if segment is None:
+                segment = self.audio[key] = _AudioSegment(math.floor((t + 0.5 / rate) / length), t)
+            end = segment.start + segment.samples / rate
+            room = max(1, round(((segment.index + 1) * length - end) * rate))
+            taken, samples = samples[:room], samples[room:]
+            segment.chunks.append(taken)
+            segment.samples += len(taken)
+            t = segment.start + segment.samples / rate
+            if len(taken) == room:  # reached the grid boundary
+                self._close_segment(key)
+                segment = None
+
+    def _close_segment(self, key: tuple[str, str]) -> None:
+        segment = self.audio.pop(key, None)
+        if segment is None or segment.samples / self.tower.rate < MIN_PARTIAL_SEGMENT_S:
+            return
+        wave = np.concatenate(segment.chunks)
+        full = self.tower.segment_samples
+        if len(wave) < full:  # a partial segment is tiled: padding with silence would skew its statistics
+            wave = np.tile(wave, math.ceil(full / len(wave)))[:full]
+        self.pending.append(_Pending(*key, segment.start, segment.start + segment.samples / self.tower.rate, wave))
+
+    def complete_until(self, key: tuple[str, str], reached: float) -> float:
+        """Event time up to which this stream's media has been queued for encoding."""
+        segment = self.audio.get(key)
+        return reached if segment is None else min(reached, segment.start)
+
+    def end(self, key: tuple[str, str]) -> None:
+        """The stream ended: its unfinished audio segment is encoded as it is."""
+        self._close_segment(key)
+
+    def encode(self) -> list[EncodedSpan]:
+        """Encode everything queued, all sessions in one batch."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        vectors = self.tower.encode([p.item for p in pending])
+        self.encoded += len(pending)
+        return [EncodedSpan(p.session, p.source, p.start, p.end, v) for p, v in zip(pending, vectors)]

@@ -1,0 +1,247 @@
+"""Media towers: open_clip's image and text towers and a log-mel audio encoder.
+
+They turn raw media (decoded camera frames, ASR text, PCM audio) into feature
+vectors; a bundle's stage-1 `ModalityEncoder` then maps those vectors into the
+common embedding space, exactly as it does for pre-extracted `features`, so raw and
+feature sensors of one modality mix. Training (`mmfuse.training.media`) makes the
+towers, a bundle stores them, sensor actors run them.
+
+`open_clip` takes seconds to import: it is imported only where a tower is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class TowerError(Exception):
+    """A tower that cannot be built; the message says what to fetch or change."""
+
+
+def _open_clip():
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def clip_config(model: str) -> dict:
+    """The open_clip model config (JSON data) of a model name: ours first, then open_clip's."""
+    own = CONFIG_DIR / f"{model}.json"
+    if own.is_file():
+        return json.loads(own.read_text())
+    config = _open_clip().get_model_config(model)
+    if config is None:
+        raise TowerError(f"unknown open_clip model {model!r}: use a name from open_clip.list_models() such as "
+                         f"ViT-B-32, or a small config shipped with mmfuse ({', '.join(shipped_configs())})")
+    return copy.deepcopy(config)
+
+
+def resolve_pretrained(model: str, pretrained: str | None) -> str | None:
+    """A local checkpoint file for `pretrained` (a path, or a tag already in the offline cache).
+
+    Never touches the network: a tag that is not cached fails at once, saying which file
+    to get and where to put it (open_clip itself retries for most of a minute offline).
+    """
+    if not pretrained:
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    if os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES):
+        raise TowerError(f"pretrained checkpoint {pretrained} does not exist: give the path of an open_clip "
+                         f"checkpoint file (.pt, .bin or .safetensors)")
+    open_clip = _open_clip()
+    source = open_clip.get_pretrained_cfg(model, pretrained)
+    if not source:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise TowerError(f"open_clip has no pretrained tag {pretrained!r} for {model} (tags: "
+                         f"{', '.join(tags) or 'none'}); or set `pretrained` to a checkpoint path")
+    if source.get("hf_hub"):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = os.path.split(source["hf_hub"])  # "org/name/" means open_clip's default file names
+        candidates = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in candidates:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str):
+                return hit
+        raise TowerError(f"pretrained {model} {pretrained!r} is not in the offline Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) and this machine cannot download it. Get "
+                         f"https://huggingface.co/{repo}/resolve/main/{candidates[0]} elsewhere and set "
+                         f"`pretrained:` to the file's path, or copy a cache made with "
+                         f"`hf download {repo} {candidates[0]}` to {constants.HF_HUB_CACHE}")
+    url = source.get("url", "")
+    target = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+    if target.is_file():
+        return str(target)
+    raise TowerError(f"pretrained {model} {pretrained!r} is not cached: get {url} and put it at {target}, "
+                     f"or set `pretrained:` to the file's path")
+
+
+def build_clip(config: dict, checkpoint: str | None = None) -> nn.Module:
+    """An open_clip CLIP model from its config data, with weights from a local checkpoint if given."""
+    open_clip = _open_clip()
+    if "multimodal_cfg" in config or "hf_model_name" in config.get("text_cfg", {}):
+        raise TowerError("only open_clip models with open_clip's own text tower are supported "
+                         "(no CoCa, no Hugging Face text towers)")
+    model = open_clip.model.CLIP(**config)
+    if checkpoint:
+        try:
+            open_clip.load_checkpoint(model, checkpoint)
+        except Exception as exc:  # a wrong file surfaces as anything from KeyError to a pickle error
+            raise TowerError(f"cannot load {checkpoint} into this model config: {exc}") from None
+    return model
+
+
+def preprocess_config(model: str, pretrained: str | None, config: dict) -> dict:
+    """Image size, normalisation and resizing the image tower expects (from the pretrained tag when known)."""
+    open_clip = _open_clip()
+    size = config["vision_cfg"]["image_size"]
+    source = open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).exists() else {}
+    return {"size": size if isinstance(size, int) else list(size),
+            "mean": list(source.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            "std": list(source.get("std", open_clip.OPENAI_DATASET_STD)),
+            "interpolation": source.get("interpolation", "bicubic"),
+            "resize_mode": source.get("resize_mode", "shortest")}
+
+
+class ImageTower(nn.Module):
+    """open_clip image tower: RGB uint8 images [H, W, 3] -> feature vectors."""
+
+    def __init__(self, clip: nn.Module, preprocess: dict):
+        super().__init__()
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        self.visual = clip.visual
+        size = preprocess["size"]
+        self.transform = image_transform_v2(PreprocessCfg(
+            size=size if isinstance(size, int) else tuple(size), mean=tuple(preprocess["mean"]),
+            std=tuple(preprocess["std"]), interpolation=preprocess["interpolation"],
+            resize_mode=preprocess["resize_mode"]), is_train=False)
+
+    @property
+    def dim(self) -> int:
+        return self.visual.output_dim
+
+    def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        return torch.stack([self.transform(Image.fromarray(image)) for image in images])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+    @torch.no_grad()
+    def encode(self, images: list[np.ndarray]) -> np.ndarray:
+        return self(self.prepare(images)).numpy()
+
+
+class TextTower(nn.Module):
+    """open_clip text tower and its BPE tokenizer: strings -> feature vectors."""
+
+    def __init__(self, clip: nn.Module, context_length: int):
+        super().__init__()
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.clip = clip
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+
+    @property
+    def dim(self) -> int:
+        return self.clip.text_projection.shape[1]
+
+    def prepare(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self(self.prepare(texts)).numpy()
+
+
+def mel_filterbank(rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """[n_fft // 2 + 1, n_mels] triangular filters on the HTK mel scale."""
+    def to_mel(hz):
+        return 2595.0 * np.log10(1.0 + hz / 700.0)
+
+    edges = 700.0 * (10 ** (np.linspace(to_mel(0.0), to_mel(rate / 2), n_mels + 2) / 2595.0) - 1.0)
+    bins = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (bins[None] - lower) / (centre - lower)
+    falling = (upper - bins[None]) / (upper - centre)
+    return torch.from_numpy(np.clip(np.minimum(rising, falling), 0, None).T.astype(np.float32))
+
+
+class LogMel(nn.Module):
+    """Waveform [B, samples] -> log-mel spectrogram [B, n_mels, frames] (25 ms windows, 10 ms hop at 16 kHz)."""
+
+    def __init__(self, rate: int = 16000, n_fft: int = 400, hop: int = 160, n_mels: int = 64):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.register_buffer("filters", mel_filterbank(rate, n_fft, n_mels), persistent=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.stft(waveform, self.n_fft, self.hop, window=self.window, return_complex=True).abs() ** 2
+        return torch.log(torch.einsum("bft,fm->bmt", spectrum, self.filters) + 1e-6)
+
+
+class AudioTower(nn.Module):
+    """PCM audio -> log-mel -> a small 1-D conv net, mean-pooled over time -> feature vector.
+
+    Trained by mmfuse-train on fixed-length segments; the daemon cuts live audio into
+    the same segments and averages their vectors over a window.
+    """
+
+    def __init__(self, rate: int = 16000, segment_s: float = 1.0, n_mels: int = 64, width: int = 128,
+                 out_dim: int = 128):
+        super().__init__()
+        self.rate, self.segment_s, self.out_dim = rate, segment_s, out_dim
+        self.logmel = LogMel(rate, n_mels=n_mels)
+        self.norm = nn.InstanceNorm1d(n_mels)
+        self.net = nn.Sequential(
+            nn.Conv1d(n_mels, width, 5, padding=2), nn.GELU(),
+            nn.Conv1d(width, width, 5, padding=2, stride=2), nn.GELU(),
+            nn.Conv1d(width, width, 5, padding=2, stride=2), nn.GELU(),
+        )
+        self.proj = nn.Linear(width, out_dim)
+
+    @property
+    def dim(self) -> int:
+        return self.out_dim
+
+    @property
+    def segment_samples(self) -> int:
+        return round(self.rate * self.segment_s)
+
+    def prepare(self, waveforms: list[np.ndarray]) -> torch.Tensor:
+        """Pad or cut every waveform to one segment."""
+        n = self.segment_samples
+        batch = np.zeros((len(waveforms), n), dtype=np.float32)
+        for i, wave in enumerate(waveforms):
+            batch[i, :min(n, len(wave))] = wave[:n]
+        return torch.from_numpy(batch)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.net(self.norm(self.logmel(waveform))).mean(dim=-1))
+
+    @torch.no_grad()
+    def encode(self, waveforms: list[np.ndarray]) -> np.ndarray:
+        return self(self.prepare(waveforms)).numpy()

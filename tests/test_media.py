@@ -1,0 +1,250 @@
+"""Raw media: open_clip towers, the audio tower, offline checkpoints, media windows in the
+sensor ingest, bundles trained on a JSONL manifest, and jpeg/rgb8/pcm16/utf8 through the daemon."""
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmfuse import wire
+from mmfuse.bundle import load_bundle
+from mmfuse.inference import embed, predict
+from mmfuse.media import MediaEncoder
+from mmfuse.towers import AudioTower, ImageTower, TextTower, TowerError, build_clip, clip_config, \
+    preprocess_config, resolve_pretrained
+from mmfuse.training.evaluate import main as eval_main
+from mmfuse.training.media import read_manifest
+from mmfuse.training.train import main as train_main
+
+from conftest import MEDIA_TRAINING
+from test_end_to_end import Lab, collect
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return build_clip(clip_config("mmfuse-tiny"))
+
+
+def images(n, seed=0):
+    return [np.random.default_rng(seed + i).integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8) for i in range(n)]
+
+
+def jpeg(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_towers_give_vectors_of_their_dim_deterministically(tiny_clip):
+    image_tower = ImageTower(tiny_clip, preprocess_config("mmfuse-tiny", None, clip_config("mmfuse-tiny"))).eval()
+    text_tower = TextTower(tiny_clip, 40).eval()
+    audio_tower = AudioTower().eval()
+    pictures = images(3)
+    assert image_tower.encode(pictures).shape == (3, 128)
+    np.testing.assert_array_equal(image_tower.encode(pictures), image_tower.encode(pictures))
+    texts = ["a happy day", "so sad", ""]
+    assert text_tower.encode(texts).shape == (3, 128)
+    np.testing.assert_array_equal(text_tower.encode(texts), text_tower.encode(texts))
+    waves = [np.sin(np.arange(8000) / 10).astype(np.float32), np.zeros(20000, np.float32)]
+    assert audio_tower.encode(waves).shape == (2, 128)
+    np.testing.assert_array_equal(audio_tower.encode(waves), audio_tower.encode(waves))
+    # batching does not change a sample's vector
+    np.testing.assert_allclose(image_tower.encode(pictures[:1])[0], image_tower.encode(pictures)[0], atol=1e-5)
+
+
+def test_an_uncached_tag_offline_fails_within_seconds_and_says_what_to_get(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(TowerError) as error:
+        resolve_pretrained("ViT-B-32", "laion2b_s34b_b79k")
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in message and "`pretrained:`" in message
+    with pytest.raises(TowerError, match="no pretrained tag 'nope'"):
+        resolve_pretrained("ViT-B-32", "nope")
+    with pytest.raises(TowerError, match="does not exist"):
+        resolve_pretrained("ViT-B-32", str(tmp_path / "missing.pt"))
+
+
+def test_mmfuse_train_with_an_uncached_tag_fails_fast(media_manifest, tmp_path, capsys):
+    started = time.monotonic()
+    code = train_main(["--data", str(media_manifest), "--out", str(tmp_path / "b"), "--clip-model", "ViT-B-32",
+                       "--pretrained", "laion2b_s34b_b79k"])
+    assert code == 2 and time.monotonic() - started < 10
+    assert "not in the offline Hugging Face cache" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_here_loads_and_fine_tunes(tiny_clip, media_manifest, tmp_path):
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save({"state_dict": tiny_clip.state_dict()}, checkpoint)
+    assert resolve_pretrained("mmfuse-tiny", str(checkpoint)) == str(checkpoint)
+    loaded = build_clip(clip_config("mmfuse-tiny"), str(checkpoint))
+    for (name, a), b in zip(tiny_clip.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    out = tmp_path / "finetuned"
+    assert train_main(["--data", str(media_manifest), "--out", str(out), "--pretrained", str(checkpoint),
+                       "--tower-epochs", "1", "--encoder-epochs", "2", "--head-epochs", "2",
+                       "--restorers", "zero"]) == 0
+    assert load_bundle(out).manifest["media"]["clip"]["pretrained"] == str(checkpoint)
+
+
+def test_camera_frames_are_thinned_to_k_per_window():
+    class CountingTower:
+        def encode(self, items):
+            return np.ones((len(items), 4), np.float32)
+
+    encoder = MediaEncoder("visual", CountingTower(), frame_period_s=2.0)
+    frame = np.zeros((8, 8, 3), np.uint8)
+    for i in range(60):  # 4 s of a 15 fps camera
+        encoder.add(wire.rgb8_message("s", "cam0", i, i / 15, frame))
+    spans = encoder.encode()
+    assert [s.start for s in spans] == [0.0, 2.0] and encoder.skipped_frames == 58
+
+
+def test_audio_is_cut_on_the_segment_grid_and_counts_only_once_complete():
+    class Tower:
+        rate, segment_s, segment_samples = 1000, 1.0, 1000
+
+        def encode(self, items):
+            return np.array([[len(i)] for i in items], np.float32)
+
+    encoder = MediaEncoder("audio", Tower(), frame_period_s=1.0)
+    key = ("s", "mic0")
+    for i in range(25):  # 2.5 s in 100 ms chunks
+        encoder.add(wire.pcm16_message("s", "mic0", i, i * 0.1, np.zeros(100), 1000))
+    assert encoder.complete_until(key, 2.5) == pytest.approx(2.0)
+    spans = encoder.encode()
+    assert [(round(s.start, 3), round(s.end, 3)) for s in spans] == [(0.0, 1.0), (1.0, 2.0)]
+    encoder.end(key)
+    (last,) = encoder.encode()
+    assert (round(last.start, 3), round(last.end, 3)) == (2.0, 2.5)
+    assert last.vector[0] == 1000  # a partial segment is tiled up to the segment length
+    assert encoder.complete_until(key, 2.5) == 2.5
+
+
+def test_an_undecodable_jpeg_is_counted_and_nothing_else_is_lost(media_bundle):
+    from mmfuse.actors.sensor import SensorIngest
+
+    tower = load_bundle(media_bundle).towers()["visual"]
+    ingest = SensorIngest("cam0", "visual", 1.0, 1.0, tower.dim, media=MediaEncoder("visual", tower, 1.0))
+    ingest.ingest(wire.encode(wire.jpeg_message("s", "cam0", 0, 0.0, b"\xff\xd8 not a jpeg")), 0.0)
+    ingest.ingest(wire.encode(wire.jpeg_message("s", "cam0", 1, 0.1, jpeg(images(1)[0]))), 0.0)
+    batch = ingest.take_batch()
+    assert ingest.rejected.counts == {"undecodable": 1}
+    assert len(batch.deltas) == 1 and batch.deltas[0].total.shape == (tower.dim,)
+
+
+def test_a_bundle_trained_on_media_reloads_with_identical_embeddings(media_bundle, media_manifest, tmp_path):
+    bundle = load_bundle(media_bundle)
+    media = bundle.manifest["media"]
+    assert set(media["towers"]) == {"audio", "visual", "text"}
+    assert media["clip"]["model"] == "mmfuse-tiny" and media["clip"]["preprocess"]["size"] == 64
+    assert bundle.labels == ["negative", "neutral", "positive"] and bundle.task == "sentiment"
+    first, second = load_bundle(media_bundle).towers(), load_bundle(media_bundle).towers()
+    pictures = images(2)
+    np.testing.assert_array_equal(first["visual"].encode(pictures), second["visual"].encode(pictures))
+    # evaluating the training manifest's validation rows reproduces the metrics recorded at training time
+    out = tmp_path / "eval.json"
+    assert eval_main(["--bundle", str(media_bundle), "--data", str(media_manifest), "--subset", "validation",
+                      "--protocol", "fixed", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    recorded = bundle.manifest["metrics"]["validation"]
+    for name in ("zero", "mean"):
+        for condition in ("a", "v", "t", "avt"):
+            assert result["restorers"][name]["fixed"][condition]["acc"] == \
+                pytest.approx(recorded[name][condition]["acc"], abs=1e-4), (name, condition)
+
+
+def test_eval_on_a_media_manifest_has_the_missing_protocol(media_bundle, media_manifest, tmp_path):
+    out = tmp_path / "eval.json"
+    assert eval_main(["--bundle", str(media_bundle), "--data", str(media_manifest), "--seeds", "2",
+                      "--json", str(out)]) == 0
+    entry = json.loads(out.read_text())["restorers"]["mean"]
+    assert set(entry) == {"fixed", "rate", "missing"}
+    assert set(entry["missing"]) == {"eta", "audio", "visual", "text", "mixed"} and entry["missing"]["eta"] == 0.7
+    assert entry["fixed"]["full"] == entry["fixed"]["avt"]
+
+
+def test_a_text_only_manifest_trains_and_evaluates_the_full_condition(tmp_path):
+    lines = [json.dumps({"utterance_id": f"d{d}_{i}", "dialogue_id": f"d{d}", "turn": i,
+                         "text": f"{'great fun' if (d + i) % 2 else 'awful sad'} words {i}",
+                         "label": "happy" if (d + i) % 2 else "sad"}) for d in range(8) for i in range(6)]
+    manifest = tmp_path / "text.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    assert train_main(["--data", str(manifest), "--out", str(tmp_path / "b"), "--task-name", "emotion",
+                       *MEDIA_TRAINING]) == 0
+    bundle = load_bundle(tmp_path / "b")
+    assert list(bundle.modalities) == ["text"] and list(bundle.restorers) == ["zero"] and bundle.task == "emotion"
+    out = tmp_path / "eval.json"
+    assert eval_main(["--bundle", str(tmp_path / "b"), "--data", str(manifest), "--json", str(out)]) == 0
+    fixed = json.loads(out.read_text())["restorers"]["zero"]["fixed"]
+    assert set(fixed) == {"t", "full"} and fixed["full"]["acc"] > 0.9
+
+
+def test_raw_media_windows_through_the_daemon(media_bundle, media_manifest, tmp_path):
+    """jpeg and rgb8 camera frames, pcm16 audio and utf8 text in; the decisions match the
+    bundle's offline prediction on the same media."""
+    bundle = load_bundle(media_bundle)
+    towers = bundle.towers()
+    rows = read_manifest(media_manifest)[:3]
+    from mmfuse.training.media import read_image, read_wav
+
+    window = 1.0
+    lab = Lab(tmp_path, media_bundle, {"method": "mean"}, window=window)
+    try:
+        lab.wait_ready()
+        expected = {}
+        for session, encoding in (("raw-jpeg", "jpeg"), ("raw-rgb8", "rgb8")):
+            seq = {name: 0 for name in lab.sockets}
+
+            def send(name, message):
+                lab.sockets[name].send_multipart(wire.encode(message))
+                seq[name] += 1
+
+            for w, row in enumerate(rows):
+                picture, wave_ = read_image(row.image), read_wav(row.audio, 16000)[:16000]
+                for f in range(15):  # a 15 fps camera; only the first frame of a window is encoded
+                    t = w + f / 15
+                    send("cam0", wire.jpeg_message(session, "cam0", seq["cam0"], t, jpeg(picture))
+                         if encoding == "jpeg" else wire.rgb8_message(session, "cam0", seq["cam0"], t, picture))
+                for c in range(10):
+                    send("mic0", wire.pcm16_message(session, "mic0", seq["mic0"], w + c / 10,
+                                                    wave_[c * 1600:(c + 1) * 1600], 16000))
+                send("asr0", wire.text_message(session, "asr0", seq["asr0"], w + 0.1, row.text, 0.8))
+                if encoding == "jpeg":
+                    frame = np.asarray(Image.open(io.BytesIO(jpeg(picture))).convert("RGB"))
+                else:
+                    frame = picture
+                segment = (np.clip(wave_, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768
+                expected[(session, w)] = {"visual": towers["visual"].encode([frame])[0],
+                                          "audio": towers["audio"].encode([segment])[0],
+                                          "text": towers["text"].encode([row.text])[0]}
+                time.sleep(0.05)
+            for name in lab.sockets:
+                lab.sockets[name].send_multipart(wire.encode(wire.SensorMessage(
+                    session=session, source=name, modality=lab_modality(name), seq=seq[name], t=len(rows),
+                    kind="end")))
+        received = collect(lab.decisions, quiet_s=6)
+    finally:
+        lab.close()
+    assert sorted((d["session"], d["window"]["id"]) for d in received) == sorted(expected)
+    head = bundle.head("complete")
+    encoders = bundle.encoders()
+    for decision in received:
+        assert sorted(decision["present"]) == ["audio", "text", "visual"] and decision["restored"] == []
+        features = {m: torch.from_numpy(v[None]) for m, v in expected[(decision["session"],
+                                                                       decision["window"]["id"])].items()}
+        z, present = embed(encoders, features, bundle.modality_order, 1, bundle.manifest["embed_dim"])
+        outputs, _ = predict(head, bundle.restorer("mean"), z, present)
+        probabilities = torch.softmax(outputs, dim=-1)[0].tolist()
+        assert [decision["scores"][label] for label in bundle.labels] == pytest.approx(probabilities, abs=2e-3)
+
+
+def lab_modality(name):
+    return {"cam0": "visual", "mic0": "audio", "asr0": "text"}[name]
