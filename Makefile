@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-media bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ test: setup
 demo: setup
 	bash scripts/demo.sh
 
+demo-media: setup
+	bash scripts/demo_media.sh
+
 bench: setup
 	$(VENV)/bin/python bench/e2e_latency.py
 
 clean:
-	rm -rf $(VENV) out models/demo
+	rm -rf $(VENV) out models/demo models/demo-media

@@ -42,8 +42,12 @@ def check(config: DaemonConfig, log) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     dims = ", ".join(f"{m} {spec['dim']}-d" for m, spec in bundle.modalities.items())
+    media = bundle.manifest.get("media", {}).get("towers", {})
+    raw = {"visual": "jpeg, rgb8", "text": "utf8", "audio": "pcm16"}
+    towers = "; raw media: " + ", ".join(f"{m} ({raw[m]})" for m in media) if media else "; no raw-media towers"
     print(f"configuration OK: {len(config.sensors)} sensor(s), bundle {bundle.id} ({bundle.task}: "
-          f"{', '.join(bundle.labels)}; features {dims}), restorer {config.restorer.method}", file=sys.stderr)
+          f"{', '.join(bundle.labels)}; features {dims}{towers}), restorer {config.restorer.method}",
+          file=sys.stderr)
     return 0
 
 

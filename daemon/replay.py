@@ -1,9 +1,23 @@
-"""`mmfuse-replay --config X --data file.npz`: publish a feature data set as live sensor streams.
+"""`mmfuse-replay --config X --data FILE`: publish a data set as live sensor streams.
 
 Each row is one utterance of a session; rows are grouped into sessions by the video
 part of `uid` and ordered by the utterance number. Utterance i of a session covers
-[i*hop, (i+1)*hop) on the session's clock and is sent when it ends, on every
-configured sensor of its modality, paced in real time divided by --speed.
+[i*hop, (i+1)*hop) on the session's clock and goes to every configured sensor of
+its modality, paced in real time divided by --speed.
+
+FILE is a features npz (each utterance one `features` message, sent when it ends) or
+a media manifest (JSONL, as mmfuse-train reads): the image becomes a camera sending
+it as `jpeg` frames at --fps, the text an ASR segment (`utf8`) over the utterance, the
+audio (WAV) `pcm16` chunks of 100 ms, each sent when its span ends.
+
+`mmfuse-replay session.mcap` publishes a recording made by mmfuse-record: every
+message's original bytes, to the sensor that received it, paced by receive time
+(--speed max: as fast as possible); the configuration defaults to the one recorded.
+`mmfuse-replay file.xdf --config X --map NAME=MODALITY ...` publishes Lab Streaming
+Layer streams (clock offsets applied by pyxdf): numeric streams as `features` in
+chunks of 100 ms, string streams as `utf8`, one session named after the file.
+`mmfuse-replay FILE --list` prints each channel or stream: message count, time span,
+clock offsets, gaps and clock resets.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -22,7 +37,7 @@ import zmq
 from mmfuse import wire
 from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.daemon.config import ConfigError, DaemonConfig, load_config
-from mmfuse.training.data import DataError, FeatureSet, load_features
+from mmfuse.training.data import DataError, load_features
 
 
 @dataclass(frozen=True)
@@ -48,9 +63,16 @@ def parse_kill(text: str) -> Kill:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="daemon configuration: sensors and output endpoints")
-    parser.add_argument("--data", required=True, help="features npz (MOSI schema)")
-    parser.add_argument("--speed", default="1", help="time factor: 1 is real time, 10 is ten times faster")
+    parser.add_argument("recording", nargs="?", help="an MCAP recording or an XDF file")
+    parser.add_argument("--config", help="daemon configuration: sensors and output endpoints "
+                        "(for an mmfuse recording, default: the one it was recorded with)")
+    parser.add_argument("--data", help="features npz (MOSI schema) or media manifest (JSONL)")
+    parser.add_argument("--list", action="store_true", help="describe the recording's channels or streams and exit")
+    parser.add_argument("--map", action="append", default=[], metavar="NAME=MODALITY",
+                        help="XDF: publish stream NAME as MODALITY (audio, visual, text)")
+    parser.add_argument("--fps", type=float, default=5.0, help="camera frame rate when replaying images")
+    parser.add_argument("--speed", default="1",
+                        help="time factor: 1 is real time, 10 is ten times faster, max as fast as possible")
     parser.add_argument("--drop", type=parse_drop, action="append", default=[], metavar="MODALITY:P",
                         help="each utterance of MODALITY is lost with probability P (the sensor stays alive)")
     parser.add_argument("--kill", type=parse_kill, action="append", default=[], metavar="MODALITY@Ts",
@@ -63,12 +85,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the daemon to subscribe")
     args = parser.parse_args(argv)
     try:
-        args.speed = float(args.speed)
+        args.speed = float("inf") if args.speed == "max" else float(args.speed)
         if args.speed <= 0:
             raise ValueError
     except ValueError:
-        parser.error(f"--speed takes a positive number, got {args.speed!r}")
+        parser.error(f"--speed takes a positive number or max, got {args.speed!r}")
+    if (args.recording is None) == (args.data is None):
+        parser.error("give either a recording (MCAP or XDF) or --data FILE")
+    if args.recording and not args.recording.endswith((".mcap", ".xdf")):
+        parser.error(f"{args.recording}: a recording is an .mcap or .xdf file; use --data for npz and JSONL files")
+    if not args.config and not args.list and not (args.recording or "").endswith(".mcap"):
+        parser.error("--config is required")
+    try:
+        args.map = dict(parse_map(m) for m in args.map)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
+
+
+def parse_map(text: str) -> tuple[str, str]:
+    name, _, modality = text.rpartition("=")
+    if not name or modality not in ("audio", "visual", "text"):
+        raise ValueError(f"--map takes NAME=MODALITY with MODALITY audio, visual or text, got {text!r}")
+    return name, modality
 
 
 @dataclass(order=True)
@@ -79,7 +118,73 @@ class Scheduled:
     frames: list
 
 
-def build_schedule(config: DaemonConfig, data: FeatureSet, args: argparse.Namespace) -> tuple[list, dict]:
+class FeatureRows:
+    """An npz: one `features` message per utterance and modality."""
+
+    def __init__(self, path: str):
+        self.data = load_features(path)
+        names = self.data.label_names or (["negative", "positive"] if self.data.sentiment is not None else None)
+        self.modalities = set(self.data.features)
+        self.uid = self.data.uid
+        self.truth = [names[k] if names and k < len(names) else None for k in self.data.label]
+
+    def messages(self, row: int, sensor, session: str, seq: int, t: float, hop: float):
+        yield t + hop, wire.features_message(session, sensor.name, sensor.modality, seq, t,
+                                             self.data.features[sensor.modality][row], duration=hop)
+
+
+class MediaRows:
+    """A media manifest: camera frames, an ASR segment and audio chunks per utterance."""
+
+    CHUNK_S = 0.1
+
+    def __init__(self, path: str, fps: float):
+        from mmfuse.training.media import manifest_modalities, read_manifest
+
+        self.rows = read_manifest(path)
+        self.modalities = set(manifest_modalities(self.rows))
+        self.uid = np.array([r.uid for r in self.rows])
+        self.truth = [r.label for r in self.rows]
+        self.fps = fps
+
+    def _jpeg(self, path) -> bytes:
+        data = path.read_bytes()
+        if data[:2] == b"\xff\xd8":
+            return data
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        with Image.open(path) as image:
+            image.convert("RGB").save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+
+    def messages(self, row: int, sensor, session: str, seq: int, t: float, hop: float):
+        record = self.rows[row]
+        if sensor.modality == "visual":
+            frame = self._jpeg(record.image)
+            for j in range(max(1, int(hop * self.fps))):
+                yield t + j / self.fps, wire.jpeg_message(session, sensor.name, seq + j, t + j / self.fps, frame)
+        elif sensor.modality == "text":
+            yield t + 0.9 * hop, wire.text_message(session, sensor.name, seq, t + 0.1 * hop, record.text, 0.8 * hop)
+        else:
+            from mmfuse.training.media import read_wav
+
+            rate = 16000
+            samples = np.resize(read_wav(record.audio, rate), int(hop * rate))  # looped or cut to the utterance
+            chunk = int(self.CHUNK_S * rate)
+            for j, start in enumerate(range(0, len(samples), chunk)):
+                piece = samples[start:start + chunk]
+                yield t + (start + len(piece)) / rate, wire.pcm16_message(session, sensor.name, seq + j,
+                                                                         t + start / rate, piece, rate)
+
+
+def load_rows(args: argparse.Namespace):
+    return MediaRows(args.data, args.fps) if args.data.endswith(".jsonl") else FeatureRows(args.data)
+
+
+def build_schedule(config: DaemonConfig, data, args: argparse.Namespace) -> tuple[list, dict]:
     """Every message to send, by due time (seconds from start), and the label of each (session, window)."""
     hop = config.window.hop_s
     rng = np.random.default_rng(args.seed)
@@ -100,27 +205,94 @@ def build_schedule(config: DaemonConfig, data: FeatureSet, args: argparse.Namesp
         seq = defaultdict(int)
         for i, (_, row) in enumerate(utterances):
             t = i * hop
-            labels[(session, i)] = int(data.label[row])
+            labels[(session, i)] = data.truth[row]
             for sensor in config.sensors:
-                if sensor.modality not in data.features or t >= kills.get(sensor.modality, np.inf):
+                if sensor.modality not in data.modalities or t >= kills.get(sensor.modality, np.inf):
                     continue
                 if rng.random() < drops.get(sensor.modality, 0.0):
-                    message = wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name],
-                                                 t + hop, kind="heartbeat")
+                    sent = [(t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name],
+                                                         t + hop, kind="heartbeat"))]
                 else:
-                    message = wire.features_message(session, sensor.name, sensor.modality, seq[sensor.name], t,
-                                                    data.features[sensor.modality][row], duration=hop)
-                seq[sensor.name] += 1
-                schedule.append(Scheduled((t + hop) / args.speed, order, sensor.name, wire.encode(message)))
-                order += 1
+                    sent = list(data.messages(row, sensor, session, seq[sensor.name], t, hop))
+                seq[sensor.name] += len(sent)
+                for due, message in sent:
+                    schedule.append(Scheduled(due / args.speed, order, sensor.name, wire.encode(message)))
+                    order += 1
         end_t = len(utterances) * hop
         for sensor in config.sensors:
-            if sensor.modality in data.features and end_t < kills.get(sensor.modality, np.inf):
+            if sensor.modality in data.modalities and end_t < kills.get(sensor.modality, np.inf):
                 message = wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name], end_t, kind="end")
                 schedule.append(Scheduled(end_t / args.speed, order, sensor.name, wire.encode(message)))
                 order += 1
     heapq.heapify(schedule)
     return schedule, labels
+
+
+def recording_schedule(messages, speed: float) -> list[Scheduled]:
+    """A recording's messages, paced by their receive times."""
+    if not messages:
+        return []
+    first = messages[0].received
+    return [Scheduled((m.received - first) / speed, i, m.sensor, [m.topic, m.payload]) for i, m in enumerate(messages)]
+
+
+def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str], speed: float) -> list[Scheduled]:
+    """LSL streams as wire messages on the configured sensor of their mapped modality."""
+    import pyxdf
+
+    from mmfuse.recording import RecordingError
+
+    try:
+        streams, _ = pyxdf.load_xdf(path, synchronize_clocks=True, handle_clock_resets=True)
+    except Exception as exc:  # pyxdf raises assorted errors on damaged files
+        raise RecordingError(f"{path}: not a readable XDF file ({exc})") from None
+    names = {s["info"]["name"][0] for s in streams}
+    unknown = sorted(set(mapping) - names)
+    if unknown:
+        raise RecordingError(f"{path} has no stream {', '.join(unknown)}; it has {', '.join(sorted(names))}")
+    sensors = {}
+    for modality in set(mapping.values()):
+        sensor = next((s for s in config.sensors if s.modality == modality), None)
+        if sensor is None:
+            raise RecordingError(f"--map publishes {modality}, but the configuration has no {modality} sensor")
+        sensors[modality] = sensor
+    session = Path(path).stem
+    timed = []
+    for stream in streams:
+        name = stream["info"]["name"][0]
+        if name not in mapping or not len(stream["time_stamps"]):
+            if name in mapping:
+                print(f"stream {name} is empty: nothing to publish", file=sys.stderr)
+            continue
+        sensor = sensors[mapping[name]]
+        times = np.asarray(stream["time_stamps"], dtype=float)
+        values = stream["time_series"]
+        if isinstance(values, list):  # string stream: each sample one text segment
+            for t, sample in zip(times, values):
+                timed.append((t, sensor, lambda seq, t=t, text=str(sample[0]): wire.text_message(
+                    session, sensor.name, seq, t, text, 0.0)))
+            continue
+        values = np.asarray(values, dtype=np.float32)
+        chunk = np.floor((times - times[0]) / 0.1).astype(int)
+        for k in np.unique(chunk):
+            rows = np.flatnonzero(chunk == k)
+            t0, t1 = times[rows[0]], times[rows[-1]] + (times[1] - times[0] if len(times) > 1 else 0.0)
+            timed.append((t1, sensor, lambda seq, t0=t0, t1=t1, rows=rows, sensor=sensor: wire.SensorMessage(
+                session, sensor.name, sensor.modality, seq, t0, encoding="features",
+                data=values[rows].tobytes(), shape=(len(rows), values.shape[1]), dtype="<f4", duration=t1 - t0)))
+    timed.sort(key=lambda item: item[0])
+    if not timed:
+        raise RecordingError(f"{path}: the mapped streams hold no samples")
+    first, seq, schedule = timed[0][0], defaultdict(int), []
+    for order, (due, sensor, make) in enumerate(timed):
+        message = make(seq[sensor.name])
+        seq[sensor.name] += 1
+        schedule.append(Scheduled((due - first) / speed, order, sensor.name, wire.encode(message)))
+    last = timed[-1][0]
+    for sensor in sensors.values():
+        end = wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name], last, kind="end")
+        schedule.append(Scheduled((last - first) / speed, len(schedule), sensor.name, wire.encode(end)))
+    return schedule
 
 
 def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float) -> dict[str, zmq.Socket]:
@@ -145,11 +317,11 @@ def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float) -> d
     return sockets
 
 
-def format_decision(decision: dict, truth: int | None, labels: list[str]) -> str:
+def format_decision(decision: dict, truth: str | None) -> str:
     window = decision["window"]
     mark = ""
-    if truth is not None and truth < len(labels):
-        mark = "  ok" if decision["label"] == labels[truth] else f"  (truth {labels[truth]})"
+    if truth is not None:
+        mark = "  ok" if decision["label"] == truth else f"  (truth {truth})"
     score = decision["scores"].get(decision["label"], 0.0)
     extras = []
     if decision["restored"]:
@@ -161,20 +333,58 @@ def format_decision(decision: dict, truth: int | None, labels: list[str]) -> str
             f"{' '.join(extras)}  {decision['latency_ms']:.1f} ms{mark}")
 
 
+def list_recording(path: str) -> int:
+    from mmfuse.recording import RecordingError, summarize_mcap, summarize_xdf
+
+    try:
+        summaries = summarize_mcap(path) if path.endswith(".mcap") else summarize_xdf(path)
+    except RecordingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: {len(summaries)} {'channel' if path.endswith('.mcap') else 'stream'}(s)")
+    for summary in summaries:
+        print("  " + summary.line())
+    return 0
+
+
+def load_schedule(args: argparse.Namespace) -> tuple[DaemonConfig, list, dict]:
+    """Configuration, schedule and truth labels for whatever the arguments name."""
+    from mmfuse.daemon.config import parse_config
+    from mmfuse.recording import read_recording
+
+    if args.recording and args.recording.endswith(".mcap"):
+        recorded_config, messages = read_recording(args.recording)
+        if args.config:
+            config = load_config(args.config)
+        elif recorded_config:
+            config = parse_config(recorded_config, f"{args.recording} (recorded configuration)")
+        else:
+            raise ConfigError(f"{args.recording} carries no configuration: pass --config")
+        known = {s.name for s in config.sensors}
+        skipped = {m.sensor for m in messages} - known
+        if skipped:
+            print(f"no configured sensor named {', '.join(sorted(skipped))}: their messages are skipped",
+                  file=sys.stderr)
+        return config, recording_schedule([m for m in messages if m.sensor in known], args.speed), {}
+    config = load_config(args.config)
+    if args.recording:
+        return config, xdf_schedule(args.recording, config, args.map, args.speed), {}
+    schedule, truth = build_schedule(config, load_rows(args), args)
+    return config, schedule, truth
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mmfuse.recording import RecordingError
+
     args = parse_args(argv)
+    if args.list:
+        return list_recording(args.recording or args.data)
     try:
-        config = load_config(args.config)
-        data = load_features(args.data)
-    except (ConfigError, DataError) as exc:
+        config, schedule, truth = load_schedule(args)
+    except (ConfigError, DataError, BundleError, RecordingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        schedule, truth = build_schedule(config, data, args)
-    except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    label_names = ["negative", "positive"] if data.sentiment is not None else []
+    heapq.heapify(schedule)
     context = zmq.Context.instance()
     listener = None
     if args.listen:
@@ -186,9 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     except (TimeoutError, zmq.ZMQError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    sessions = len({s for s, _ in truth})
-    print(f"replaying {len(truth)} utterances of {sessions} session(s) from {args.data} at speed {args.speed:g}",
-          file=sys.stderr)
+    source = args.recording or args.data
+    if truth:
+        sessions = len({s for s, _ in truth})
+        print(f"replaying {len(truth)} utterances of {sessions} session(s) from {source} at speed {args.speed:g}",
+              file=sys.stderr)
+    else:
+        print(f"replaying {len(schedule)} messages from {source} at speed {args.speed:g}", file=sys.stderr)
 
     received, correct = 0, 0
 
@@ -208,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 label = truth.get((decision["session"], decision["window"]["id"]))
                 received += 1
-                correct += label is not None and label_names and decision["label"] == label_names[label]
-                print(format_decision(decision, label, label_names), flush=True)
+                correct += label is not None and decision["label"] == label
+                print(format_decision(decision, label), flush=True)
 
     start = time.monotonic()
     while schedule:
@@ -222,10 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         sockets[item.sensor].send_multipart(item.frames)
     if listener is not None:
         quiet_until = time.monotonic() + config.drop.timeout_s + 3.0
-        while time.monotonic() < quiet_until and received < len(truth):
+        while time.monotonic() < quiet_until and (received < len(truth) or not truth):
             receive(0.2)
-        accuracy = f", accuracy {correct / received:.3f}" if received and label_names else ""
-        print(f"{received} decision(s) for {len(truth)} utterance(s){accuracy}", file=sys.stderr)
+        labelled = any(v is not None for v in truth.values())
+        accuracy = f", accuracy {correct / received:.3f}" if received and labelled else ""
+        print(f"{received} decision(s)" + (f" for {len(truth)} utterance(s){accuracy}" if truth else ""),
+              file=sys.stderr)
     for socket in sockets.values():
         socket.close()
     return 0

@@ -74,8 +74,12 @@ class Lab:
         time.sleep(0.2)  # the decision subscriber's connection settles
 
     def close(self):
-        if self.daemon.process.poll() is None:
-            self.daemon.process.kill()
+        if self.daemon.process.poll() is None:  # let the daemon stop Ray; a killed daemon leaves Ray's agents behind
+            self.daemon.process.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.process.kill()
         self.context.destroy(linger=0)
 
 

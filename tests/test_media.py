@@ -89,7 +89,7 @@ def test_a_checkpoint_written_here_loads_and_fine_tunes(tiny_clip, media_manifes
         assert torch.equal(a, b), name
     out = tmp_path / "finetuned"
     assert train_main(["--data", str(media_manifest), "--out", str(out), "--pretrained", str(checkpoint),
-                       "--tower-epochs", "1", "--encoder-epochs", "2", "--head-epochs", "2",
+                       "--tower-epochs", "1", "--contrastive-epochs", "1", "--encoder-epochs", "2", "--head-epochs", "2",
                        "--restorers", "zero"]) == 0
     assert load_bundle(out).manifest["media"]["clip"]["pretrained"] == str(checkpoint)
 

@@ -8,8 +8,7 @@ import yaml
 
 from conftest import free_port
 from mmfuse.daemon.config import parse_config
-from mmfuse.daemon.replay import build_schedule, parse_drop, parse_kill
-from mmfuse.training.data import load_features
+from mmfuse.daemon.replay import FeatureRows, MediaRows, build_schedule, parse_drop, parse_kill
 
 SENSORS = [{"name": "cam0", "modality": "visual"}, {"name": "mic0", "modality": "audio"},
            {"name": "asr0", "modality": "text"}]
@@ -31,7 +30,7 @@ def decoded(schedule):
 
 
 def test_schedule_groups_rows_into_sessions_one_utterance_per_window(feature_file):
-    data = load_features(feature_file)
+    data = FeatureRows(str(feature_file))
     schedule, truth = build_schedule(parse_config(config()), data, args(sessions=2))
     messages = decoded(schedule)
     sessions = {body["session"] for _, body in messages}
@@ -43,7 +42,7 @@ def test_schedule_groups_rows_into_sessions_one_utterance_per_window(feature_fil
 
 
 def test_drop_and_kill(feature_file):
-    data = load_features(feature_file)
+    data = FeatureRows(str(feature_file))
     schedule, _ = build_schedule(parse_config(config()), data,
                                  args(sessions=1, drop=[("text", 0.5)], kill=[parse_kill("visual@10s")]))
     messages = decoded(schedule)
@@ -52,6 +51,24 @@ def test_drop_and_kill(feature_file):
     text = [b for s, b in messages if s == "asr0"]
     heartbeats = sum(b["kind"] == "heartbeat" for b in text)
     assert 2 <= heartbeats <= 10 and [b["seq"] for b in text] == list(range(len(text)))
+
+
+def test_a_media_manifest_becomes_camera_frames_asr_segments_and_audio_chunks(media_manifest):
+    data = MediaRows(str(media_manifest), fps=5)
+    schedule, truth = build_schedule(parse_config(config()), data, args(sessions=1))
+    assert set(truth.values()) <= {"negative", "neutral", "positive"} and len(truth) == 6
+    by_sensor = {}
+    for sensor, body in decoded(schedule):
+        by_sensor.setdefault(sensor, []).append(body)
+    frames = [b for b in by_sensor["cam0"] if b["kind"] == "data"]
+    assert len(frames) == 6 * 10 and {b["encoding"] for b in frames} == {"jpeg"}
+    assert [b["t"] for b in frames[:3]] == pytest.approx([0.0, 0.2, 0.4])
+    texts = [b for b in by_sensor["asr0"] if b["kind"] == "data"]
+    assert len(texts) == 6 and texts[0]["encoding"] == "utf8" and texts[0]["duration"] == pytest.approx(1.6)
+    chunks = [b for b in by_sensor["mic0"] if b["kind"] == "data"]
+    assert len(chunks) == 6 * 20 and all(len(b["data"]) == 3200 and b["rate"] == 16000 for b in chunks)
+    for bodies in by_sensor.values():
+        assert [b["seq"] for b in bodies] == list(range(len(bodies)))
 
 
 def test_bad_flags_are_explained():

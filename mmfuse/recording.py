@@ -1,0 +1,222 @@
+"""Session recordings in MCAP (what mmfuse-record writes and mmfuse-replay reads), and
+the inventory of foreign MCAP and XDF files.
+
+Layout of an mmfuse recording: profile `mmfuse`; one channel per source, topic
+`<modality>/<source>`, message encoding `msgpack`, no schema, channel metadata
+`modality`, `source`, `sensor` (the configured sensor whose socket received it); each
+message is the original payload bytes of one wire-protocol v1 message, log time =
+receive time on the recorder's clock, publish time = origin time `t`, sequence = `seq`.
+Decisions, when recorded, go to channel `decision`. Metadata record `mmfuse` holds the
+daemon configuration the recorder ran with; `mmfuse-counts` what it rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+import mmfuse
+from mmfuse import wire
+
+PROFILE = "mmfuse"
+ENCODING = "msgpack"
+DECISION_TOPIC = "decision"
+GAP_FACTOR = 5.0  # a pause longer than this many median intervals is reported as a gap
+
+
+class RecordingError(Exception):
+    """A recording that cannot be used; the message says why and what it holds."""
+
+
+def seconds_to_ns(t: float) -> int:
+    return max(0, round(t * 1e9))
+
+
+class RecordingWriter:
+    """Writes received sensor messages (and decisions) into an MCAP file as they arrive."""
+
+    def __init__(self, path: str | Path, config: dict):
+        from mcap.writer import Writer
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "wb")
+        self.writer = Writer(self.handle)
+        self.writer.start(profile=PROFILE, library=f"mmfuse {mmfuse.__version__}")
+        self.writer.add_metadata("mmfuse", {"config": json.dumps(config), "mmfuse_version": mmfuse.__version__,
+                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self.channels: dict[str, int] = {}
+        self.messages = 0
+
+    def _channel(self, topic: str, metadata: dict[str, str]) -> int:
+        if topic not in self.channels:
+            self.channels[topic] = self.writer.register_channel(topic, ENCODING, 0, metadata)
+        return self.channels[topic]
+
+    def sensor_message(self, sensor: str, message: wire.SensorMessage, payload: bytes, received: float) -> None:
+        channel = self._channel(f"{message.modality}/{message.source}",
+                                {"modality": message.modality, "source": message.source, "sensor": sensor})
+        self.writer.add_message(channel, seconds_to_ns(received), payload, seconds_to_ns(message.t), message.seq)
+        self.messages += 1
+
+    def decision(self, payload: bytes, received: float) -> None:
+        self.writer.add_message(self._channel(DECISION_TOPIC, {}), seconds_to_ns(received), payload,
+                                seconds_to_ns(received))
+
+    def close(self, counts: dict[str, int]) -> None:
+        self.writer.add_metadata("mmfuse-counts", {k: str(v) for k, v in counts.items()})
+        self.writer.finish()
+        self.handle.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedMessage:
+    sensor: str
+    topic: bytes          # the ZeroMQ topic to publish it under
+    payload: bytes
+    received: float       # log time, seconds
+    origin: float         # publish time, seconds
+
+
+def _reader(handle, path: Path):
+    from mcap.exceptions import McapError
+    from mcap.reader import make_reader
+
+    try:
+        reader = make_reader(handle)
+        return reader, reader.get_summary()
+    except (McapError, ValueError, EOFError) as exc:
+        raise RecordingError(f"{path}: not a readable MCAP file ({exc})") from None
+
+
+def mmfuse_channels(summary) -> tuple[dict[int, object], list[str]]:
+    """Channels an mmfuse replay can use, and a description of every other one."""
+    usable, foreign = {}, []
+    counts = summary.statistics.channel_message_counts if summary.statistics else {}
+    for channel_id, channel in summary.channels.items():
+        modality = channel.metadata.get("modality")
+        if channel.message_encoding == ENCODING and modality in mmfuse.MODALITIES and "sensor" in channel.metadata:
+            usable[channel_id] = channel
+        elif channel.topic != DECISION_TOPIC:
+            schema = summary.schemas.get(channel.schema_id)
+            foreign.append(f"{channel.topic} ({channel.message_encoding}"
+                           f"{', ' + schema.name if schema else ''}, {counts.get(channel_id, 0)} messages)")
+    return usable, foreign
+
+
+def read_recording(path: str | Path) -> tuple[dict, list[RecordedMessage]]:
+    """The configuration an mmfuse recording was made with, and its sensor messages in log-time order."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordingError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        reader, summary = _reader(handle, path)
+        if summary is None:
+            raise RecordingError(f"{path}: the MCAP file has no summary section (was the recording cut off?)")
+        usable, foreign = mmfuse_channels(summary)
+        if not usable:
+            raise RecordingError(f"{path} holds no mmfuse channels (msgpack wire-protocol messages with a modality); "
+                                 f"channels it cannot use: {', '.join(foreign) or 'none'}")
+        config = {}
+        for record in reader.iter_metadata():
+            if record.name == "mmfuse":
+                config = json.loads(record.metadata.get("config", "{}"))
+        messages = []
+        for _, channel, message in reader.iter_messages(topics=[c.topic for c in usable.values()]):
+            session = msgpack.unpackb(message.data, raw=False).get("session", "unknown")
+            messages.append(RecordedMessage(channel.metadata["sensor"],
+                                            f"{channel.metadata['modality']}/{session}".encode(),
+                                            message.data, message.log_time / 1e9, message.publish_time / 1e9))
+    return config, messages
+
+
+@dataclass
+class StreamSummary:
+    name: str
+    kind: str                 # what the stream carries (modality, XDF type, MCAP encoding)
+    count: int
+    start: float | None
+    end: float | None
+    gaps: list[tuple[float, float]]       # (at, length) in seconds
+    resets: list[tuple[float, float]]     # (at, jump) in seconds
+    offsets: str = ""
+
+    def line(self) -> str:
+        span = "empty" if self.count == 0 else f"{self.start:.3f} .. {self.end:.3f} s ({self.end - self.start:.1f} s)"
+        parts = [f"{self.name} [{self.kind}]: {self.count} messages, {span}"]
+        if self.offsets:
+            parts.append(f"clock offsets {self.offsets}")
+        if self.gaps:
+            parts.append("gaps " + ", ".join(f"{length:.1f} s at {at:.1f}" for at, length in self.gaps[:5])
+                         + (f" (+{len(self.gaps) - 5} more)" if len(self.gaps) > 5 else ""))
+        if self.resets:
+            parts.append("clock resets " + ", ".join(f"offset {jump:+.1f} s at {at:.1f}" for at, jump in self.resets))
+        return "; ".join(parts)
+
+
+def gaps_and_resets(times: np.ndarray, nominal_rate: float = 0.0) -> tuple[list, list]:
+    """Pauses much longer than the usual interval, and jumps backwards, in a time-stamp series."""
+    if len(times) < 2:
+        return [], []
+    steps = np.diff(times)
+    usual = 1.0 / nominal_rate if nominal_rate > 0 else float(np.median(steps[steps > 0])) if (steps > 0).any() else 0
+    gaps = [(float(times[i]), float(steps[i])) for i in np.flatnonzero(steps > max(GAP_FACTOR * usual, 1e-3))]
+    resets = [(float(times[i]), float(steps[i])) for i in np.flatnonzero(steps < -max(usual, 1e-3))]
+    return gaps, resets
+
+
+def summarize_mcap(path: str | Path) -> list[StreamSummary]:
+    path = Path(path)
+    with open(path, "rb") as handle:
+        reader, summary = _reader(handle, path)
+        times: dict[int, list[float]] = {}
+        for _, channel, message in reader.iter_messages(log_time_order=False):
+            times.setdefault(channel.id, []).append(message.log_time / 1e9)
+    result = []
+    usable, _ = mmfuse_channels(summary)
+    for channel_id, channel in summary.channels.items():
+        series = np.sort(np.array(times.get(channel_id, [])))
+        schema = summary.schemas.get(channel.schema_id)
+        kind = channel.metadata.get("modality") if channel_id in usable else \
+            f"{channel.message_encoding}{', ' + schema.name if schema else ''}; not usable by mmfuse"
+        gaps, resets = gaps_and_resets(series)
+        result.append(StreamSummary(channel.topic, kind, len(series), float(series[0]) if len(series) else None,
+                                    float(series[-1]) if len(series) else None, gaps, resets))
+    return result
+
+
+def summarize_xdf(path: str | Path) -> list[StreamSummary]:
+    """Streams of an XDF file with pyxdf's clock-offset correction, gaps and clock resets."""
+    import pyxdf
+
+    try:
+        streams, _ = pyxdf.load_xdf(str(path), synchronize_clocks=True, handle_clock_resets=True, dejitter_timestamps=False)
+        raw, _ = pyxdf.load_xdf(str(path), synchronize_clocks=False, dejitter_timestamps=False)
+    except Exception as exc:  # pyxdf raises assorted errors on damaged files
+        raise RecordingError(f"{path}: not a readable XDF file ({exc})") from None
+    raw_by_id = {s["info"]["stream_id"]: s for s in raw}
+    result = []
+    for stream in streams:
+        info = stream["info"]
+        times = np.asarray(stream["time_stamps"], dtype=float)
+        rate = float(info["nominal_srate"][0])
+        gaps, _ = gaps_and_resets(times, rate)
+        raw_times = np.asarray(raw_by_id[info["stream_id"]]["time_stamps"], dtype=float)
+        resets = []
+        offsets = np.asarray(stream["clock_values"], dtype=float)
+        offset_text = (f"{len(offsets)} measured, {offsets.min():+.4f} .. {offsets.max():+.4f} s" if len(offsets)
+                       else "none measured")
+        if len(raw_times) and len(offsets):
+            jumps = np.abs(np.diff(offsets))
+            resets = [(float(stream["clock_times"][i + 1]), float(offsets[i + 1] - offsets[i]))
+                       for i in np.flatnonzero(jumps > 1.0)]
+        result.append(StreamSummary(info["name"][0], f"{info['type'][0]}, {info['channel_count'][0]} ch "
+                                    f"{info['channel_format'][0]} @ {rate:g} Hz", len(times),
+                                    float(times[0]) if len(times) else None, float(times[-1]) if len(times) else None,
+                                    gaps, resets, offset_text))
+    return result

@@ -1,0 +1,160 @@
+"""Recording a live session into MCAP and replaying it; foreign MCAP and real XDF files."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+import zmq
+
+from conftest import free_port
+from mmfuse import wire
+from mmfuse.daemon.config import parse_config
+from mmfuse.daemon.replay import main as replay_main, xdf_schedule
+from mmfuse.recording import RecordingError, read_recording, summarize_mcap
+from mmfuse.training.evaluate import main as eval_main
+from test_end_to_end import DIMS, SENSORS, WINDOW, Daemon, Lab, collect
+
+
+def features(session, source, seq, t, rng):
+    return wire.encode(wire.features_message(session, source, SENSORS[source], seq, t,
+                                             rng.normal(size=DIMS[SENSORS[source]]), duration=WINDOW))
+
+
+def decision_key(d):
+    return (d["session"], d["window"]["id"], d["label"], tuple(d["present"]), tuple(d["restored"]),
+            tuple(d["dropped"]), tuple(sorted(d["scores"].items())))
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, bundle_dir):
+    """A live session through the daemon, recorded by mmfuse-record: (recording, live decisions)."""
+    tmp_path = tmp_path_factory.mktemp("recorded")
+    lab = Lab(tmp_path, bundle_dir, {"method": "mean"})
+    recording = tmp_path / "session.mcap"
+    recorder = None
+    try:
+        lab.wait_ready()
+        for sock in lab.sockets.values():  # pass on the recorder's subscription, a duplicate of the daemon's
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        recorder = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.record", "--config",
+                                     str(tmp_path / "lab.yaml"), "--out", str(recording), "--decisions"],
+                                    stderr=subprocess.PIPE, text=True)
+        for name, sock in lab.sockets.items():  # the recorder's subscription
+            assert sock.poll(30_000), f"recorder never subscribed to {name}"
+            sock.recv()
+        time.sleep(0.3)
+        rng = np.random.default_rng(5)
+        seq = dict.fromkeys(SENSORS, 0)
+        for w in range(6):
+            for source in SENSORS:
+                if source == "cam0" and w >= 3:
+                    continue  # the camera dies after three windows
+                lab.sockets[source].send_multipart(features("rec", source, seq[source], w * WINDOW, rng))
+                seq[source] += 1
+            time.sleep(WINDOW)
+        for source in ("mic0", "asr0"):
+            lab.sockets[source].send_multipart(wire.encode(wire.SensorMessage(
+                "rec", source, SENSORS[source], seq[source], 6 * WINDOW, kind="end")))
+        live = collect(lab.decisions, quiet_s=4)
+    finally:
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(30)
+        lab.close()
+    assert len(live) == 6 and any("visual" in d["restored"] for d in live)
+    return recording, live
+
+
+def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_path):
+    recording, live = recorded
+    config, messages = read_recording(recording)
+    assert len(messages) == 6 * 2 + 3 + 2 and {m.sensor for m in messages} == set(SENSORS)
+    channels = {s.name: s.count for s in summarize_mcap(recording)}
+    assert channels["visual/cam0"] == 3 and channels["decision"] == 6
+
+    # a fresh daemon on other ports, fed by mmfuse-replay from the recording
+    replay_config = {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"}
+                                           for s in config["sensors"]],
+                     "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    path = tmp_path / "replay.yaml"
+    path.write_text(yaml.safe_dump(replay_config))
+    daemon = Daemon(path)
+    context = zmq.Context()
+    listener = context.socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    listener.connect(replay_config["output"]["endpoint"])
+    try:
+        assert daemon.ready.wait(120), daemon.log()
+        time.sleep(0.3)
+        assert replay_main([str(recording), "--config", str(path), "--wait-s", "30"]) == 0
+        replayed = collect(listener, quiet_s=4)
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(30)
+        context.destroy(linger=0)
+    assert sorted(map(decision_key, replayed)) == sorted(map(decision_key, live))
+
+
+def test_a_foreign_mcap_file_is_explained_not_crashed_on(shared_data, capsys):
+    talker = shared_data / "recordings" / "talker.mcap"
+    with pytest.raises(RecordingError, match="no mmfuse channels.*/rosout \\(cdr, rcl_interfaces/msg/Log, 10"):
+        read_recording(talker)
+    assert replay_main([str(talker), "--speed", "max"]) == 2
+    assert replay_main([str(talker), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "/topic [cdr, std_msgs/msg/String; not usable by mmfuse]: 10 messages" in listing
+
+
+def test_xdf_listing_reports_gaps_clock_resets_and_empty_streams(shared_data, capsys):
+    assert replay_main([str(shared_data / "recordings" / "clock_resets.xdf"), "--list"]) == 0
+    listing = capsys.readouterr().out
+    eeg = next(line for line in listing.splitlines() if "BioSemi" in line)
+    assert "27815 messages" in eeg and "gaps 273.6 s" in eeg and "clock resets offset +653461.5 s" in eeg
+    assert replay_main([str(shared_data / "recordings" / "empty_streams.xdf"), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("0 messages, empty") == 2
+
+
+def test_an_xdf_stream_becomes_features_on_the_mapped_sensor(shared_data):
+    config = parse_config({"bundle": "b", "sensors": [{"name": "eeg0", "modality": "audio",
+                                                       "endpoint": "tcp://127.0.0.1:5999"},
+                                                      {"name": "marks", "modality": "text",
+                                                       "endpoint": "tcp://127.0.0.1:5998"}]})
+    schedule = sorted(xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config,
+                                   {"BioSemi": "audio", "MyMarkerStream": "text"}, speed=float("inf")))
+    bodies = [wire.decode(item.frames) for item in schedule]
+    eeg = [b for b in bodies if b.source == "eeg0" and b.kind == "data"]
+    assert sum(b.shape[0] for b in eeg) == 27815 and all(b.shape[1] == 8 for b in eeg)
+    assert [b.seq for b in bodies if b.source == "eeg0"] == list(range(len(eeg) + 1))
+    assert sum(b.encoding == "utf8" for b in bodies) == 175
+    times = np.array([b.t for b in eeg])
+    assert (np.diff(times) > 200).sum() == 1  # the 274 s gap survives; the clock reset does not show as a jump
+    with pytest.raises(RecordingError, match="no stream Nope"):
+        xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {"Nope": "audio"}, 1.0)
+
+
+def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(recorded, tmp_path):
+    recording, live = recorded
+    labels = tmp_path / "labels.csv"
+    labels.write_text("session,start,end,label\n" + "".join(
+        f"rec,{w * WINDOW},{(w + 1) * WINDOW},{d['label']}\n"
+        for w, d in enumerate(sorted(live, key=lambda d: d["window"]["id"]))))
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"decisions{run}.jsonl"
+        assert eval_main(["--log", str(recording), "--labels", str(labels), "--decisions-out", str(out),
+                          "--json", str(tmp_path / f"eval{run}.json")]) == 0
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    virtual = [json.loads(line) for line in outputs[0].splitlines()]
+    assert [(d["window"]["id"], d["restored"], d["dropped"]) for d in virtual] == \
+        [(d["window"]["id"], d["restored"], d["dropped"]) for d in sorted(live, key=lambda d: d["window"]["id"])]
+    result = json.loads((tmp_path / "eval0.json").read_text())
+    assert result["decisions"] == 6 and result["labelled"] == 6 and result["acc"] == 1.0
+    assert result["by_pattern"]["avt"]["windows"] == 3 and result["by_pattern"]["at"]["windows"] == 3
+    assert result["dropped_windows_by_source"] == {"cam0": 3}

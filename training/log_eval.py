@@ -1,0 +1,115 @@
+"""`mmfuse-eval --log session.mcap --labels labels.csv`: the pipeline on a recording, scored
+against labelled spans, under the drops that really happened.
+
+The recording runs through the daemon's pipeline on a virtual clock (its receive
+times; mmfuse.daemon.virtual), so two runs give identical decisions. labels.csv has
+rows `session,start,end,label` in the sensors' time; a decision takes the label of
+the span that contains its window's midpoint (unlabelled windows are not scored).
+Reports accuracy overall and by drop pattern (the modalities present), how many
+windows each source was dropped in, and how long after its end each window closed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from mmfuse import wire
+from mmfuse.bundle import load_bundle
+from mmfuse.daemon.config import load_config, parse_config
+from mmfuse.daemon.virtual import VirtualPipeline, receive_offset
+from mmfuse.recording import read_recording
+from mmfuse.training.data import DataError
+
+
+def read_labels(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    spans = defaultdict(list)
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"session", "start", "end", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: the header must name session,start,end,label")
+        for number, row in enumerate(reader, 2):
+            try:
+                spans[row["session"]].append((float(row["start"]), float(row["end"]), row["label"]))
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{number}: start and end must be numbers, got {row}") from None
+    return spans
+
+
+def label_of(spans: list[tuple[float, float, str]], start: float, end: float) -> str | None:
+    middle = (start + end) / 2
+    return next((label for s, e, label in spans if s <= middle < e), None)
+
+
+def decision_record(decision: wire.Decision) -> dict:
+    """A decision as the wire carries it, plus what the pipeline adds (spread, abstain)."""
+    return {**wire.decode_decision(wire.encode_decision(decision)), **decision.extra}
+
+
+def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_path: str | None,
+                 decisions_out: str | None) -> dict:
+    recorded_config, messages = read_recording(log)
+    if config_path:
+        config = load_config(config_path)
+    elif recorded_config:
+        config = parse_config(recorded_config, f"{log} (recorded configuration)")
+    else:
+        raise DataError(f"{log} carries no configuration: pass --config")
+    bundle = load_bundle(bundle_path or config.bundle)
+    bundle.check_fits(config.modalities, config.restorer.method)
+    run = VirtualPipeline(config, bundle).run(messages)
+    offset = receive_offset(messages)
+    decisions = sorted(run.decisions, key=lambda d: (d.session, d.window_id))
+    records = []
+    for decision in decisions:
+        record = decision_record(decision)
+        record["latency_ms"] = round((decision.closed_at - (decision.end + offset)) * 1000, 3)
+        records.append(record)
+    if decisions_out:
+        Path(decisions_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(decisions_out).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+    spans = read_labels(labels) if labels else {}
+    by_pattern: dict[str, list[bool]] = defaultdict(list)
+    dropped: dict[str, int] = defaultdict(int)
+    for record in records:
+        for source in record["dropped"]:
+            dropped[source] += 1
+        truth = label_of(spans.get(record["session"], []), record["window"]["start"], record["window"]["end"])
+        if truth is not None:
+            by_pattern["".join(sorted((m[0] for m in record["present"]), key="avt".index))].append(
+                record["label"] == truth)
+    scored = [hit for hits in by_pattern.values() for hit in hits]
+    delays = np.array([r["latency_ms"] for r in records]) if records else np.zeros(1)
+    return {
+        "log": str(log), "bundle": bundle.id, "restorer": config.restorer.method,
+        "decisions": len(records), "sessions": len({r["session"] for r in records}), "labelled": len(scored),
+        "acc": round(float(np.mean(scored)), 4) if scored else None,
+        "by_pattern": {p: {"windows": len(h), "acc": round(float(np.mean(h)), 4)} for p, h in sorted(by_pattern.items())},
+        "incomplete_windows": sum(bool(r["restored"]) for r in records),
+        "dropped_windows_by_source": dict(sorted(dropped.items())),
+        "close_delay_ms": {"p50": round(float(np.percentile(delays, 50)), 1),
+                           "p99": round(float(np.percentile(delays, 99)), 1)},
+        "rejected": {k: v for k, v in run.rejected.items() if v},
+        "aligner": run.aligner,
+    }
+
+
+def print_log_summary(result: dict) -> None:
+    print(f"{result['decisions']} decisions in {result['sessions']} session(s) of {result['log']} "
+          f"(bundle {result['bundle']}, restorer {result['restorer']}); {result['incomplete_windows']} incomplete")
+    if result["acc"] is not None:
+        print(f"  accuracy {result['acc']:.3f} on {result['labelled']} labelled windows; by modalities present: "
+              + ", ".join(f"{p} {v['acc']:.3f} ({v['windows']})" for p, v in result["by_pattern"].items()))
+    if result["dropped_windows_by_source"]:
+        print("  windows with a dropped source: " + ", ".join(f"{s} {n}" for s, n in
+                                                             result["dropped_windows_by_source"].items()))
+    print(f"  window closed after its end: p50 {result['close_delay_ms']['p50']} ms, "
+          f"p99 {result['close_delay_ms']['p99']} ms (recording clock)")
