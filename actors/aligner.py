@@ -20,14 +20,17 @@ from mmfuse.logs import configure
 class OpenWindow:
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    frames: dict[str, int] = field(default_factory=dict)
 
-    def add(self, modality: str, total: np.ndarray, weight: float) -> None:
+    def add(self, modality: str, total: np.ndarray, weight: float, frames: int) -> None:
         if modality in self.totals:
             self.totals[modality] = self.totals[modality] + total
             self.weights[modality] += weight
+            self.frames[modality] += frames
         else:
             self.totals[modality] = total.astype(np.float32, copy=True)
             self.weights[modality] = weight
+            self.frames[modality] = frames
 
 
 @dataclass
@@ -60,10 +63,12 @@ class Aligner:
     """
 
     def __init__(self, modalities: list[str], sensors: dict[str, str], length_s: float, hop_s: float,
-                 timeout_s: float, session_idle_s: float = 60.0, log=None):
+                 timeout_s: float, session_idle_s: float = 60.0, log=None, period_factor: float = 0.0,
+                 flush_s: float = 0.0, min_share: float = 0.0):
         self.modalities = sorted(modalities)
         self.sensors = dict(sorted(sensors.items()))  # configured sensor name -> modality
         self.length, self.hop, self.timeout = length_s, hop_s, timeout_s
+        self.period_factor, self.flush, self.min_share = period_factor, flush_s, min_share
         self.session_idle = session_idle_s
         self.sessions: dict[str, Session] = {}
         self.log = log or structlog.get_logger()
@@ -81,7 +86,8 @@ class Aligner:
             if delta.window_id < session.next_window:
                 self.counts["late"] += 1
                 continue
-            session.windows.setdefault(delta.window_id, OpenWindow()).add(delta.modality, delta.total, delta.weight)
+            session.windows.setdefault(delta.window_id, OpenWindow()).add(delta.modality, delta.total, delta.weight,
+                                                                          delta.frames)
 
     def poll(self, now: float) -> list[ClosedWindow]:
         closed = []
@@ -102,8 +108,23 @@ class Aligner:
         self.sessions.clear()
         return closed
 
+    def silence_limit(self, stream: StreamProgress) -> float:
+        """How long a stream may stay silent: k of its own periods, plus the spread of its delivery
+        delays and the sensor actor's flush interval (the most its news can lag), at most the timeout."""
+        if self.period_factor and math.isfinite(stream.period):
+            return min(self.timeout, self.flush + self.period_factor * stream.period + stream.jitter)
+        return self.timeout
+
     def _live(self, stream: StreamProgress, now: float) -> bool:
-        return not stream.ended and now - stream.arrived_at <= self.timeout
+        return not stream.ended and now - stream.arrived_at <= self.silence_limit(stream)
+
+    def _too_sparse(self, session: Session, modality: str, frames: int) -> bool:
+        """Fewer frames than min_share of what the modality's streams' periods promise for a window."""
+        if not self.min_share:
+            return False
+        rates = [1 / s.period for s in session.streams.values() if s.modality == modality and math.isfinite(s.period)]
+        expected = self.length * sum(rates)
+        return expected > 0 and frames < self.min_share * expected
 
     def _track_liveness(self, name: str, session: Session, now: float) -> None:
         for source, stream in session.streams.items():
@@ -152,10 +173,12 @@ class Aligner:
                 break
             window = session.windows.pop(k, None)
             session.next_window = k + 1
-            if window is None or not window.totals:
+            observed = [m for m in window.totals if window.weights[m] > 0] if window is not None else []
+            if not observed:
                 self.counts["empty"] += 1
                 continue
-            features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in window.totals}
+            reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m])] or observed
+            features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in reliable}
             present = sorted(features)
             missing = [m for m in self.modalities if m not in features]
             dropped = sorted({source for source, s in session.streams.items() if s.progress < end}
@@ -181,7 +204,8 @@ class AlignerActor:
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="aligner")
         self.aligner = Aligner(modalities, sensors, window["length_s"], window["hop_s"], drop["timeout_s"],
-                               pipeline["session_idle_s"], self.log)
+                               pipeline["session_idle_s"], self.log, drop["period_factor"],
+                               pipeline["flush_interval_ms"] / 1000, drop["min_share"])
         self.restorer, self.fusion = restorer, fusion
         self.lock = threading.Lock()
         self.in_flight: list = []

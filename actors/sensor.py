@@ -19,6 +19,7 @@ from mmfuse.logs import Tally, configure
 from mmfuse.media import MediaEncoder, MediaError
 
 OFFSET_MEMORY = 64  # arrivals over which the lowest delay is taken
+PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
 
 
 @dataclass
@@ -32,10 +33,24 @@ class StreamState:
     ended: bool = False
     seq_gaps: int = 0
     delays: deque = field(default_factory=lambda: deque(maxlen=OFFSET_MEMORY))
+    last_t: float = math.nan
+    intervals: deque = field(default_factory=lambda: deque(maxlen=PERIOD_MEMORY))
+
+    def sent_at(self, t: float) -> None:
+        """Learn the period from origin times: the sensor's clock carries no network jitter."""
+        if t > self.last_t:
+            self.intervals.append(t - self.last_t)
+        self.last_t = t
+
+    @property
+    def period(self) -> float:
+        """Median interval between recent messages; unknown (inf) until a few have been seen."""
+        return float(np.median(self.intervals)) if len(self.intervals) >= 4 else math.inf
 
     def snapshot(self) -> StreamProgress:
         return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
-                              min(self.delays), self.ended, self.seq_gaps)
+                              min(self.delays), self.ended, self.seq_gaps, self.period,
+                              max(self.delays) - min(self.delays))
 
 
 def windows_overlapping(start: float, end: float, length: float, hop: float) -> range:
@@ -60,6 +75,7 @@ class SensorIngest:
         self.streams: dict[tuple[str, str], StreamState] = {}
         self.touched: set[tuple[str, str]] = set()
         self.deltas: dict[tuple[str, str, int], WindowDelta] = {}
+        self.arrivals: dict[tuple[str, str, int], int] = {}  # data messages per window since the last batch
         self.rejected = Tally()
         self.unsupported = Tally()
         self.accepted = 0
@@ -95,6 +111,7 @@ class SensorIngest:
             if not np.isfinite(vectors).all():
                 self._reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
                 return
+            self._count_arrival(message)
             step = message.duration / len(vectors)
             for i, vector in enumerate(vectors):
                 self._add_span(message.session, message.source, message.t + i * step, message.t + (i + 1) * step,
@@ -105,6 +122,7 @@ class SensorIngest:
             except MediaError as exc:
                 self._reject(exc.reason, exc.detail)
                 return
+            self._count_arrival(message)
         elif message.kind == "data" and self.unsupported.add(message.encoding):
             self.log.warning("frames this sensor cannot encode", encoding=message.encoding,
                              count=self.unsupported.counts[message.encoding],
@@ -124,6 +142,7 @@ class SensorIngest:
             self.due = True
         stream.progress = max(stream.progress, reached)
         stream.arrived_at = arrived_at
+        stream.sent_at(message.t)
         stream.delays.append(arrived_at - reached)
         if message.kind == "end":
             stream.ended = True
@@ -133,6 +152,11 @@ class SensorIngest:
             self.log.info("stream resumed after end", session=message.session, source=message.source)
         self.touched.add(key)
         self.accepted += 1
+
+    def _count_arrival(self, message: wire.SensorMessage) -> None:
+        for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):
+            key = (message.session, message.source, k)
+            self.arrivals[key] = self.arrivals.get(key, 0) + 1
 
     def _add_span(self, session: str, source: str, start: float, end: float, vector: np.ndarray) -> None:
         """Add a vector covering [start, end] to every window it overlaps, weighted by the overlap."""
@@ -145,11 +169,10 @@ class SensorIngest:
             key = (session, source, k)
             delta = self.deltas.get(key)
             if delta is None:
-                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 1)
+                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 0)
             else:
                 delta.total += vector * weight
                 delta.weight += weight
-                delta.frames += 1
 
     def _reject(self, reason: str, detail: str) -> None:
         if self.rejected.add(reason):
@@ -160,6 +183,14 @@ class SensorIngest:
         if self.media is not None:
             for span in self.media.encode():
                 self._add_span(span.session, span.source, span.start, span.end, span.vector.astype(np.float32))
+        for key, count in self.arrivals.items():
+            delta = self.deltas.get(key)
+            if delta is None and self.dim is not None:  # frames that arrived but were not (yet) encoded
+                delta = self.deltas[key] = WindowDelta(*key[:2], self.modality, key[2],
+                                                       np.zeros(self.dim, np.float32), 0.0, 0)
+            if delta is not None:
+                delta.frames = count
+        self.arrivals = {}
         if not self.touched and not self.deltas:
             return None
         batch = SensorBatch(self.sensor, list(self.deltas.values()),

@@ -52,6 +52,11 @@ class WindowConfig(Section):
 
 class DropConfig(Section):
     timeout_s: float = Field(1.0, gt=0, description="a source silent this long counts as dropped")
+    period_factor: float = Field(5.0, ge=0, description="a source silent this many of its own learned periods "
+                                 "(plus its delay jitter and the flush interval) counts as dropped sooner; "
+                                 "0: timeout_s only")
+    min_share: float = Field(0.0, ge=0, le=1, description="a modality with less than this share of its "
+                             "expected frames in a window counts as missing there; 0: off")
 
 
 class RestorerConfig(Section):

@@ -48,7 +48,8 @@ class VirtualPipeline:
                                                      bundle.modalities[sensor.modality]["dim"],
                                                      pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media)
         self.aligner = Aligner(sorted(bundle.modalities), {s.name: s.modality for s in config.sensors},
-                               window.length_s, window.hop_s, config.drop.timeout_s, pipeline.session_idle_s, log)
+                               window.length_s, window.hop_s, config.drop.timeout_s, pipeline.session_idle_s, log,
+                               config.drop.period_factor, pipeline.flush_interval_ms / 1000, config.drop.min_share)
         restorer = config.restorer
         self.restorer = WindowRestorer(bundle, restorer.method, restorer.overrides(), restorer.abstain_spread)
         self.fusion = FusionHead(bundle, restorer.method, pipeline.session_idle_s)

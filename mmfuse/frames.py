@@ -6,6 +6,7 @@ interval, the partial window sums it accumulated and each stream's progress.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ class WindowDelta:
     window_id: int
     total: np.ndarray
     weight: float
-    frames: int
+    frames: int            # data messages that arrived for this window (encoded or not)
 
 
 @dataclass(slots=True)
@@ -34,6 +35,8 @@ class StreamProgress:
     offset: float          # estimated (daemon wall clock - sensor clock), lowest recent delay
     ended: bool
     seq_gaps: int          # messages missing according to `seq`, cumulative
+    period: float = math.inf  # median interval between recent messages on the sensor's clock (inf until known)
+    jitter: float = 0.0       # spread (max - min) of recent delivery delays, seconds
 
 
 @dataclass(slots=True)

@@ -169,3 +169,34 @@ def test_sensor_never_heard_from_is_waited_for_then_named():
     assert aligner.poll(OFFSET + 2.5) == []
     (window,) = aligner.poll(OFFSET + 3.01)
     assert window.missing == ["visual"] and window.dropped == ["cam0"]
+
+
+def test_a_stream_with_a_learned_period_is_dropped_after_k_periods_not_the_timeout():
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05)
+    fixed = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0)
+    for t in np.arange(0.0, 1.0, 0.04):  # a 25 Hz camera that stops at t = 0.96
+        progress = StreamProgress("s1", "cam0", "visual", t, OFFSET + t, OFFSET, False, 0, period=0.04)
+        aligner.push(SensorBatch("cam0", [], [progress]))
+        fixed.push(SensorBatch("cam0", [], [progress]))
+    last = OFFSET + 0.96
+    aligner.poll(last + 0.24)
+    fixed.poll(last + 0.24)
+    assert "cam0" not in aligner.sessions["s1"].dropped  # within 0.05 + 5 * 0.04 = 0.25 s of silence
+    aligner.poll(last + 0.26)
+    fixed.poll(last + 0.26)
+    assert "cam0" in aligner.sessions["s1"].dropped and "cam0" not in fixed.sessions["s1"].dropped
+    fixed.poll(last + 1.01)
+    assert "cam0" in fixed.sessions["s1"].dropped
+    # an unknown period (too few arrivals) falls back to the timeout
+    assert aligner.silence_limit(StreamProgress("s1", "mic0", "audio", 0, 0, 0, False, 0)) == 1.0
+
+
+def test_a_modality_with_too_few_of_its_expected_frames_counts_as_missing():
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, min_share=0.5)
+    for source, frames in (("mic0", 50), ("asr0", 2), ("cam0", 10)):  # cam0: 10 of 50 frames at 25 Hz
+        delta = WindowDelta("s1", source, SENSORS[source], 0, np.ones(3, np.float32), 1.0, frames)
+        period = {"mic0": 0.04, "asr0": 1.0, "cam0": 0.04}[source]
+        aligner.push(SensorBatch(source, [delta], [StreamProgress("s1", source, SENSORS[source], 2.0, OFFSET + 2.0,
+                                                                  OFFSET, False, 0, period=period)]))
+    (window,) = aligner.poll(OFFSET + 2.0)
+    assert window.present == ["audio", "text"] and window.missing == ["visual"]
