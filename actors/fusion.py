@@ -15,6 +15,7 @@ import torch
 from mmfuse.actors.restorer import WindowEncoder
 from mmfuse.bundle import Bundle, load_bundle
 from mmfuse.frames import ClosedWindow
+from mmfuse.inference import head_outputs
 from mmfuse.logs import configure
 from mmfuse.wire import Decision
 
@@ -33,6 +34,7 @@ class FusionHead:
     def __init__(self, bundle: Bundle, restorer: str, session_idle_s: float = 60.0):
         self.bundle = bundle
         self.head = bundle.head(bundle.restorers[restorer]["head"])
+        self.complete_head = bundle.complete_head()
         self.encoder = WindowEncoder(bundle)
         self.context = bundle.context
         self.session_idle = session_idle_s
@@ -58,8 +60,9 @@ class FusionHead:
                 window.embeddings = row
         filled = torch.from_numpy(np.stack([w.embeddings for w in ready]))
         context = torch.from_numpy(np.stack([self._context(w) for w in ready])) if self.context else None
+        complete = torch.tensor([w.complete for w in ready])
         with torch.no_grad():
-            outputs = self.head(filled, context).numpy()
+            outputs = head_outputs(self.head, filled, context, complete, self.complete_head).numpy()
         return [self._decision(w, o) for w, o in zip(ready, outputs)]
 
     def _context(self, window: ClosedWindow) -> np.ndarray:

@@ -116,6 +116,10 @@ class Bundle:
         head.load_state_dict(self.tensors(f"head_{name}"))
         return head.eval()
 
+    def complete_head(self) -> torch.nn.Module | None:
+        """The head trained on complete data, used for windows with every modality (None if not trained)."""
+        return self.head("complete") if "complete" in self.manifest["heads"] else None
+
     def restorer(self, name: str, **overrides):
         """The named restorer; `overrides` replace arguments it was trained with (diffusion sampler settings)."""
         if name not in self.restorers:

@@ -30,10 +30,24 @@ def session_context(filled: torch.Tensor, previous: torch.Tensor) -> torch.Tenso
     return gathered.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
 
 
+def head_outputs(head: torch.nn.Module, filled: torch.Tensor, context: torch.Tensor | None,
+                 complete: torch.Tensor, complete_head: torch.nn.Module | None) -> torch.Tensor:
+    """The restorer's head; rows with every modality present go to the complete-data head when there is one.
+
+    A head trained on restored inputs is the better judge of restored windows, but the
+    head trained on complete data is the better one for windows that need no restoring.
+    """
+    outputs = head(filled, context)
+    if complete_head is not None and complete_head is not head and bool(complete.any()):
+        outputs[complete] = complete_head(filled[complete], None if context is None else context[complete])
+    return outputs
+
+
 @torch.no_grad()
 def predict(head: torch.nn.Module, restorer, z: torch.Tensor, present: torch.Tensor,
-            previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            previous: torch.Tensor | None = None,
+            complete_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(head outputs, filled embeddings) for a batch; `previous` indexes rows of the same batch."""
     filled = restorer.restore(z, present)
     context = session_context(filled, previous) if head.context and previous is not None else None
-    return head(filled, context), filled
+    return head_outputs(head, filled, context, present.all(dim=1), complete_head), filled

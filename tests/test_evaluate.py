@@ -299,7 +299,7 @@ def test_regression_bundle_reports_regression_metrics(feature_file, tmp_path):
     assert result["task"] == "regression"
     assert set(result["restorers"]) == RESTORER_NAMES
     for name, entry in result["restorers"].items():
-        assert list(entry["fixed"]) == [*CONDITIONS, "mean6"], name
+        assert list(entry["fixed"]) == [*CONDITIONS, "full", "mean6"], name
         for metrics in entry["fixed"].values():
             assert set(metrics) == {"mae", "corr", "acc2"}, name
             assert metrics["mae"] >= 0 and -1 <= metrics["corr"] <= 1 and 0 <= metrics["acc2"] <= 1

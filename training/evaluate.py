@@ -130,6 +130,7 @@ class Evaluation:
         encoders = bundle.encoders()
         self.z, self.observed = embed(encoders, data.features, self.order, len(data), bundle.manifest["embed_dim"])
         self.previous = torch.from_numpy(data.previous_rows(bundle.context))
+        self.complete_head = bundle.complete_head()
 
     def presence(self, pattern: np.ndarray) -> torch.Tensor:
         """Bundle-ordered presence for a pattern over `self.available` ([M'] or [N, M'])."""
@@ -142,7 +143,7 @@ class Evaluation:
     def run(self, restorer_name: str, pattern: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
         restorer = self.bundle.restorer(restorer_name)
         head = self.bundle.head(self.bundle.restorers[restorer_name]["head"])
-        outputs, filled = predict(head, restorer, self.z, self.presence(pattern), self.previous)
+        outputs, filled = predict(head, restorer, self.z, self.presence(pattern), self.previous, self.complete_head)
         metrics = score(outputs.numpy(), self.targets, self.bundle.manifest["output"])
         return {k: round(v, 4) for k, v in metrics.items()}, filled
 

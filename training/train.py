@@ -36,6 +36,8 @@ from mmfuse.training.metrics import headline, score
 
 SENTIMENT_LABELS = ["negative", "positive"]
 SENTIMENT_NAMES = {"negative", "neutral", "positive"}
+EMOTION_NAMES = {"angry", "anger", "disgust", "excited", "fear", "frustrated", "happy", "joy", "neutral", "sad",
+                 "sadness", "surprise"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="classify `label`, or regress `sentiment`")
     parser.add_argument("--task-name", default=None,
                         help="what the decisions are about (emotion, intent, sentiment, ...); default: sentiment "
-                             "when the labels are sentiment labels, else classification")
+                             "or emotion when the labels are such names, else classification")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restorers", default=",".join(RESTORERS),
                         help=f"comma-separated subset of {', '.join(RESTORERS)}")
@@ -137,6 +139,7 @@ class Trainer:
         self.train, self.val = self._split(train_idx), self._split(val_idx)
         self.loss = nn.CrossEntropyLoss() if self.output == "classification" else nn.L1Loss()
         self.patterns = all_patterns(len(self.modalities))
+        self.heads: dict[str, FusionHead] = {}  # trained so far; "complete" first when a restorer uses it
 
     def _split(self, index: np.ndarray) -> Split:
         part = self.dataset.rows(index)
@@ -272,7 +275,7 @@ class Trainer:
 
     def evaluate_condition(self, head: FusionHead, restorer, pattern: torch.Tensor) -> dict[str, float]:
         present = pattern.expand(len(self.val.z), -1)
-        outputs, _ = predict(head, restorer, self.val.z, present, self.val.previous)
+        outputs, _ = predict(head, restorer, self.val.z, present, self.val.previous, self.heads.get("complete"))
         return self._metrics(outputs, self.val)
 
     def run(self) -> dict:
@@ -299,8 +302,8 @@ class Trainer:
             elif name == "diffusion":
                 restorers[name], restorer_info[name] = self.train_diffusion()
 
-        heads, head_info = {}, {}
-        for restorer in restorers.values():
+        heads, head_info = self.heads, {}
+        for restorer in sorted(restorers.values(), key=lambda r: r.head != "complete"):  # complete head first
             if restorer.head not in heads:
                 complete_only = restorer.head == "complete"
                 heads[restorer.head], head_info[restorer.head] = self.train_head(restorer.head, restorer, complete_only)
@@ -323,7 +326,7 @@ class Trainer:
         manifest = {
             "id": f"{Path(args.out).name}-{dataset.sha256[:8]}-s{args.seed}",
             "task": args.task_name or ("sentiment" if binary_sentiment or set(labels) <= SENTIMENT_NAMES
-                                       else "classification"),
+                                       else "emotion" if set(labels) <= EMOTION_NAMES else "classification"),
             "output": self.output,
             "target": "label" if self.output == "classification" else "sentiment",
             "labels": labels,
