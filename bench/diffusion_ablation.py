@@ -122,7 +122,11 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(1)
     workdir = Path(tempfile.mkdtemp(prefix="mmfuse-ablation-"))
-    per_seed = {seed: run_seed(args, seed, workdir) for seed in args.seeds}
+    per_seed = {}
+    for seed in args.seeds:  # each seed's figures are kept as soon as they exist
+        per_seed[seed] = run_seed(args, seed, workdir)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"seeds": list(per_seed), "per_seed": per_seed}, indent=2) + "\n")
     variants = list(per_seed[args.seeds[0]])
     summary = {}
     print(f"\nseeds {args.seeds}; mean ± std over seeds; acc of the complete-data head on restored embeddings\n")

@@ -29,7 +29,7 @@ def bundle_dir(tmp_path_factory, feature_file):
     return out
 
 
-MEDIA_TRAINING = ["--tower-epochs", "4", "--encoder-epochs", "15", "--head-epochs", "15",
+MEDIA_TRAINING = ["--tower-epochs", "4", "--encoder-epochs", "15", "--head-epochs", "15", "--context", "0",
                   "--restorers", "zero,mean"]
 
 

@@ -248,3 +248,13 @@ def test_raw_media_windows_through_the_daemon(media_bundle, media_manifest, tmp_
 
 def lab_modality(name):
     return {"cam0": "visual", "mic0": "audio", "asr0": "text"}[name]
+
+
+def test_a_manifest_of_dialogues_gets_session_context_by_default(tmp_path):
+    lines = [json.dumps({"utterance_id": f"d{d}_{i}", "dialogue_id": f"d{d}", "turn": i, "text": f"words {i}",
+                         "label": "happy" if i % 2 else "sad"}) for d in range(6) for i in range(4)]
+    manifest = tmp_path / "dialogues.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    assert train_main(["--data", str(manifest), "--out", str(tmp_path / "b"), "--tower-epochs", "1",
+                       "--encoder-epochs", "2", "--head-epochs", "2"]) == 0
+    assert load_bundle(tmp_path / "b").context == 3
