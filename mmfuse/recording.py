@@ -170,23 +170,40 @@ def gaps_and_resets(times: np.ndarray, nominal_rate: float = 0.0) -> tuple[list,
     return gaps, resets
 
 
+def clock_offsets(delays: np.ndarray) -> str:
+    """Receive clock - sensor clock: the lowest delay (as NTP and LSL estimate it) at the start and
+    the end of the recording; their difference is the drift plus any clock change."""
+    if len(delays) < 2:
+        return ""
+    tenth = max(1, len(delays) // 10)
+    first, last = float(delays[:tenth].min()), float(delays[-tenth:].min())
+    return f"{first:+.4f} s at the start, {last:+.4f} s at the end ({last - first:+.4f} s)"
+
+
 def summarize_mcap(path: str | Path) -> list[StreamSummary]:
     path = Path(path)
     with open(path, "rb") as handle:
         reader, summary = _reader(handle, path)
         times: dict[int, list[float]] = {}
+        delays: dict[int, list[float]] = {}
         for _, channel, message in reader.iter_messages(log_time_order=False):
             times.setdefault(channel.id, []).append(message.log_time / 1e9)
+            delays.setdefault(channel.id, []).append((message.log_time - message.publish_time) / 1e9)
     result = []
     usable, _ = mmfuse_channels(summary)
     for channel_id, channel in summary.channels.items():
         series = np.sort(np.array(times.get(channel_id, [])))
         schema = summary.schemas.get(channel.schema_id)
-        kind = channel.metadata.get("modality") if channel_id in usable else \
-            f"{channel.message_encoding}{', ' + schema.name if schema else ''}; not usable by mmfuse"
+        if channel_id in usable:
+            kind = channel.metadata["modality"]
+        elif channel.topic == DECISION_TOPIC and channel.message_encoding == ENCODING:
+            kind = "decisions"
+        else:
+            kind = f"{channel.message_encoding}{', ' + schema.name if schema else ''}; not usable by mmfuse"
         gaps, resets = gaps_and_resets(series)
+        offsets = clock_offsets(np.array(delays.get(channel_id, []))) if channel_id in usable else ""
         result.append(StreamSummary(channel.topic, kind, len(series), float(series[0]) if len(series) else None,
-                                    float(series[-1]) if len(series) else None, gaps, resets))
+                                    float(series[-1]) if len(series) else None, gaps, resets, offsets))
     return result
 
 
