@@ -6,6 +6,12 @@ heartbeating), and measures, per window, the time from the moment the last messa
 of the window was sent (the window can close) to the decision's arrival.
 
     python bench/e2e_latency.py --sessions 8 --duration-s 30
+    python bench/e2e_latency.py --media --sessions 8 --duration-s 30
+
+With --media the sensors send raw media instead of features: per window and session
+15 JPEG camera frames (224x168), ten 100 ms chunks of 16 kHz PCM audio and one ASR
+text segment, and the daemon runs the bundle's towers (by default a bundle with the
+small open_clip config trained briefly on a generated media set).
 
 Prints the figures and writes them as JSON (default bench/results/e2e_latency.json).
 """
@@ -50,15 +56,49 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--incomplete", type=float, default=0.3, help="share of windows missing one modality")
     parser.add_argument("--restorer", default="mean")
     parser.add_argument("--bundle", default=None, help="bundle directory; default: train one on generated data")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "e2e_latency.json"))
+    parser.add_argument("--media", action="store_true", help="send jpeg, pcm16 and utf8 instead of features")
+    parser.add_argument("--json", default=None, help="default: bench/results/e2e_latency[_media].json")
     return parser.parse_args()
 
 
-def ensure_bundle(path: str | None, workdir: Path) -> Path:
+CAMERA_JPEG: list[bytes] = []
+
+
+def media_messages(session: str, name: str, seq: int, t: float, length: float, rng) -> list[wire.SensorMessage]:
+    """One window of a 15 fps camera, 100 ms audio chunks or one ASR segment."""
+    if not CAMERA_JPEG:
+        import io
+
+        from PIL import Image
+
+        for i in range(8):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (224, 168, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+            CAMERA_JPEG.append(buffer.getvalue())
+    if SENSORS[name] == "visual":
+        frames = int(15 * length)
+        return [wire.jpeg_message(session, name, seq + i, t + i / 15, CAMERA_JPEG[(seq + i) % len(CAMERA_JPEG)],
+                                  duration=1 / 15) for i in range(frames)]
+    if SENSORS[name] == "audio":
+        chunks = int(length / 0.1)
+        return [wire.pcm16_message(session, name, seq + i, t + 0.1 * i, rng.normal(0, 0.1, 1600), 16000)
+                for i in range(chunks)]
+    return [wire.text_message(session, name, seq, t + 0.1, "so this is what I was talking about, really great", 0.8)]
+
+
+def ensure_bundle(path: str | None, workdir: Path, media: bool) -> Path:
     if path:
         return Path(path)
     from mmfuse.training.data import make_synthetic
     from mmfuse.training.train import main as train
+
+    if media:
+        from mmfuse.training.media import make_synthetic_media
+
+        manifest = make_synthetic_media(workdir / "media")
+        train(["--data", str(manifest), "--out", str(workdir / "bundle"), "--restorers", "zero,mean",
+               "--tower-epochs", "1", "--encoder-epochs", "5", "--head-epochs", "5", "--context", "0"])
+        return workdir / "bundle"
 
     data = make_synthetic(workdir / "synthetic.npz")
     train(["--data", str(data), "--out", str(workdir / "bundle"), "--restorers", "zero,mean,dropout,autoencoder,retrieval",
@@ -69,7 +109,8 @@ def ensure_bundle(path: str | None, workdir: Path) -> Path:
 def main() -> int:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mmfuse-bench-"))
-    bundle_path = ensure_bundle(args.bundle, workdir)
+    bundle_path = ensure_bundle(args.bundle, workdir, args.media)
+    args.json = args.json or str(ROOT / "bench" / "results" / f"e2e_latency{'_media' if args.media else ''}.json")
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
     ports = {name: free_port() for name in SENSORS}
     output = f"tcp://127.0.0.1:{free_port()}"
@@ -150,6 +191,12 @@ def main() -> int:
                     if name == leave_out:
                         message = wire.SensorMessage(session, name, modality, seq[session, name], (k + 1) * args.window_s,
                                                      kind="heartbeat")
+                    elif args.media:
+                        for message in media_messages(session, name, seq[session, name], k * args.window_s,
+                                                      args.window_s, rng):
+                            sockets[name].send_multipart(wire.encode(message))
+                            seq[session, name] += 1
+                        continue
                     else:
                         message = wire.features_message(session, name, modality, seq[session, name], k * args.window_s,
                                                         rng.normal(size=dims[modality]), duration=args.window_s)
@@ -176,7 +223,7 @@ def main() -> int:
             "sessions": args.sessions, "window_s": args.window_s, "duration_s": args.duration_s,
             "windows_per_s": round(args.sessions / args.window_s, 2),
             "incomplete_fraction": round(incomplete / max(1, len(sent_at)), 3),
-            "restorer": args.restorer,
+            "restorer": args.restorer, "media": args.media,
             "windows_sent": len(sent_at), "decisions": len(received), "duplicates": duplicates,
             "missing": sorted(f"{s}/{k}" for s, k in sent_at if (s, k) not in received)[:20],
             "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),

@@ -164,8 +164,9 @@ class MediaRows:
         record = self.rows[row]
         if sensor.modality == "visual":
             frame = self._jpeg(record.image)
-            for j in range(max(1, int(hop * self.fps))):
-                yield t + j / self.fps, wire.jpeg_message(session, sensor.name, seq + j, t + j / self.fps, frame)
+            for j in range(max(1, int(hop * self.fps))):  # a frame covers 1/fps: the last one reaches the window end
+                yield t + (j + 1) / self.fps, wire.jpeg_message(session, sensor.name, seq + j, t + j / self.fps, frame,
+                                                                duration=1 / self.fps)
         elif sensor.modality == "text":
             yield t + 0.9 * hop, wire.text_message(session, sensor.name, seq, t + 0.1 * hop, record.text, 0.8 * hop)
         else:
