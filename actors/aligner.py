@@ -118,11 +118,13 @@ class Aligner:
     def _live(self, stream: StreamProgress, now: float) -> bool:
         return not stream.ended and now - stream.arrived_at <= self.silence_limit(stream)
 
-    def _too_sparse(self, session: Session, modality: str, frames: int) -> bool:
-        """Fewer frames than min_share of what the modality's streams' periods promise for a window."""
+    def _too_sparse(self, session: Session, modality: str, frames: int, end: float) -> bool:
+        """Fewer frames than min_share of what the periods of the modality's streams that delivered the
+        window promise for it (a stream that dropped or ended before the window's end promises nothing)."""
         if not self.min_share:
             return False
-        rates = [1 / s.period for s in session.streams.values() if s.modality == modality and math.isfinite(s.period)]
+        rates = [1 / s.period for s in session.streams.values()
+                 if s.modality == modality and math.isfinite(s.period) and s.progress >= end]
         expected = self.length * sum(rates)
         return expected > 0 and frames < self.min_share * expected
 
@@ -177,7 +179,7 @@ class Aligner:
             if not observed:
                 self.counts["empty"] += 1
                 continue
-            reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m])] or observed
+            reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m], end)] or observed
             features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in reliable}
             present = sorted(features)
             missing = [m for m in self.modalities if m not in features]

@@ -133,17 +133,20 @@ class SensorIngest:
         if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
             stream.seq_gaps += message.seq - stream.last_seq - 1
         stream.last_seq = message.seq
-        reached = message.t + message.duration
+        delivered = message.t + message.duration
+        reached = delivered
         if self.media is not None:
             if message.kind == "end":
                 self.media.end(key)
-            reached = self.media.complete_until(key, reached)
+            elif message.kind == "heartbeat":
+                self.media.heartbeat(key, message.t)
+            reached = self.media.complete_until(key, delivered)
         if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
             self.due = True
         stream.progress = max(stream.progress, reached)
         stream.arrived_at = arrived_at
         stream.sent_at(message.t)
-        stream.delays.append(arrived_at - reached)
+        stream.delays.append(arrived_at - delivered)  # not the held-back `reached`: that is no network delay
         if message.kind == "end":
             stream.ended = True
             self.log.info("stream ended", session=message.session, source=message.source)

@@ -32,12 +32,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def record_pending(socket, decisions, sensors: dict, writer: RecordingWriter, rejected: Tally, max_payload: int) -> None:
+    """Write everything queued on one socket."""
+    while True:
+        try:
+            frames = socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        now = time.time()
+        if socket is decisions:
+            writer.decision(frames[-1], now)
+            continue
+        try:
+            message = wire.decode(frames, max_payload)
+        except wire.WireError as exc:
+            if rejected.add(exc.reason):
+                print(f"rejected a malformed message ({exc})", file=sys.stderr)
+            continue
+        writer.sensor_message(sensors[socket].name, message, frames[1], now)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bound = [s.name for s in config.sensors if s.bind]
+    if bound:
+        print(f"error: sensor(s) {', '.join(bound)} have bind: true, so the daemon binds their endpoints and the "
+              f"recorder cannot bind them too; record sensors that bind their own endpoints (the default)",
+              file=sys.stderr)
         return 2
     context = zmq.Context.instance()
     poller = zmq.Poller()
@@ -48,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             socket.setsockopt(zmq.RCVHWM, 100_000)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SUBSCRIBE, f"{sensor.modality}/".encode())
-            (socket.bind if sensor.bind else socket.connect)(sensor.endpoint)
+            socket.connect(sensor.endpoint)
             sensors[socket] = sensor
             poller.register(socket, zmq.POLLIN)
         decisions = None
@@ -73,26 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     deadline = time.monotonic() + args.duration_s if args.duration_s else float("inf")
     print(f"recording {len(sensors)} sensor(s) into {args.out}; Ctrl-C stops", file=sys.stderr)
-    while not stopping and time.monotonic() < deadline:
-        for socket, _ in poller.poll(100):
-            while True:
-                try:
-                    frames = socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                now = time.time()
-                if socket is decisions:
-                    writer.decision(frames[-1], now)
-                    continue
-                try:
-                    message = wire.decode(frames, config.pipeline.max_payload_bytes)
-                except wire.WireError as exc:
-                    if rejected.add(exc.reason):
-                        print(f"rejected a malformed message ({exc})", file=sys.stderr)
-                    continue
-                writer.sensor_message(sensors[socket].name, message, frames[1], now)
-    writer.close(dict(rejected.counts))
-    context.destroy(linger=0)
+    try:
+        while not stopping and time.monotonic() < deadline:
+            for socket, _ in poller.poll(100):
+                record_pending(socket, decisions, sensors, writer, rejected, config.pipeline.max_payload_bytes)
+    finally:
+        writer.close(dict(rejected.counts))
+        context.destroy(linger=0)
     print(f"wrote {writer.messages} sensor message(s) on {len(writer.channels)} channel(s) to {args.out}"
           + (f"; rejected {dict(rejected.counts)}" if rejected.counts else ""), file=sys.stderr)
     return 0

@@ -168,7 +168,7 @@ class MediaRows:
                 yield t + (j + 1) / self.fps, wire.jpeg_message(session, sensor.name, seq + j, t + j / self.fps, frame,
                                                                 duration=1 / self.fps)
         elif sensor.modality == "text":
-            yield t + 0.9 * hop, wire.text_message(session, sensor.name, seq, t + 0.1 * hop, record.text, 0.8 * hop)
+            yield t + hop, wire.text_message(session, sensor.name, seq, t, record.text, hop)
         else:
             from mmfuse.training.media import read_wav
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import structlog
 
 from mmfuse.actors.aligner import Aligner
@@ -100,5 +99,6 @@ class VirtualPipeline:
 
 
 def receive_offset(messages: list[RecordedMessage]) -> float:
-    """Median of (receive time - origin time): maps the sensors' clock onto the recording's."""
-    return float(np.median([m.received - m.origin for m in messages])) if messages else 0.0
+    """Lowest (receive time - delivered-up-to time), as the daemon estimates a stream's offset: maps the
+    sensors' clock onto the recording's."""
+    return min(m.received - m.reached for m in messages) if messages else 0.0

@@ -26,6 +26,7 @@ from mmfuse.wire import SensorMessage
 IMAGE_ENCODINGS = ("jpeg", "rgb8")
 MEDIA_ENCODINGS = {"visual": IMAGE_ENCODINGS, "text": ("utf8",), "audio": ("pcm16",)}
 MIN_PARTIAL_SEGMENT_S = 0.2  # a shorter audio remainder (stream end, gap) is not worth a vector
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class MediaError(ValueError):
@@ -40,22 +41,39 @@ def decode_image(message: SensorMessage) -> np.ndarray:
     """RGB uint8 [H, W, 3] of a `jpeg` or `rgb8` message."""
     if message.encoding == "rgb8":
         return message.array()
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(message.data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise MediaError("too_large", f"jpeg of {message.session}/{message.source} seq {message.seq} is "
+                                 f"{image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels are decoded")
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MediaError("undecodable", f"jpeg of {message.session}/{message.source} seq {message.seq}: {exc}")
+    except MediaError:
+        raise
+    except Exception as exc:  # Pillow raises many unrelated types (incl. DecompressionBombError) for bad input
+        raise MediaError("undecodable", f"jpeg of {message.session}/{message.source} seq {message.seq}: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
-def decode_pcm16(message: SensorMessage, rate: int) -> np.ndarray:
-    """Mono float32 samples in [-1, 1] at `rate` Hz (linear resampling when the sensor's rate differs)."""
-    samples = np.frombuffer(message.data, dtype="<i2").astype(np.float32) / 32768.0
-    if message.rate != rate and len(samples):
-        n = max(1, round(len(samples) * rate / message.rate))
-        samples = np.interp(np.arange(n) * message.rate / rate, np.arange(len(samples)), samples).astype(np.float32)
-    return samples
+def pcm16_samples(message: SensorMessage) -> np.ndarray:
+    """Mono float32 samples in [-1, 1] of a `pcm16` message, at the message's own rate."""
+    return np.frombuffer(message.data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def fit_segment(wave: np.ndarray, samples: int) -> np.ndarray:
+    """A waveform cut to, or tiled up to, one segment: padding with silence would skew its statistics."""
+    if len(wave) >= samples:
+        return wave[:samples]
+    return np.tile(wave, math.ceil(samples / max(1, len(wave))))[:samples]
+
+
+def split_segments(wave: np.ndarray, samples: int, rate: int) -> list[tuple[np.ndarray, float]]:
+    """A recording cut as the daemon cuts live audio: (segment, seconds of real audio in it);
+    a remainder shorter than MIN_PARTIAL_SEGMENT_S is dropped unless it is all there is."""
+    pieces = [wave[i:i + samples] for i in range(0, len(wave), samples)] or [wave]
+    kept = [p for p in pieces if len(p) / rate >= MIN_PARTIAL_SEGMENT_S] or pieces[:1]
+    return [(fit_segment(p, samples), len(p) / rate) for p in kept]
 
 
 @dataclass(slots=True)
@@ -93,6 +111,7 @@ class MediaEncoder:
         self.pending: list[_Pending] = []
         self.last_slot: dict[tuple[str, str], int] = {}
         self.audio: dict[tuple[str, str], _AudioSegment] = {}
+        self.resampled: dict[tuple[str, str], tuple[int, int]] = {}  # (input, output) samples so far
         self.skipped_frames = 0
         self.encoded = 0
 
@@ -114,7 +133,18 @@ class MediaEncoder:
             if message.data.strip():
                 self.pending.append(_Pending(*key, message.t, message.t + message.duration, message.data))
         else:
-            self._add_audio(key, message.t, decode_pcm16(message, self.tower.rate))
+            self._add_audio(key, message.t, self._resample(key, pcm16_samples(message), message.rate))
+
+    def _resample(self, key: tuple[str, str], samples: np.ndarray, rate: int) -> np.ndarray:
+        """Linear resampling to the tower's rate, carrying the phase across chunks so no drift builds up."""
+        target = self.tower.rate
+        if rate == target or not len(samples):
+            return samples
+        done_in, done_out = self.resampled.get(key, (0, 0))
+        total_out = (done_in + len(samples)) * target // rate
+        positions = np.arange(done_out, total_out) * rate / target - done_in
+        self.resampled[key] = (done_in + len(samples), total_out)
+        return np.interp(positions, np.arange(len(samples)), samples).astype(np.float32)
 
     def _add_audio(self, key: tuple[str, str], t: float, samples: np.ndarray) -> None:
         rate, length = self.tower.rate, self.tower.segment_s
@@ -139,10 +169,7 @@ class MediaEncoder:
         segment = self.audio.pop(key, None)
         if segment is None or segment.samples / self.tower.rate < MIN_PARTIAL_SEGMENT_S:
             return
-        wave = np.concatenate(segment.chunks)
-        full = self.tower.segment_samples
-        if len(wave) < full:  # a partial segment is tiled: padding with silence would skew its statistics
-            wave = np.tile(wave, math.ceil(full / len(wave)))[:full]
+        wave = fit_segment(np.concatenate(segment.chunks), self.tower.segment_samples)
         self.pending.append(_Pending(*key, segment.start, segment.start + segment.samples / self.tower.rate, wave))
 
     def complete_until(self, key: tuple[str, str], reached: float) -> float:
@@ -153,6 +180,12 @@ class MediaEncoder:
     def end(self, key: tuple[str, str]) -> None:
         """The stream ended: its unfinished audio segment is encoded as it is."""
         self._close_segment(key)
+
+    def heartbeat(self, key: tuple[str, str], t: float) -> None:
+        """Everything up to t has been sent: an unfinished segment whose audio ends before t is complete."""
+        segment = self.audio.get(key)
+        if segment is not None and t >= segment.start + segment.samples / self.tower.rate - 1e-6:
+            self._close_segment(key)
 
     def encode(self) -> list[EncodedSpan]:
         """Encode everything queued, all sessions in one batch."""

@@ -33,8 +33,12 @@ class RecordingError(Exception):
     """A recording that cannot be used; the message says why and what it holds."""
 
 
+UINT64_MAX = 2**64 - 1
+
+
 def seconds_to_ns(t: float) -> int:
-    return max(0, round(t * 1e9))
+    """MCAP times are uint64 nanoseconds; the wire allows any finite t, so clamp (the payload keeps t)."""
+    return int(min(max(t * 1e9, 0.0), UINT64_MAX))
 
 
 class RecordingWriter:
@@ -61,7 +65,8 @@ class RecordingWriter:
     def sensor_message(self, sensor: str, message: wire.SensorMessage, payload: bytes, received: float) -> None:
         channel = self._channel(f"{message.modality}/{message.source}",
                                 {"modality": message.modality, "source": message.source, "sensor": sensor})
-        self.writer.add_message(channel, seconds_to_ns(received), payload, seconds_to_ns(message.t), message.seq)
+        self.writer.add_message(channel, seconds_to_ns(received), payload, seconds_to_ns(message.t),
+                                message.seq & 0xFFFFFFFF)  # MCAP's sequence is uint32; the payload keeps seq
         self.messages += 1
 
     def decision(self, payload: bytes, received: float) -> None:
@@ -80,7 +85,7 @@ class RecordedMessage:
     topic: bytes          # the ZeroMQ topic to publish it under
     payload: bytes
     received: float       # log time, seconds
-    origin: float         # publish time, seconds
+    reached: float        # origin time + duration: what the message delivers up to, on the sensor's clock
 
 
 def _reader(handle, path: Path):
@@ -128,10 +133,11 @@ def read_recording(path: str | Path) -> tuple[dict, list[RecordedMessage]]:
                 config = json.loads(record.metadata.get("config", "{}"))
         messages = []
         for _, channel, message in reader.iter_messages(topics=[c.topic for c in usable.values()]):
-            session = msgpack.unpackb(message.data, raw=False).get("session", "unknown")
+            body = msgpack.unpackb(message.data, raw=False)
             messages.append(RecordedMessage(channel.metadata["sensor"],
-                                            f"{channel.metadata['modality']}/{session}".encode(),
-                                            message.data, message.log_time / 1e9, message.publish_time / 1e9))
+                                            f"{channel.metadata['modality']}/{body.get('session')}".encode(),
+                                            message.data, message.log_time / 1e9,
+                                            float(body.get("t", 0.0)) + float(body.get("duration", 0.0))))
     return config, messages
 
 
@@ -171,8 +177,9 @@ def gaps_and_resets(times: np.ndarray, nominal_rate: float = 0.0) -> tuple[list,
 
 
 def clock_offsets(delays: np.ndarray) -> str:
-    """Receive clock - sensor clock: the lowest delay (as NTP and LSL estimate it) at the start and
-    the end of the recording; their difference is the drift plus any clock change."""
+    """Receive clock - sensor clock (receive time - origin time `t`): the lowest delay, as NTP and LSL
+    estimate it, at the start and the end of the recording; their difference is the drift plus any
+    clock change. A message's span (`duration`) is part of its delay."""
     if len(delays) < 2:
         return ""
     tenth = max(1, len(delays) // 10)
@@ -184,11 +191,13 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
     path = Path(path)
     with open(path, "rb") as handle:
         reader, summary = _reader(handle, path)
+        if summary is None:
+            raise RecordingError(f"{path}: the MCAP file has no summary section (was the recording cut off?)")
         times: dict[int, list[float]] = {}
-        delays: dict[int, list[float]] = {}
-        for _, channel, message in reader.iter_messages(log_time_order=False):
+        origins: dict[int, list[float]] = {}
+        for _, channel, message in reader.iter_messages():
             times.setdefault(channel.id, []).append(message.log_time / 1e9)
-            delays.setdefault(channel.id, []).append((message.log_time - message.publish_time) / 1e9)
+            origins.setdefault(channel.id, []).append(message.publish_time / 1e9)
     result = []
     usable, _ = mmfuse_channels(summary)
     for channel_id, channel in summary.channels.items():
@@ -200,8 +209,12 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
             kind = "decisions"
         else:
             kind = f"{channel.message_encoding}{', ' + schema.name if schema else ''}; not usable by mmfuse"
-        gaps, resets = gaps_and_resets(series)
-        offsets = clock_offsets(np.array(delays.get(channel_id, []))) if channel_id in usable else ""
+        gaps, _ = gaps_and_resets(series)
+        resets, offsets = [], ""
+        if channel_id in usable:  # origin times in receive order: a jump back is a sensor clock reset
+            origin = np.array(origins[channel_id]) if channel_id in origins else np.zeros(0)
+            resets = gaps_and_resets(origin)[1]
+            offsets = clock_offsets(series - origin)
         result.append(StreamSummary(channel.topic, kind, len(series), float(series[0]) if len(series) else None,
                                     float(series[-1]) if len(series) else None, gaps, resets, offsets))
     return result

@@ -232,12 +232,11 @@ class AudioTower(nn.Module):
         return round(self.rate * self.segment_s)
 
     def prepare(self, waveforms: list[np.ndarray]) -> torch.Tensor:
-        """Pad or cut every waveform to one segment."""
-        n = self.segment_samples
-        batch = np.zeros((len(waveforms), n), dtype=np.float32)
-        for i, wave in enumerate(waveforms):
-            batch[i, :min(n, len(wave))] = wave[:n]
-        return torch.from_numpy(batch)
+        """Cut or tile every waveform to one segment."""
+        from mmfuse.media import fit_segment
+
+        return torch.from_numpy(np.stack([fit_segment(np.asarray(w, np.float32), self.segment_samples)
+                                          for w in waveforms]))
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.proj(self.net(self.norm(self.logmel(waveform))).mean(dim=-1))

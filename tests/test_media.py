@@ -258,3 +258,35 @@ def test_a_manifest_of_dialogues_gets_session_context_by_default(tmp_path):
     assert train_main(["--data", str(manifest), "--out", str(tmp_path / "b"), "--tower-epochs", "1",
                        "--encoder-epochs", "2", "--head-epochs", "2"]) == 0
     assert load_bundle(tmp_path / "b").context == 3
+
+
+def test_a_heartbeat_completes_an_unfinished_audio_segment_and_resampling_does_not_drift():
+    class Tower:
+        rate, segment_s, segment_samples = 16000, 1.0, 16000
+
+        def encode(self, items):
+            return np.array([[len(i)] for i in items], np.float32)
+
+    encoder = MediaEncoder("audio", Tower(), frame_period_s=1.0)
+    key = ("s", "mic0")
+    encoder.add(wire.pcm16_message("s", "mic0", 0, 0.0, np.zeros(8000), 16000))  # half a segment, then silence
+    assert encoder.complete_until(key, 0.5) == 0.0
+    encoder.heartbeat(key, 0.6)
+    assert encoder.complete_until(key, 0.6) == 0.6 and len(encoder.encode()) == 1
+    # 10 minutes of 44.1 kHz audio in 1024-sample chunks: the segment grid stays on the sensor's clock
+    t, seq = 0.0, 1
+    for _ in range(int(600 * 44100 / 1024)):
+        encoder.add(wire.pcm16_message("s", "mic1", seq, t, np.zeros(1024), 44100))
+        t += 1024 / 44100
+        seq += 1
+    spans = encoder.encode()
+    assert len(spans) == int(t) and abs(spans[-1].end - int(t)) < 1e-3
+
+
+def test_an_image_bomb_is_rejected_not_decoded():
+    from mmfuse.media import MediaError, decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (5000, 5000)).save(buffer, format="JPEG", quality=1)
+    with pytest.raises(MediaError, match="too_large"):
+        decode_image(wire.jpeg_message("s", "cam0", 0, 0.0, buffer.getvalue()))

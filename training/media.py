@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import Bundle, sha256_file
+from mmfuse.media import split_segments
 from mmfuse.towers import (AudioTower, ImageTower, TextTower, TowerError, build_clip, clip_config,
                            preprocess_config, resolve_pretrained)
 from mmfuse.training.data import DataError, FeatureSet
@@ -106,12 +107,6 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
-def audio_segments(samples: np.ndarray, tower: AudioTower) -> list[np.ndarray]:
-    """Consecutive segments as the daemon cuts them (the last one partial)."""
-    n = tower.segment_samples
-    return [samples[i:i + n] for i in range(0, max(len(samples), 1), n)] or [samples]
-
-
 class TowerInputs:
     """Every row's tower input, read once: pixels, tokens, waveforms."""
 
@@ -147,8 +142,13 @@ class TowerInputs:
     @torch.no_grad()
     def features(self, modality: str, tower: nn.Module) -> np.ndarray:
         tower.eval()
-        if modality == "audio":
-            return np.stack([tower.encode(audio_segments(w, tower)).mean(axis=0) for w in self.waves])
+        if modality == "audio":  # segments as the daemon cuts them, averaged by their length as a window does
+            vectors = []
+            for wave_ in self.waves:
+                segments = split_segments(wave_, tower.segment_samples, tower.rate)
+                weights = np.array([seconds for _, seconds in segments])
+                vectors.append(weights @ tower.encode([w for w, _ in segments]) / weights.sum())
+            return np.stack(vectors)
         data = self.pixels if modality == "visual" else self.tokens
         return torch.cat([tower(data[i:i + 256]) for i in range(0, len(data), 256)]).numpy()
 
