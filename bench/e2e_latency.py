@@ -83,7 +83,7 @@ def media_messages(session: str, name: str, seq: int, t: float, length: float, r
         chunks = int(length / 0.1)
         return [wire.pcm16_message(session, name, seq + i, t + 0.1 * i, rng.normal(0, 0.1, 1600), 16000)
                 for i in range(chunks)]
-    return [wire.text_message(session, name, seq, t + 0.1, "so this is what I was talking about, really great", 0.8)]
+    return [wire.text_message(session, name, seq, t, "so this is what I was talking about, really great", length)]
 
 
 def ensure_bundle(path: str | None, workdir: Path, media: bool) -> Path:
