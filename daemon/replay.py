@@ -128,6 +128,10 @@ class FeatureRows:
         self.uid = self.data.uid
         self.truth = [names[k] if names and k < len(names) else None for k in self.data.label]
 
+    def lost(self, sensor, session: str, seq: int, t: float, hop: float):
+        """An utterance the sensor lost: it stays alive and says so when the utterance would have ended."""
+        yield t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq, t + hop, kind="heartbeat")
+
     def messages(self, row: int, sensor, session: str, seq: int, t: float, hop: float):
         yield t + hop, wire.features_message(session, sensor.name, sensor.modality, seq, t,
                                              self.data.features[sensor.modality][row], duration=hop)
@@ -137,6 +141,7 @@ class MediaRows:
     """A media manifest: camera frames, an ASR segment and audio chunks per utterance."""
 
     CHUNK_S = 0.1
+    HEARTBEAT_S = 0.25
 
     def __init__(self, path: str, fps: float):
         from mmfuse.training.media import manifest_modalities, read_manifest
@@ -160,6 +165,19 @@ class MediaRows:
             image.convert("RGB").save(buffer, format="JPEG", quality=90)
         return buffer.getvalue()
 
+    def _alive(self, sensor, session: str, seq: int, t: float, hop: float):
+        """Heartbeats while an utterance lasts: delivered up to its start, and alive."""
+        beats = [t + j * self.HEARTBEAT_S for j in range(1, int(hop / self.HEARTBEAT_S)) if j * self.HEARTBEAT_S < hop]
+        for j, due in enumerate(beats):
+            yield due, wire.SensorMessage(session, sensor.name, sensor.modality, seq + j, t, kind="heartbeat")
+
+    def lost(self, sensor, session: str, seq: int, t: float, hop: float):
+        """An utterance the sensor lost: it stays alive throughout and then says it is past it."""
+        beats = list(self._alive(sensor, session, seq, t, hop))
+        yield from beats
+        yield t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq + len(beats), t + hop,
+                                          kind="heartbeat")
+
     def messages(self, row: int, sensor, session: str, seq: int, t: float, hop: float):
         record = self.rows[row]
         if sensor.modality == "visual":
@@ -167,8 +185,10 @@ class MediaRows:
             for j in range(max(1, int(hop * self.fps))):  # a frame covers 1/fps: the last one reaches the window end
                 yield t + (j + 1) / self.fps, wire.jpeg_message(session, sensor.name, seq + j, t + j / self.fps, frame,
                                                                 duration=1 / self.fps)
-        elif sensor.modality == "text":
-            yield t + hop, wire.text_message(session, sensor.name, seq, t, record.text, hop)
+        elif sensor.modality == "text":  # an ASR result comes at the utterance's end: stay alive until then
+            beats = list(self._alive(sensor, session, seq, t, hop))
+            yield from beats
+            yield t + hop, wire.text_message(session, sensor.name, seq + len(beats), t, record.text, hop)
         else:
             from mmfuse.training.media import read_wav
 
@@ -211,8 +231,7 @@ def build_schedule(config: DaemonConfig, data, args: argparse.Namespace) -> tupl
                 if sensor.modality not in data.modalities or t >= kills.get(sensor.modality, np.inf):
                     continue
                 if rng.random() < drops.get(sensor.modality, 0.0):
-                    sent = [(t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name],
-                                                         t + hop, kind="heartbeat"))]
+                    sent = list(data.lost(sensor, session, seq[sensor.name], t, hop))
                 else:
                     sent = list(data.messages(row, sensor, session, seq[sensor.name], t, hop))
                 seq[sensor.name] += len(sent)

@@ -64,7 +64,8 @@ def test_a_media_manifest_becomes_camera_frames_asr_segments_and_audio_chunks(me
     assert len(frames) == 6 * 10 and {b["encoding"] for b in frames} == {"jpeg"}
     assert [b["t"] for b in frames[:3]] == pytest.approx([0.0, 0.2, 0.4])
     texts = [b for b in by_sensor["asr0"] if b["kind"] == "data"]
-    assert len(texts) == 6 and texts[0]["encoding"] == "utf8" and texts[0]["duration"] == pytest.approx(1.6)
+    assert sum(b["kind"] == "heartbeat" for b in by_sensor["asr0"]) == 6 * 7  # alive while an utterance lasts
+    assert len(texts) == 6 and texts[0]["encoding"] == "utf8" and texts[0]["duration"] == pytest.approx(2.0)
     chunks = [b for b in by_sensor["mic0"] if b["kind"] == "data"]
     assert len(chunks) == 6 * 20 and all(len(b["data"]) == 3200 and b["rate"] == 16000 for b in chunks)
     for bodies in by_sensor.values():

@@ -351,3 +351,36 @@ def make_synthetic_media(folder: str | Path, sessions: int = 12, per_session: in
     manifest = folder / "labels.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+def with_generated_audio(manifest: str | Path, folder: str | Path, rows: int, seed: int = 0) -> Path:
+    """A copy of the first `rows` rows of a manifest, each with a generated 2 s WAV as its `audio`.
+
+    The audio is synthetic babble (random formant-like tones under noise), NOT speech,
+    and carries nothing about the label: it lets a demo exercise a live microphone
+    path on data sets that have none.
+    """
+    source = Path(manifest)
+    folder = Path(folder)
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rate, lines = 16000, []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines()[:rows]):
+        record = json.loads(line)
+        if record.get("image"):
+            record["image"] = str((source.parent / record["image"]).resolve())
+        t = np.arange(2 * rate) / rate
+        tones = sum(np.sin(2 * np.pi * rng.uniform(150, 900) * t + rng.uniform(0, 6)) for _ in range(3))
+        envelope = np.clip(np.sin(2 * np.pi * rng.uniform(2, 5) * t), 0, None)
+        wave_ = 0.1 * tones * envelope + 0.02 * rng.normal(size=len(t))
+        path = folder / "audio" / f"{number}.wav"
+        with wave.open(str(path), "wb") as handle:
+            handle.setnchannels(1)
+            handle.setsampwidth(2)
+            handle.setframerate(rate)
+            handle.writeframes((np.clip(wave_, -1, 1) * 32767).astype("<i2").tobytes())
+        record["audio"] = f"audio/{number}.wav"
+        lines.append(json.dumps(record))
+    out = folder / "labels.jsonl"
+    out.write_text("\n".join(lines) + "\n")
+    return out
