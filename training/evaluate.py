@@ -222,7 +222,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
         entry = {}
         if args.protocol in ("fixed", "both"):
             entry["fixed"] = evaluation.fixed(name)
-        if args.protocol in ("rate", "both"):
+        if args.protocol in ("rate", "both") and len(evaluation.available) > 1:  # one modality cannot go missing
             entry["rate"] = evaluation.rate(name, args.seeds)
         if args.protocol in ("missing", "both") and len(evaluation.available) > 1:
             entry["missing"] = evaluation.missing(name, args.eta, args.seeds)
