@@ -233,7 +233,7 @@ class SensorActor:
         self.flush_interval = pipeline["flush_interval_ms"] / 1000.0
         self.aligner = aligner
         self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
-        tower = load_bundle(bundle_path).towers().get(sensor["modality"]) if bundle_path else None
+        tower = load_bundle(bundle_path).towers([sensor["modality"]]).get(sensor["modality"]) if bundle_path else None
         media = None if tower is None else MediaEncoder(sensor["modality"], tower,
                                                         window["length_s"] / sensor["frames_per_window"])
         self.ingest = SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,

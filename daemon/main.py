@@ -15,6 +15,7 @@ import structlog
 from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.daemon.config import ConfigError, DaemonConfig, load_config
 from mmfuse.logs import configure
+from mmfuse.media import MEDIA_ENCODINGS
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
@@ -43,8 +44,8 @@ def check(config: DaemonConfig, log) -> int:
         return EXIT_CONFIG
     dims = ", ".join(f"{m} {spec['dim']}-d" for m, spec in bundle.modalities.items())
     media = bundle.manifest.get("media", {}).get("towers", {})
-    raw = {"visual": "jpeg, rgb8", "text": "utf8", "audio": "pcm16"}
-    towers = "; raw media: " + ", ".join(f"{m} ({raw[m]})" for m in media) if media else "; no raw-media towers"
+    towers = ("; raw media: " + ", ".join(f"{m} ({', '.join(MEDIA_ENCODINGS[m])})" for m in media) if media
+              else "; no raw-media towers")
     print(f"configuration OK: {len(config.sensors)} sensor(s), bundle {bundle.id} ({bundle.task}: "
           f"{', '.join(bundle.labels)}; features {dims}{towers}), restorer {config.restorer.method}",
           file=sys.stderr)

@@ -38,7 +38,7 @@ class VirtualPipeline:
         self.config = config
         log = structlog.get_logger().bind(virtual=True)
         window, pipeline = config.window, config.pipeline
-        towers = bundle.towers() if bundle.manifest.get("media") else {}
+        towers = bundle.towers(sorted({s.modality for s in config.sensors}))
         self.ingests = {}
         for sensor in config.sensors:
             tower = towers.get(sensor.modality)

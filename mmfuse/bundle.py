@@ -90,23 +90,18 @@ class Bundle:
             result[modality] = encoder.eval()
         return result
 
-    def towers(self) -> dict[str, torch.nn.Module]:
-        """The media towers of a bundle trained on raw media (modality -> tower), else {}."""
+    def towers(self, modalities: list[str] | None = None) -> dict[str, torch.nn.Module]:
+        """The trained media towers (modality -> tower) of a bundle made from raw media, for `modalities`
+        (default: all); {} for a bundle made from features. Only what is asked for is built and loaded."""
         media = self.manifest.get("media")
         if not media:
             return {}
-        from mmfuse.towers import AudioTower, ImageTower, TextTower, build_clip
+        from mmfuse.towers import build_towers
 
-        towers = {}
-        if "clip" in media:
-            clip = build_clip(media["clip"]["config"])
+        towers, clip = build_towers(media, self.modality_order if modalities is None else modalities)
+        if clip is not None:
             clip.load_state_dict(self.tensors("clip"))
-            if "visual" in media["towers"]:
-                towers["visual"] = ImageTower(clip, media["clip"]["preprocess"])
-            if "text" in media["towers"]:
-                towers["text"] = TextTower(clip, media["clip"]["context_length"])
-        if "audio" in media["towers"]:
-            towers["audio"] = AudioTower(**media["audio"]["args"])
+        if "audio" in towers:
             towers["audio"].load_state_dict(self.tensors("tower_audio"))
         return {m: tower.eval() for m, tower in towers.items()}
 

@@ -37,23 +37,32 @@ class MediaError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def decode_image(message: SensorMessage) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of a `jpeg` or `rgb8` message."""
-    if message.encoding == "rgb8":
-        return message.array()
+def rgb_image(source) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an encoded image (a file object); raises MediaError for anything
+    Pillow cannot decode and for images over MAX_IMAGE_PIXELS (decompression bombs)."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(message.data)) as image:
+        with Image.open(source) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise MediaError("too_large", f"jpeg of {message.session}/{message.source} seq {message.seq} is "
-                                 f"{image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels are decoded")
+                raise MediaError("too_large", f"{image.width}x{image.height} image; at most {MAX_IMAGE_PIXELS} "
+                                 f"pixels are decoded")
             return np.asarray(image.convert("RGB"))
     except MediaError:
         raise
     except Exception as exc:  # Pillow raises many unrelated types (incl. DecompressionBombError) for bad input
-        raise MediaError("undecodable", f"jpeg of {message.session}/{message.source} seq {message.seq}: "
-                         f"{type(exc).__name__}: {exc}") from None
+        raise MediaError("undecodable", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_image(message: SensorMessage) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a `jpeg` or `rgb8` message."""
+    if message.encoding == "rgb8":
+        return message.array()
+    try:
+        return rgb_image(io.BytesIO(message.data))
+    except MediaError as exc:
+        raise MediaError(exc.reason, f"jpeg of {message.session}/{message.source} seq {message.seq}: "
+                         f"{exc.detail}") from None
 
 
 def pcm16_samples(message: SensorMessage) -> np.ndarray:

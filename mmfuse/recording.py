@@ -226,22 +226,19 @@ def summarize_xdf(path: str | Path) -> list[StreamSummary]:
 
     try:
         streams, _ = pyxdf.load_xdf(str(path), synchronize_clocks=True, handle_clock_resets=True, dejitter_timestamps=False)
-        raw, _ = pyxdf.load_xdf(str(path), synchronize_clocks=False, dejitter_timestamps=False)
     except Exception as exc:  # pyxdf raises assorted errors on damaged files
         raise RecordingError(f"{path}: not a readable XDF file ({exc})") from None
-    raw_by_id = {s["info"]["stream_id"]: s for s in raw}
     result = []
     for stream in streams:
         info = stream["info"]
         times = np.asarray(stream["time_stamps"], dtype=float)
         rate = float(info["nominal_srate"][0])
         gaps, _ = gaps_and_resets(times, rate)
-        raw_times = np.asarray(raw_by_id[info["stream_id"]]["time_stamps"], dtype=float)
         resets = []
         offsets = np.asarray(stream["clock_values"], dtype=float)
         offset_text = (f"{len(offsets)} measured, {offsets.min():+.4f} .. {offsets.max():+.4f} s" if len(offsets)
                        else "none measured")
-        if len(raw_times) and len(offsets):
+        if len(offsets):
             jumps = np.abs(np.diff(offsets))
             resets = [(float(stream["clock_times"][i + 1]), float(offsets[i + 1] - offsets[i]))
                        for i in np.flatnonzero(jumps > 1.0)]

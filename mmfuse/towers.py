@@ -244,3 +244,19 @@ class AudioTower(nn.Module):
     @torch.no_grad()
     def encode(self, waveforms: list[np.ndarray]) -> np.ndarray:
         return self(self.prepare(waveforms)).numpy()
+
+
+def build_towers(media: dict, modalities: list[str], checkpoint: str | None = None) -> tuple[dict[str, nn.Module], nn.Module | None]:
+    """The towers a bundle's `media` spec describes, for `modalities` only, and the CLIP model the image
+    and text towers share (None when neither is asked for). Weights: random, or CLIP's from `checkpoint`."""
+    wanted = [m for m in modalities if m in media["towers"]]
+    towers, clip = {}, None
+    if {"visual", "text"} & set(wanted):
+        clip = build_clip(media["clip"]["config"], checkpoint)
+        if "visual" in wanted:
+            towers["visual"] = ImageTower(clip, media["clip"]["preprocess"])
+        if "text" in wanted:
+            towers["text"] = TextTower(clip, media["clip"]["context_length"])
+    if "audio" in wanted:
+        towers["audio"] = AudioTower(**media["audio"]["args"])
+    return towers, clip

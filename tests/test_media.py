@@ -30,6 +30,17 @@ def tiny_clip():
     return build_clip(clip_config("mmfuse-tiny"))
 
 
+class LengthTower:
+    """Stands in for the audio tower: a segment's vector is its length in samples."""
+    segment_s = 1.0
+
+    def __init__(self, rate):
+        self.rate = self.segment_samples = rate
+
+    def encode(self, items):
+        return np.array([[len(i)] for i in items], np.float32)
+
+
 def images(n, seed=0):
     return [np.random.default_rng(seed + i).integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8) for i in range(n)]
 
@@ -108,13 +119,7 @@ def test_camera_frames_are_thinned_to_k_per_window():
 
 
 def test_audio_is_cut_on_the_segment_grid_and_counts_only_once_complete():
-    class Tower:
-        rate, segment_s, segment_samples = 1000, 1.0, 1000
-
-        def encode(self, items):
-            return np.array([[len(i)] for i in items], np.float32)
-
-    encoder = MediaEncoder("audio", Tower(), frame_period_s=1.0)
+    encoder = MediaEncoder("audio", LengthTower(rate=1000), frame_period_s=1.0)
     key = ("s", "mic0")
     for i in range(25):  # 2.5 s in 100 ms chunks
         encoder.add(wire.pcm16_message("s", "mic0", i, i * 0.1, np.zeros(100), 1000))
@@ -261,13 +266,7 @@ def test_a_manifest_of_dialogues_gets_session_context_by_default(tmp_path):
 
 
 def test_a_heartbeat_completes_an_unfinished_audio_segment_and_resampling_does_not_drift():
-    class Tower:
-        rate, segment_s, segment_samples = 16000, 1.0, 16000
-
-        def encode(self, items):
-            return np.array([[len(i)] for i in items], np.float32)
-
-    encoder = MediaEncoder("audio", Tower(), frame_period_s=1.0)
+    encoder = MediaEncoder("audio", LengthTower(rate=16000), frame_period_s=1.0)
     key = ("s", "mic0")
     encoder.add(wire.pcm16_message("s", "mic0", 0, 0.0, np.zeros(8000), 16000))  # half a segment, then silence
     assert encoder.complete_until(key, 0.5) == 0.0

@@ -106,6 +106,11 @@ def mean_metrics(entries: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(float(np.mean([e[k] for e in entries])), 4) for k in entries[0]}
 
 
+def mean_and_spread(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over mask seeds, and its standard deviation as `<metric>_std`."""
+    return {**mean_metrics(runs), **{f"{k}_std": round(float(np.std([r[k] for r in runs])), 4) for k in runs[0]}}
+
+
 class Evaluation:
     """One bundle on one data file: embeddings computed once, then any restorer under any mask."""
 
@@ -163,8 +168,7 @@ class Evaluation:
                 mask = rate_mask(len(self.data), len(self.available), rate, seed)
                 runs.append(self.run(restorer_name, mask)[0])
                 realised.append(1 - mask.mean())
-            entry = mean_metrics(runs)
-            entry.update({f"{k}_std": round(float(np.std([r[k] for r in runs])), 4) for k in runs[0]})
+            entry = mean_and_spread(runs)
             entry["realised_rate"] = round(float(np.mean(realised)), 4)
             result[f"{rate:.1f}"] = entry
         return result
@@ -174,9 +178,7 @@ class Evaluation:
         for name, which in [*((m, j) for j, m in enumerate(self.available)), ("mixed", None)]:
             runs = [self.run(restorer_name, missing_mask(len(self.data), len(self.available), eta, which, seed))[0]
                     for seed in range(seeds)]
-            entry = mean_metrics(runs)
-            entry.update({f"{k}_std": round(float(np.std([r[k] for r in runs])), 4) for k in runs[0]})
-            result[name] = entry
+            result[name] = mean_and_spread(runs)
         return {"eta": eta, **result}
 
     def projection(self, restorer_name: str) -> dict:

@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import Bundle, sha256_file
-from mmfuse.media import split_segments
-from mmfuse.towers import (AudioTower, ImageTower, TextTower, TowerError, build_clip, clip_config,
-                           preprocess_config, resolve_pretrained)
+from mmfuse.media import MediaError, rgb_image, split_segments
+from mmfuse.towers import TowerError, build_towers, clip_config, preprocess_config, resolve_pretrained
 from mmfuse.training.data import DataError, FeatureSet
 from mmfuse.training.loop import fit
 
@@ -98,12 +97,10 @@ def read_wav(path: Path, rate: int) -> np.ndarray:
 
 
 def read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+        with open(path, "rb") as handle:
+            return rgb_image(handle)
+    except (MediaError, OSError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
@@ -151,21 +148,6 @@ class TowerInputs:
             return np.stack(vectors)
         data = self.pixels if modality == "visual" else self.tokens
         return torch.cat([tower(data[i:i + 256]) for i in range(0, len(data), 256)]).numpy()
-
-
-def build_towers(modalities: list[str], media: dict, checkpoint: str | None) -> tuple[dict[str, nn.Module], nn.Module]:
-    """Untrained towers (CLIP weights from `checkpoint` when given) and the CLIP model they share."""
-    towers, clip = {}, None
-    if {"visual", "text"} & set(modalities):
-        clip_spec = media["clip"]
-        clip = build_clip(clip_spec["config"], checkpoint)
-        if "visual" in modalities:
-            towers["visual"] = ImageTower(clip, clip_spec["preprocess"])
-        if "text" in modalities:
-            towers["text"] = TextTower(clip, clip_spec["context_length"])
-    if "audio" in modalities:
-        towers["audio"] = AudioTower(**media["audio"]["args"])
-    return towers, clip
 
 
 def media_spec(args: argparse.Namespace, modalities: list[str]) -> tuple[dict, str | None]:
@@ -272,7 +254,7 @@ def train_media_features(args: argparse.Namespace, split) -> tuple[FeatureSet, d
     videos = np.array([r.uid.rsplit("_", 1)[0] for r in rows])
     train_idx, val_idx = split(videos)
     spec, checkpoint = media_spec(args, modalities)
-    towers, clip = build_towers(modalities, spec, checkpoint)
+    towers, clip = build_towers(spec, modalities, checkpoint)
     inputs = TowerInputs(rows, towers)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -299,7 +281,7 @@ def bundle_media_features(path: str | Path, bundle: Bundle) -> FeatureSet:
     if not bundle.manifest.get("media"):
         raise DataError(f"bundle {bundle.id} was trained on feature files, not raw media; evaluate it on an npz")
     present = manifest_modalities(rows)
-    towers = {m: t for m, t in bundle.towers().items() if m in present}
+    towers = bundle.towers([m for m in bundle.modality_order if m in present])
     if not towers:
         raise DataError(f"{path} has none of the bundle's modalities ({', '.join(bundle.modality_order)})")
     inputs = TowerInputs(rows, towers)
