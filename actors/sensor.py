@@ -182,6 +182,11 @@ class SensorIngest:
             self.log.warning("malformed message rejected", reason=reason, detail=detail,
                              count=self.rejected.counts[reason])
 
+    def push_due(self, waited: float, batch_interval: float, flush_interval: float) -> bool:
+        """Whether to hand the aligner a batch, `waited` seconds after the last one: as soon as a
+        stream has passed a window end (at most one per batch interval), else after the flush interval."""
+        return (self.due and waited >= batch_interval) or waited >= flush_interval
+
     def take_batch(self) -> SensorBatch | None:
         if self.media is not None:
             for span in self.media.encode():
@@ -283,8 +288,7 @@ class SensorActor:
                         except zmq.Again:
                             break
                         self.ingest.ingest(frames, time.time())
-            waited = time.monotonic() - last_push
-            if (self.ingest.due and waited >= self.min_interval) or waited >= self.flush_interval:
+            if self.ingest.push_due(time.monotonic() - last_push, self.min_interval, self.flush_interval):
                 in_flight = self._push(in_flight)
                 last_push = time.monotonic()
         while True:  # drain what is already queued, then hand over the last batch

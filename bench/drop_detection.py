@@ -61,8 +61,7 @@ def simulate(period: float, jitter: float, factor: float, seed: int, alive_s: fl
         while i < len(arrivals) and arrivals[i] <= now:
             ingest.ingest(messages[i], arrivals[i])
             i += 1
-        waited = now - last_push
-        if (ingest.due and waited >= BATCH_S) or waited >= FLUSH_S:
+        if ingest.push_due(now - last_push, BATCH_S, FLUSH_S):
             batch = ingest.take_batch()
             if batch is not None:
                 aligner.push(batch)

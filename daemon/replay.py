@@ -167,9 +167,9 @@ class MediaRows:
 
     def _alive(self, sensor, session: str, seq: int, t: float, hop: float):
         """Heartbeats while an utterance lasts: delivered up to its start, and alive."""
-        beats = [t + j * self.HEARTBEAT_S for j in range(1, int(hop / self.HEARTBEAT_S)) if j * self.HEARTBEAT_S < hop]
-        for j, due in enumerate(beats):
-            yield due, wire.SensorMessage(session, sensor.name, sensor.modality, seq + j, t, kind="heartbeat")
+        for j in range(1, int(hop / self.HEARTBEAT_S)):
+            yield t + j * self.HEARTBEAT_S, wire.SensorMessage(session, sensor.name, sensor.modality, seq + j - 1, t,
+                                                               kind="heartbeat")
 
     def lost(self, sensor, session: str, seq: int, t: float, hop: float):
         """An utterance the sensor lost: it stays alive throughout and then says it is past it."""

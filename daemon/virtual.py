@@ -57,8 +57,8 @@ class VirtualPipeline:
     def _tick(self, now: float) -> list[Decision]:
         pipeline = self.config.pipeline
         for name, ingest in self.ingests.items():
-            waited = now - self.last_push[name]
-            if (ingest.due and waited >= pipeline.batch_interval_ms / 1000) or waited >= pipeline.flush_interval_ms / 1000:
+            if ingest.push_due(now - self.last_push[name], pipeline.batch_interval_ms / 1000,
+                               pipeline.flush_interval_ms / 1000):
                 batch = ingest.take_batch()
                 if batch is not None:
                     self.aligner.push(batch)
