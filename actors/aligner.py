@@ -12,17 +12,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from mmfuse.frames import ClosedWindow, SensorBatch, StreamProgress
+from mmfuse.clocks import LEARNING_S, ClockLine
+from mmfuse.frames import ClosedWindow, SensorBatch, StreamProgress, WindowDelta
 from mmfuse.logs import configure
+from mmfuse.virtual_clock import AlignerTicks, Tick
+
+
+SLIVER_WEIGHT = 0.1  # of one message's span
 
 
 @dataclass
 class OpenWindow:
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
-    frames: dict[str, int] = field(default_factory=dict)
+    frames: dict[str, float] = field(default_factory=dict)  # fractional where a clock shift split a stream window
 
-    def add(self, modality: str, total: np.ndarray, weight: float, frames: int) -> None:
+    def add(self, modality: str, total: np.ndarray, weight: float, frames: float) -> None:
         if modality in self.totals:
             self.totals[modality] = self.totals[modality] + total
             self.weights[modality] += weight
@@ -34,16 +39,36 @@ class OpenWindow:
 
 
 @dataclass
+class KeptWindow:
+    """A closed window kept open for late data (allowed lateness)."""
+    window: OpenWindow
+    revision: int = 0
+    late: bool = False  # late data arrived since it was last closed
+
+
+@dataclass
 class Session:
     streams: dict[str, StreamProgress] = field(default_factory=dict)
     windows: dict[int, OpenWindow] = field(default_factory=dict)
+    kept: dict[int, KeptWindow] = field(default_factory=dict)
     next_window: int | None = None
     dropped: set[str] = field(default_factory=set)
     first_seen: float = math.inf
     closed: int = 0
+    reference: str | None = None    # the source whose clock is session time: the first whose clock is known
+    reference_line: ClockLine | None = None
+    first_offset: float | None = None  # the first stream's lowest delay, to tell other clocks before they are known
+    shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
+    unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
+
+    def progress(self, source: str) -> float:
+        """How far a stream has delivered, in session time."""
+        if source in self.unmapped:
+            return -math.inf
+        return self.streams[source].progress + self.shifts.get(source, 0.0)
 
     def reach(self) -> float:
-        return max((s.progress for s in self.streams.values()), default=-math.inf)
+        return max((self.progress(source) for source in self.streams), default=-math.inf)
 
     def last_arrival(self) -> float:
         return max((s.arrived_at for s in self.streams.values()), default=0.0)
@@ -52,42 +77,108 @@ class Session:
 class Aligner:
     """Event-time windowing over all sessions. No I/O, no Ray: `now` is passed in.
 
-    A stream is one source's messages in one session. It is live unless it sent
-    `end` or has been silent longer than the drop timeout. Window k of a session
-    covers [k*hop, k*hop + length) on the sensors' clock and closes when every live
-    stream has passed its end, or when each stream that has not is later than
-    end + the stream's clock offset + the drop timeout. A configured sensor not yet
-    heard from in a session is waited for until the drop timeout has passed since
-    the session's first message; after that it counts as dropped. (A configured
-    sensor whose modality arrives from other sources is not waited for.)
+    Session time is the clock of the session's first stream; a stream whose clock
+    disagrees with it by more than the clock tolerance (an offset, a drift that has
+    added up, a reset) is mapped onto it through the offsets its sensor actor learns.
+    A stream is live unless it sent `end` or has been silent longer than its silence
+    limit. Window k of a session covers [k*hop, k*hop + length) of session time and
+    closes when the watermark, the least progress of the live streams minus the
+    bound, has passed its end, or when each stream that has not is later than its
+    clock's reading of end + bound, plus the drop timeout. A configured sensor not
+    yet heard from in a session is waited for until the drop timeout has passed since
+    the session's first message; after that it counts as dropped. (A configured sensor
+    whose modality arrives from other sources is not waited for.) Data for a window
+    that has closed is late: counted, and with an allowed lateness merged into the
+    window, which is closed again as its next revision.
     """
 
     def __init__(self, modalities: list[str], sensors: dict[str, str], length_s: float, hop_s: float,
                  timeout_s: float, session_idle_s: float = 60.0, log=None, period_factor: float = 0.0,
-                 flush_s: float = 0.0, min_share: float = 0.0):
+                 flush_s: float = 0.0, min_share: float = 0.0, bound_s: float = 0.0, lateness_s: float = 0.0,
+                 clock_tolerance_s: float = 0.1):
         self.modalities = sorted(modalities)
         self.sensors = dict(sorted(sensors.items()))  # configured sensor name -> modality
         self.length, self.hop, self.timeout = length_s, hop_s, timeout_s
         self.period_factor, self.flush, self.min_share = period_factor, flush_s, min_share
+        self.bound, self.lateness, self.clock_tolerance = bound_s, lateness_s, clock_tolerance_s
         self.session_idle = session_idle_s
         self.sessions: dict[str, Session] = {}
         self.log = log or structlog.get_logger()
-        self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0}
+        self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0, "revised": 0}
+
+    @classmethod
+    def from_config(cls, modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
+                    clock: dict, log=None) -> Aligner:
+        return cls(modalities, sensors, window["length_s"], window["hop_s"], drop["timeout_s"],
+                   pipeline["session_idle_s"], log, drop["period_factor"], pipeline["flush_interval_ms"] / 1000,
+                   drop["min_share"], window["watermark_bound_s"], window["allowed_lateness_s"],
+                   clock["tolerance_s"])
 
     def push(self, batch: SensorBatch) -> None:
         for progress in batch.progress:
             session = self.sessions.setdefault(progress.session, Session())
             session.streams[progress.source] = progress
             session.first_seen = min(session.first_seen, progress.arrived_at)
+            self._follow_clock(progress.session, session, progress)
         for delta in batch.deltas:
             session = self.sessions.setdefault(delta.session, Session())
-            if session.next_window is None:
-                session.next_window = delta.window_id
-            if delta.window_id < session.next_window:
-                self.counts["late"] += 1
-                continue
-            session.windows.setdefault(delta.window_id, OpenWindow()).add(delta.modality, delta.total, delta.weight,
-                                                                          delta.frames)
+            if delta.source in session.unmapped:
+                session.unmapped[delta.source].append(delta)
+            else:
+                self._place(session, delta)
+
+    def _place(self, session: Session, delta: WindowDelta) -> None:
+        for k, share in self._session_windows(session, delta):
+            self._add(session, k, delta, share)
+
+    def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
+        if session.first_offset is None:
+            session.first_offset = stream.offset
+        if stream.line is None:  # hold the data of a stream on another clock until its clock is known
+            if abs(stream.offset - session.first_offset) > self.clock_tolerance:
+                session.unmapped.setdefault(stream.source, [])
+            return
+        if session.reference in (None, stream.source):
+            session.reference, session.reference_line = stream.source, stream.line
+        at = stream.progress if math.isfinite(stream.progress) else 0.0
+        disagreement = session.reference_line.from_daemon(stream.line.to_daemon(at)) - at
+        shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0
+        before = session.shifts.get(stream.source, 0.0)
+        if abs(shift - before) > self.clock_tolerance or (shift == 0.0) != (before == 0.0):
+            self.log.info("stream clock mapped", session=name, source=stream.source, shift_s=round(shift, 4),
+                          drift_ppm=round(stream.drift * 1e6, 1), resets=stream.resets)
+        session.shifts[stream.source] = shift
+        for delta in session.unmapped.pop(stream.source, []):
+            self._place(session, delta)
+
+    def _session_windows(self, session: Session, delta: WindowDelta) -> list[tuple[int, float]]:
+        """The session windows a stream window's sum belongs to, with the share of it each gets: the stream
+        window moved by the stream's clock shift, split between the two windows it then straddles."""
+        shift = session.shifts.get(delta.source, 0.0)
+        if not shift:
+            return [(delta.window_id, 1.0)]
+        steps = shift / self.hop
+        whole = math.floor(steps)
+        part = steps - whole
+        k = delta.window_id + whole
+        if part * self.hop <= self.clock_tolerance:  # within the tolerance the session accepts anyway: no sliver
+            return [(k, 1.0)]
+        if (1 - part) * self.hop <= self.clock_tolerance:
+            return [(k + 1, 1.0)]
+        return [(k, 1.0 - part), (k + 1, part)]
+
+    def _add(self, session: Session, k: int, delta: WindowDelta, share: float) -> None:
+        total, weight, frames = delta.total * share, delta.weight * share, delta.frames * share
+        if session.next_window is None:
+            session.next_window = k
+        if k >= session.next_window:
+            session.windows.setdefault(k, OpenWindow()).add(delta.modality, total, weight, frames)
+            return
+        self.counts["late"] += 1
+        kept = session.kept.get(k)
+        if kept is not None:
+            kept.window.add(delta.modality, total, weight, frames)
+            kept.late = True
 
     def poll(self, now: float) -> list[ClosedWindow]:
         closed = []
@@ -95,6 +186,7 @@ class Aligner:
             session = self.sessions[name]
             self._track_liveness(name, session, now)
             closed.extend(self._close_ready(name, session, now, draining=False))
+            closed.extend(self._revise(name, session, now, draining=False))
             if now - session.last_arrival() > self.session_idle and not session.windows:
                 self.log.info("session forgotten", session=name, idle_s=round(now - session.last_arrival(), 1))
                 del self.sessions[name]
@@ -105,6 +197,7 @@ class Aligner:
         for name, session in self.sessions.items():
             self._track_liveness(name, session, now)
             closed.extend(self._close_ready(name, session, now, draining=True))
+            closed.extend(self._revise(name, session, now, draining=True))
         self.sessions.clear()
         return closed
 
@@ -118,13 +211,13 @@ class Aligner:
     def _live(self, stream: StreamProgress, now: float) -> bool:
         return not stream.ended and now - stream.arrived_at <= self.silence_limit(stream)
 
-    def _too_sparse(self, session: Session, modality: str, frames: int, end: float) -> bool:
+    def _too_sparse(self, session: Session, modality: str, frames: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the
         window promise for it (a stream that dropped or ended before the window's end promises nothing)."""
         if not self.min_share:
             return False
-        rates = [1 / s.period for s in session.streams.values()
-                 if s.modality == modality and math.isfinite(s.period) and s.progress >= end]
+        rates = [1 / s.period for source, s in session.streams.items()
+                 if s.modality == modality and math.isfinite(s.period) and session.progress(source) >= end]
         expected = self.length * sum(rates)
         return expected > 0 and frames < self.min_share * expected
 
@@ -149,12 +242,18 @@ class Aligner:
                 if name not in session.streams and modality not in heard]
 
     def _closable(self, session: Session, end: float, now: float) -> bool:
+        """Whether the watermark has passed `end` (session time), or every stream behind it is overdue."""
         if now < session.first_seen + self.timeout and self._unheard(session):
             return False
-        for stream in session.streams.values():
-            if stream.progress >= end or not self._live(stream, now):
+        due = end + self.bound
+        for source, stream in session.streams.items():
+            if session.progress(source) >= due or not self._live(stream, now):
                 continue
-            if now < end + stream.offset + self.timeout:
+            if source in session.unmapped:  # on another clock, not known yet: wait until it can be learned
+                deadline = due + session.first_offset + self.timeout + LEARNING_S
+            else:
+                deadline = due - session.shifts.get(source, 0.0) + stream.offset + self.timeout
+            if now < deadline:
                 return False
         return True
 
@@ -173,23 +272,88 @@ class Aligner:
                     break
             elif start >= reach or not self._closable(session, end, now):
                 break
-            window = session.windows.pop(k, None)
+            if k not in session.windows:
+                session.next_window = self._past_empty(session, k, reach, now, draining)
+                self.counts["empty"] += session.next_window - k
+                continue
+            window = session.windows.pop(k)
             session.next_window = k + 1
-            observed = [m for m in window.totals if window.weights[m] > 0] if window is not None else []
-            if not observed:
+            if self.lateness and not draining:
+                session.kept[k] = KeptWindow(window)
+            result = self._closed(name, session, k, window, now)
+            if result is None:
                 self.counts["empty"] += 1
                 continue
-            reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m], end)] or observed
-            features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in reliable}
-            present = sorted(features)
-            missing = [m for m in self.modalities if m not in features]
-            dropped = sorted({source for source, s in session.streams.items() if s.progress < end}
-                             | set(self._unheard(session)))
-            closed.append(ClosedWindow(name, k, start, end, features, present, missing, dropped, now, session.closed))
+            result.seq = session.closed
+            closed.append(result)
             session.closed += 1
             self.counts["closed"] += 1
-            self.counts["incomplete" if missing else "complete"] += 1
+            self.counts["incomplete" if result.missing else "complete"] += 1
         return closed
+
+    def _past_empty(self, session: Session, k: int, reach: float, now: float, draining: bool) -> int:
+        """The first window from k on that holds data or cannot close yet: a stream's pause or a clock jump
+        can leave millions of empty windows, so this searches instead of stepping."""
+        later = [j for j in session.windows if j > k]
+        stop = min(later) if later else k + 1
+        if draining:
+            return stop
+        stop = min(stop, math.ceil(reach / self.hop)) if later else math.ceil(reach / self.hop)
+        low, high = k + 1, max(stop, k + 1)  # window k itself is closable
+        while low < high:
+            middle = (low + high) // 2
+            if self._closable(session, middle * self.hop + self.length, now):
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    @staticmethod
+    def _sliver(window: OpenWindow, modality: str) -> bool:
+        """Whether a modality holds only a sliver here: under a tenth of a message's span (a stream whose
+        clock runs a little off the session's grazes the next window), or under half a message's share of a
+        stream window moved by a clock shift."""
+        return window.weights[modality] < SLIVER_WEIGHT or window.frames[modality] < 0.5
+
+    def _slack(self, session: Session, source: str) -> float:
+        """How far short of a window's end a stream may stop and still count as having delivered it: a mapped
+        clock is only good to the tolerance."""
+        return self.clock_tolerance if session.shifts.get(source) else 1e-9  # and float rounding
+
+    def _revise(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
+        """Close again, as a new revision, every kept window that late data reached; forget those whose
+        allowed lateness is over."""
+        revised = []
+        for k in sorted(session.kept):
+            kept = session.kept[k]
+            if kept.late:
+                result = self._closed(name, session, k, kept.window, now)
+                kept.late = False
+                if result is not None:
+                    kept.revision += 1
+                    result.revision = kept.revision
+                    revised.append(result)
+                    self.counts["revised"] += 1
+            end = k * self.hop + self.length
+            if draining or self._closable(session, end + self.lateness, now):
+                del session.kept[k]
+        return revised
+
+    def _closed(self, name: str, session: Session, k: int, window: OpenWindow | None,
+                now: float) -> ClosedWindow | None:
+        """The closed form of window k; None when it holds no data."""
+        start = k * self.hop
+        end = start + self.length
+        observed = [m for m in window.totals if not self._sliver(window, m)] if window is not None else []
+        if not observed:
+            return None
+        reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m], end)] or observed
+        features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in reliable}
+        present = sorted(features)
+        missing = [m for m in self.modalities if m not in features]
+        dropped = sorted({source for source in session.streams if session.progress(source) < end - self._slack(
+            session, source)} | set(self._unheard(session)))
+        return ClosedWindow(name, k, start, end, features, present, missing, dropped, now)
 
     def stats(self) -> dict:
         return {**self.counts, "sessions": len(self.sessions),
@@ -197,24 +361,26 @@ class Aligner:
 
 
 class AlignerActor:
-    """Wraps Aligner: sensor batches arrive as calls; a ticker closes windows on deadlines."""
+    """Wraps Aligner: sensor batches arrive as calls; a ticker closes windows on deadlines. On a virtual clock
+    (mmfuse.virtual_clock) there is no ticker: the sensors' reports carry the time."""
 
     TICK_S = 0.01
 
     def __init__(self, modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
-                 restorer, fusion, log_format: dict):
+                 clock: dict, restorer, fusion, log_format: dict, virtual_clock: bool = False):
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="aligner")
-        self.aligner = Aligner(modalities, sensors, window["length_s"], window["hop_s"], drop["timeout_s"],
-                               pipeline["session_idle_s"], self.log, drop["period_factor"],
-                               pipeline["flush_interval_ms"] / 1000, drop["min_share"])
+        self.aligner = Aligner.from_config(modalities, sensors, window, drop, pipeline, clock, self.log)
+        self.ticks = AlignerTicks(self.aligner, list(sensors)) if virtual_clock else None
         self.restorer, self.fusion = restorer, fusion
         self.lock = threading.Lock()
         self.in_flight: list = []
         self.calls = 0
+        self.replays = 0
         self.stopping = threading.Event()
         self.ticker = threading.Thread(target=self._tick, name="aligner-ticker", daemon=True)
-        self.ticker.start()
+        if not virtual_clock:
+            self.ticker.start()
 
     def ready(self) -> None:
         return None
@@ -224,6 +390,15 @@ class AlignerActor:
             self.aligner.push(batch)
             self._dispatch(self.aligner.poll(time.time()))
 
+    def report(self, sensor: str, tick: Tick, batch: SensorBatch | None) -> None:
+        """A sensor's report on the virtual clock."""
+        with self.lock:
+            windows, over = self.ticks.report(sensor, tick, batch)
+            self._dispatch(windows)
+            if over:
+                self.replays += 1
+                self.log.info("replay over", at=tick.now, **self.aligner.stats())
+
     def _tick(self) -> None:
         while not self.stopping.wait(self.TICK_S):
             with self.lock:
@@ -232,6 +407,9 @@ class AlignerActor:
     def _dispatch(self, windows: list[ClosedWindow]) -> None:
         import ray
 
+        now = time.time()
+        for window in windows:
+            window.dispatched_at, window.replay = now, self.replays
         complete = [w for w in windows if w.complete]
         incomplete = [w for w in windows if not w.complete]
         if complete:
@@ -247,7 +425,8 @@ class AlignerActor:
         import ray
 
         self.stopping.set()
-        self.ticker.join()
+        if self.ticker.is_alive():
+            self.ticker.join()
         with self.lock:
             self._dispatch(self.aligner.drain(time.time()))
             ray.get(self.in_flight)
@@ -255,4 +434,5 @@ class AlignerActor:
         return self.stats()
 
     def stats(self) -> dict:
-        return {**self.aligner.stats(), "calls_out": self.calls}
+        return {**self.aligner.stats(), "calls_out": self.calls,
+                **({"replays": self.replays} if self.ticks is not None else {})}

@@ -4,7 +4,6 @@ aligner, incomplete ones through the restorer, so they may arrive out of order).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -38,15 +37,20 @@ class FusionHead:
         self.encoder = WindowEncoder(bundle)
         self.context = bundle.context
         self.session_idle = session_idle_s
-        self.sessions: dict[str, SessionState] = {}
+        self.sessions: dict[tuple[int, str], SessionState] = {}  # by (replay, session): a replay starts afresh
 
-    def decide(self, windows: list[ClosedWindow], now: float | None = None) -> list[Decision]:
-        now = time.time() if now is None else now
+    def decide(self, windows: list[ClosedWindow]) -> list[Decision]:
+        if not windows:
+            return []
+        now = max(w.closed_at for w in windows)  # the aligner's clock: wall time live, the recording's in a replay
         ready = []
         for window in windows:
-            state = self.sessions.setdefault(window.session, SessionState())
-            state.waiting[window.seq] = window
+            state = self.sessions.setdefault((window.replay, window.session), SessionState())
             state.seen_at = now
+            if window.revision:
+                ready.append(window)
+                continue
+            state.waiting[window.seq] = window
             while state.next_seq in state.waiting:
                 ready.append(state.waiting.pop(state.next_seq))
                 state.next_seq += 1
@@ -66,9 +70,12 @@ class FusionHead:
         return [self._decision(w, o) for w, o in zip(ready, outputs)]
 
     def _context(self, window: ClosedWindow) -> np.ndarray:
-        """Mean of the session's previous windows' embeddings (zeros for its first), then remember this one."""
-        history = self.sessions[window.session].history
+        """Mean of the session's previous windows' embeddings (zeros for its first), then remember this one
+        (a revision replaces nothing: it takes the context of now)."""
+        history = self.sessions[(window.replay, window.session)].history
         context = np.mean(history, axis=0) if history else np.zeros_like(window.embeddings)
+        if window.revision:
+            return context.astype(np.float32)
         history.append(window.embeddings)
         while len(history) > self.context:
             history.popleft()
@@ -87,12 +94,15 @@ class FusionHead:
         return Decision(session=window.session, window_id=window.window_id, start=window.start, end=window.end,
                         task=self.bundle.task, label=label, scores=scores, present=window.present,
                         restored=window.restored, dropped=window.dropped, restorer=window.restorer, latency_ms=0.0,
-                        bundle=self.bundle.id, closed_at=window.closed_at, extra=window.extra)
+                        bundle=self.bundle.id, closed_at=window.closed_at, extra=window.extra,
+                        revision=window.revision, dispatched_at=window.dispatched_at)
 
     def _forget_idle(self, now: float) -> None:
-        idle = [name for name, s in self.sessions.items() if not s.waiting and now - s.seen_at > self.session_idle]
-        for name in idle:
-            del self.sessions[name]
+        latest = max(replay for replay, _ in self.sessions)
+        idle = [key for key, s in self.sessions.items()
+                if not s.waiting and (now - s.seen_at > self.session_idle or key[0] < latest)]
+        for key in idle:
+            del self.sessions[key]
 
 
 class FusionActor:

@@ -33,7 +33,7 @@ class PublisherActor:
     def publish(self, decisions: list[wire.Decision]) -> None:
         now = time.time()
         for decision in decisions:
-            decision = dataclasses.replace(decision, latency_ms=round((now - decision.closed_at) * 1000, 3))
+            decision = dataclasses.replace(decision, latency_ms=round((now - decision.dispatched_at) * 1000, 3))
             self.socket.send_multipart(wire.encode_decision(decision))
             self.log.debug("decision", session=decision.session, window=decision.window_id,
                            label=decision.label, restored=decision.restored, dropped=decision.dropped)

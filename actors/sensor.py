@@ -4,6 +4,7 @@ window-level sums, batched, never per frame."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -14,12 +15,15 @@ import numpy as np
 import structlog
 
 from mmfuse import wire
+from mmfuse.clocks import ClockTracker
 from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
 from mmfuse.logs import Tally, configure
 from mmfuse.media import MediaEncoder, MediaError
+from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick, receive_time
 
-OFFSET_MEMORY = 64  # arrivals over which the lowest delay is taken
+DELAY_MEMORY = 64  # arrivals over which the delay jitter is taken
 PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
+SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
 
 
 @dataclass
@@ -32,7 +36,8 @@ class StreamState:
     arrived_at: float = 0.0
     ended: bool = False
     seq_gaps: int = 0
-    delays: deque = field(default_factory=lambda: deque(maxlen=OFFSET_MEMORY))
+    clock: ClockTracker = field(default_factory=ClockTracker)
+    delays: deque = field(default_factory=lambda: deque(maxlen=DELAY_MEMORY))
     last_t: float = math.nan
     intervals: deque = field(default_factory=lambda: deque(maxlen=PERIOD_MEMORY))
 
@@ -49,12 +54,20 @@ class StreamState:
 
     def snapshot(self) -> StreamProgress:
         return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
-                              min(self.delays), self.ended, self.seq_gaps, self.period,
-                              max(self.delays) - min(self.delays))
+                              self.clock.offset(self.last_t), self.ended, self.seq_gaps, self.period,
+                              max(self.delays) - min(self.delays), self.clock.drift, self.clock.resets,
+                              self.clock.line)
+
+    def restart(self) -> None:
+        """The source restarted (its seq began again at 0): forget what its clock and periods taught."""
+        self.last_seq, self.last_t = -1, math.nan
+        self.intervals.clear()
 
 
 def windows_overlapping(start: float, end: float, length: float, hop: float) -> range:
     """Ids k of windows [k*hop, k*hop+length) that overlap [start, end] (a point when start == end)."""
+    if end - start > SLIVER_S:
+        start, end = start + SLIVER_S, end - SLIVER_S
     first = math.floor((start - length) / hop) + 1
     last = math.floor(end / hop) if end > start else math.floor(start / hop)
     if end > start and last * hop >= end:
@@ -66,8 +79,10 @@ class SensorIngest:
     """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
 
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
-                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None):
+                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
+                 clock_jump_s: float = 1.0):
         self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.clock_jump_s = clock_jump_s
         self.media = media
         self.length, self.hop = length_s, hop_s
         self.max_payload = max_payload
@@ -89,27 +104,34 @@ class SensorIngest:
         try:
             message = wire.decode(frames, self.max_payload)
         except wire.WireError as exc:
-            self._reject(exc.reason, exc.detail)
+            self.reject(exc.reason, exc.detail)
             return
         if message.modality != self.modality:
-            self._reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
+            self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
             return
         key = (message.session, message.source)
         stream = self.streams.get(key)
         if stream is None:
-            stream = self.streams[key] = StreamState(message.session, message.source, message.modality)
+            stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
+                                                     clock=ClockTracker(self.clock_jump_s))
             self.log.info("stream started", session=message.session, source=message.source)
+        restarted = message.seq == 0 and stream.last_seq > 0
+        if restarted:
+            self.log.info("stream restarted", session=message.session, source=message.source,
+                          after_seq=stream.last_seq)
+            stream.restart()
         if message.seq <= stream.last_seq:
-            self._reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
+            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
                          f"({message.session}/{message.source})")
             return
+        message = self._on_stream_time(stream, message, arrived_at, restarted)
         if message.kind == "data" and message.encoding == "features":
             vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
             if self.dim is not None and vectors.shape[1] != self.dim:
-                self._reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
+                self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
                 return
             if not np.isfinite(vectors).all():
-                self._reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
+                self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
                 return
             self._count_arrival(message)
             step = message.duration / len(vectors)
@@ -120,7 +142,7 @@ class SensorIngest:
             try:
                 self.media.add(message)
             except MediaError as exc:
-                self._reject(exc.reason, exc.detail)
+                self.reject(exc.reason, exc.detail)
                 return
             self._count_arrival(message)
         elif message.kind == "data" and self.unsupported.add(message.encoding):
@@ -149,12 +171,33 @@ class SensorIngest:
         stream.delays.append(arrived_at - delivered)  # not the held-back `reached`: that is no network delay
         if message.kind == "end":
             stream.ended = True
-            self.log.info("stream ended", session=message.session, source=message.source)
+            self.log.info("stream ended", session=message.session, source=message.source,
+                          **self._clock_fields(stream))
         elif stream.ended:
             stream.ended = False
             self.log.info("stream resumed after end", session=message.session, source=message.source)
         self.touched.add(key)
         self.accepted += 1
+
+    def _on_stream_time(self, stream: StreamState, message: wire.SensorMessage, arrived_at: float,
+                        restarted: bool) -> wire.SensorMessage:
+        """Feed the stream's clock tracker; the message with its time on the stream's continuous timeline."""
+        jump = stream.clock.observe(message.t + message.duration, arrived_at, restarted)
+        if jump is not None:
+            self.log.warning("clock reset", session=message.session, source=message.source,
+                             jump_s=round(jump.jump_s, 3), **self._clock_fields(stream))
+        elif stream.clock.seen == stream.clock.settle and not stream.clock.resets:
+            self.log.info("clock learned", session=message.session, source=message.source,
+                          **self._clock_fields(stream))
+        if stream.clock.correction:
+            message = dataclasses.replace(message, t=message.t + stream.clock.correction)
+        return message
+
+    @staticmethod
+    def _clock_fields(stream: StreamState) -> dict:
+        clock = stream.clock
+        return {"offset_s": round(clock.offset(clock.last_t), 4), "drift_ppm": round(clock.drift * 1e6, 1),
+                "resets": clock.resets}
 
     def _count_arrival(self, message: wire.SensorMessage) -> None:
         for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):
@@ -177,7 +220,7 @@ class SensorIngest:
                 delta.total += vector * weight
                 delta.weight += weight
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def reject(self, reason: str, detail: str) -> None:
         if self.rejected.add(reason):
             self.log.warning("malformed message rejected", reason=reason, detail=detail,
                              count=self.rejected.counts[reason])
@@ -213,7 +256,8 @@ class SensorIngest:
                                                "frames_skipped": self.media.skipped_frames}
         return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts), **media,
                 "unsupported": dict(self.unsupported.counts), "streams": len(self.streams),
-                "seq_gaps": sum(s.seq_gaps for s in self.streams.values())}
+                "seq_gaps": sum(s.seq_gaps for s in self.streams.values()),
+                "clock_resets": sum(s.clock.resets for s in self.streams.values())}
 
 
 class SensorActor:
@@ -221,13 +265,14 @@ class SensorActor:
 
     A batch goes out as soon as a stream has passed a window end (at most one per
     batch interval), otherwise after the flush interval, so Ray calls follow windows,
-    not frames.
+    not frames. On a virtual clock (mmfuse.virtual_clock) the same rule runs on the
+    replay's ticks, and every message carries its recorded receive time.
     """
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, sensor: dict, window: dict, pipeline: dict, dim: int | None, bundle_path: str | None,
-                 aligner, log_format: dict):
+    def __init__(self, sensor: dict, window: dict, pipeline: dict, clock: dict, dim: int | None,
+                 bundle_path: str | None, aligner, log_format: dict, virtual_clock: bool = False):
         from mmfuse.actors import limit_threads
         from mmfuse.bundle import load_bundle
 
@@ -239,10 +284,17 @@ class SensorActor:
         self.aligner = aligner
         self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
         tower = load_bundle(bundle_path).towers([sensor["modality"]]).get(sensor["modality"]) if bundle_path else None
-        media = None if tower is None else MediaEncoder(sensor["modality"], tower,
-                                                        window["length_s"] / sensor["frames_per_window"])
-        self.ingest = SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,
-                                   pipeline["max_payload_bytes"], self.log, media)
+
+        def new_ingest() -> SensorIngest:
+            media = None if tower is None else MediaEncoder(sensor["modality"], tower,
+                                                            window["length_s"] / sensor["frames_per_window"])
+            return SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,
+                                pipeline["max_payload_bytes"], self.log, media, clock["jump_s"])
+
+        self.new_ingest = new_ingest
+        self.ingest = new_ingest()
+        self.virtual_clock = virtual_clock
+        self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval) if virtual_clock else None
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.started = threading.Event()
@@ -262,9 +314,11 @@ class SensorActor:
 
         context = zmq.Context.instance()
         socket = context.socket(zmq.SUB)
-        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.RCVHWM, 0 if self.virtual_clock else 100_000)  # a replay may lose nothing
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SUBSCRIBE, f"{self.sensor['modality']}/".encode())
+        if self.virtual_clock:
+            socket.setsockopt(zmq.SUBSCRIBE, TICK_TOPIC)
         try:
             if self.sensor["bind"]:
                 socket.bind(self.sensor["endpoint"])
@@ -275,20 +329,21 @@ class SensorActor:
                                f"{self.sensor['endpoint']}: {exc}"
             self.started.set()
             return
-        self.log.info("sensor listening", endpoint=self.sensor["endpoint"], bind=self.sensor["bind"])
+        self.log.info("sensor listening", endpoint=self.sensor["endpoint"], bind=self.sensor["bind"],
+                      virtual_clock=self.virtual_clock)
         self.started.set()
         in_flight: list = []
         last_push = time.monotonic()
         while not self.stopping.is_set():
             if socket.poll(self.min_interval * 1000, zmq.POLLIN):
-                with self.lock:
-                    for _ in range(10_000):
-                        try:
-                            frames = socket.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self.ingest.ingest(frames, time.time())
-            if self.ingest.push_due(time.monotonic() - last_push, self.min_interval, self.flush_interval):
+                for _ in range(10_000):
+                    try:
+                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    in_flight = self._receive(frames, in_flight)
+            if not self.virtual_clock and self.ingest.push_due(time.monotonic() - last_push, self.min_interval,
+                                                               self.flush_interval):
                 in_flight = self._push(in_flight)
                 last_push = time.monotonic()
         while True:  # drain what is already queued, then hand over the last batch
@@ -296,19 +351,54 @@ class SensorActor:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self.ingest.ingest(frames, time.time())
-        in_flight = self._push(in_flight)
+            in_flight = self._receive(frames, in_flight)
+        if not self.virtual_clock:
+            in_flight = self._push(in_flight)
         ray.get(in_flight)
         socket.close()
 
-    def _push(self, in_flight: list) -> list:
-        import ray
+    def _receive(self, frames: list[bytes], in_flight: list) -> list:
+        if not self.virtual_clock:
+            with self.lock:
+                self.ingest.ingest(frames, time.time())
+            return in_flight
+        if frames[0] == TICK_TOPIC:
+            return self._tick(frames, in_flight)
+        at = receive_time(frames[-1]) if len(frames) == 3 else None
+        with self.lock:
+            if at is None:
+                self.ingest.reject("virtual_clock", "this daemon runs on a replay's clock (--virtual-clock): messages "
+                                   "need their receive time as a third frame, as mmfuse-replay --virtual-clock sends")
+            else:
+                self.ingest.ingest(frames[:2], at)
+        return in_flight
 
+    def _tick(self, frames: list[bytes], in_flight: list) -> list:
+        tick = parse_tick(frames)
+        with self.lock:
+            if tick is None:
+                self.ingest.reject("tick", "a clock tick that is not a msgpack map of t and final")
+                return in_flight
+            report, batch = self.ticks.tick(tick)
+            if tick.final:  # the replay is over: start the next one afresh
+                self.ingest = self.new_ingest()
+                self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval)
+        if report:
+            in_flight = self._send(in_flight, self.aligner.report.remote(self.sensor["name"], tick, batch))
+        return in_flight
+
+    def _push(self, in_flight: list) -> list:
         with self.lock:
             batch = self.ingest.take_batch()
-        if batch is not None:
-            in_flight.append(self.aligner.push.remote(batch))
-            self.pushes += 1
+        if batch is None:
+            return in_flight
+        return self._send(in_flight, self.aligner.push.remote(batch))
+
+    def _send(self, in_flight: list, call) -> list:
+        import ray
+
+        in_flight.append(call)
+        self.pushes += 1
         if len(in_flight) > self.MAX_IN_FLIGHT:  # aligner is behind: wait rather than queue without bound
             _, in_flight = ray.wait(in_flight, num_returns=len(in_flight) - self.MAX_IN_FLIGHT)
         return in_flight

@@ -41,6 +41,11 @@ class SensorConfig(Section):
 class WindowConfig(Section):
     length_s: float = Field(2.0, gt=0)
     hop_s: float = Field(2.0, gt=0)
+    watermark_bound_s: float = Field(0.0, ge=0, description="how far behind its latest time a source may still "
+                                     "send data: windows close this much later")
+    allowed_lateness_s: float = Field(0.0, ge=0, description="how long after closing a window still takes late "
+                                      "data, each time publishing a corrected decision (`revision` 1, 2, ...); "
+                                      "0: late data is counted and dropped")
 
     @model_validator(mode="after")
     def _hop_within_length(self):
@@ -57,6 +62,13 @@ class DropConfig(Section):
                                  "0: timeout_s only")
     min_share: float = Field(0.0, ge=0, le=1, description="a modality with less than this share of its "
                              "expected frames in a window counts as missing there; 0: off")
+
+
+class ClockConfig(Section):
+    tolerance_s: float = Field(0.1, gt=0, description="a source whose clock agrees with the session's within "
+                               "this is taken as synchronised; others are mapped onto the session's clock")
+    jump_s: float = Field(1.0, gt=0, description="a change of a source's clock offset larger than this is a "
+                          "clock reset or jump (its later times are shifted to continue its timeline)")
 
 
 class RestorerConfig(Section):
@@ -128,6 +140,7 @@ class DaemonConfig(Section):
     sensors: list[SensorConfig] = Field(min_length=1)
     window: WindowConfig = WindowConfig()
     drop: DropConfig = DropConfig()
+    clock: ClockConfig = ClockConfig()
     restorer: RestorerConfig = RestorerConfig()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()

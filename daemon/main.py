@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-daemon", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML configuration (see config/lab.yaml)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and bundle, then exit")
+    parser.add_argument("--virtual-clock", action="store_true",
+                        help="run on the clock of mmfuse-replay --virtual-clock instead of the wall clock: a replay "
+                        "gives the same decisions on every run, whatever the machine's load")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of console text")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log.level")
     return parser.parse_args(argv)
@@ -55,7 +58,7 @@ def check(config: DaemonConfig, log) -> int:
 class Pipeline:
     """The actors of one daemon, created in dependency order and drained in the same order."""
 
-    def __init__(self, config: DaemonConfig, bundle, log_format: dict):
+    def __init__(self, config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool = False):
         import ray
 
         from mmfuse.actors.aligner import AlignerActor
@@ -77,12 +80,13 @@ class Pipeline:
             name="restorer", num_cpus=0, num_gpus=config.restorer.num_gpus).remote(
             bundle_path, restorer, self.fusion, log_format)
         self.aligner = ray.remote(AlignerActor).options(name="aligner", **io).remote(
-            sorted(bundle.modalities), {s.name: s.modality for s in config.sensors}, config.window.model_dump(), config.drop.model_dump(),
-            config.pipeline.model_dump(), self.restorer, self.fusion, log_format)
+            sorted(bundle.modalities), {s.name: s.modality for s in config.sensors}, config.window.model_dump(),
+            config.drop.model_dump(), config.pipeline.model_dump(), config.clock.model_dump(), self.restorer,
+            self.fusion, log_format, virtual_clock)
         self.sensors = [
             ray.remote(SensorActor).options(name=f"sensor-{s.name}", **io).remote(
-                s.model_dump(), config.window.model_dump(), config.pipeline.model_dump(),
-                bundle.modalities[s.modality]["dim"], bundle_path, self.aligner, log_format)
+                s.model_dump(), config.window.model_dump(), config.pipeline.model_dump(), config.clock.model_dump(),
+                bundle.modalities[s.modality]["dim"], bundle_path, self.aligner, log_format, virtual_clock)
             for s in config.sensors
         ]
 
@@ -171,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
     try:
-        pipeline = Pipeline(config, bundle, log_format)
+        pipeline = Pipeline(config, bundle, log_format, args.virtual_clock)
         problems = pipeline.start()
         if problems:
             for problem in problems:
                 log.error("start-up failed", problem=problem)
             return EXIT_STARTUP
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
-                 output=config.output.endpoint, restorer=config.restorer.method,
+                 output=config.output.endpoint, restorer=config.restorer.method, virtual_clock=args.virtual_clock,
                  startup_s=round(time.monotonic() - started, 2))
         while not stop.wait(config.log.stats_interval_s):
             log.info("stats", **pipeline.stats(), rss_mb=tree_rss_mb())

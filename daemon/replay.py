@@ -23,7 +23,6 @@ clock offsets, gaps and clock resets.
 from __future__ import annotations
 
 import argparse
-import heapq
 import re
 import sys
 import time
@@ -38,6 +37,7 @@ from mmfuse import wire
 from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.daemon.config import ConfigError, DaemonConfig, load_config
 from mmfuse.training.data import DataError, load_features
+from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, receive_time_frame, replay_ticks, tick_frames
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--held-out-by", metavar="BUNDLE", default=None,
                         help="replay only the sessions this bundle held out for validation (never trained on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --drop draws")
+    parser.add_argument("--virtual-clock", action="store_true",
+                        help="run the daemon (started with --virtual-clock) on the recording's timeline: every "
+                        "message carries its receive time, ticks carry the clock; decisions are the same on every "
+                        "run and at any --speed")
     parser.add_argument("--listen", action="store_true", help="print decisions from the daemon as they arrive")
     parser.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the daemon to subscribe")
     args = parser.parse_args(argv)
@@ -112,7 +116,7 @@ def parse_map(text: str) -> tuple[str, str]:
 
 @dataclass(order=True)
 class Scheduled:
-    due: float
+    due: float          # receive time on the source's timeline: paced from the first at --speed
     order: int
     sensor: str
     frames: list
@@ -236,27 +240,23 @@ def build_schedule(config: DaemonConfig, data, args: argparse.Namespace) -> tupl
                     sent = list(data.messages(row, sensor, session, seq[sensor.name], t, hop))
                 seq[sensor.name] += len(sent)
                 for due, message in sent:
-                    schedule.append(Scheduled(due / args.speed, order, sensor.name, wire.encode(message)))
+                    schedule.append(Scheduled(due, order, sensor.name, wire.encode(message)))
                     order += 1
         end_t = len(utterances) * hop
         for sensor in config.sensors:
             if sensor.modality in data.modalities and end_t < kills.get(sensor.modality, np.inf):
                 message = wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name], end_t, kind="end")
-                schedule.append(Scheduled(end_t / args.speed, order, sensor.name, wire.encode(message)))
+                schedule.append(Scheduled(end_t, order, sensor.name, wire.encode(message)))
                 order += 1
-    heapq.heapify(schedule)
     return schedule, labels
 
 
-def recording_schedule(messages, speed: float) -> list[Scheduled]:
-    """A recording's messages, paced by their receive times."""
-    if not messages:
-        return []
-    first = messages[0].received
-    return [Scheduled((m.received - first) / speed, i, m.sensor, [m.topic, m.payload]) for i, m in enumerate(messages)]
+def recording_schedule(messages) -> list[Scheduled]:
+    """A recording's messages, due at their receive times."""
+    return [Scheduled(m.received, i, m.sensor, [m.topic, m.payload]) for i, m in enumerate(messages)]
 
 
-def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str], speed: float) -> list[Scheduled]:
+def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str]) -> list[Scheduled]:
     """LSL streams as wire messages on the configured sensor of their mapped modality."""
     import pyxdf
 
@@ -303,20 +303,22 @@ def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str], speed
     timed.sort(key=lambda item: item[0])
     if not timed:
         raise RecordingError(f"{path}: the mapped streams hold no samples")
-    first, seq, schedule = timed[0][0], defaultdict(int), []
+    seq, schedule = defaultdict(int), []
     for order, (due, sensor, make) in enumerate(timed):
         message = make(seq[sensor.name])
         seq[sensor.name] += 1
-        schedule.append(Scheduled((due - first) / speed, order, sensor.name, wire.encode(message)))
+        schedule.append(Scheduled(due, order, sensor.name, wire.encode(message)))
     last = timed[-1][0]
     for sensor in sensors.values():
         end = wire.SensorMessage(session, sensor.name, sensor.modality, seq[sensor.name], last, kind="end")
-        schedule.append(Scheduled((last - first) / speed, len(schedule), sensor.name, wire.encode(end)))
+        schedule.append(Scheduled(last, len(schedule), sensor.name, wire.encode(end)))
     return schedule
 
 
-def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float) -> dict[str, zmq.Socket]:
-    """One XPUB per sensor, so that we can wait until the daemon has subscribed."""
+def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float,
+                 virtual_clock: bool) -> dict[str, zmq.Socket]:
+    """One XPUB per sensor, so that we can wait until the daemon has subscribed (on a virtual clock: to the
+    ticks as well, or the first ones would be lost)."""
     sockets = {}
     for sensor in config.sensors:
         socket = context.socket(zmq.XPUB)
@@ -329,11 +331,13 @@ def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float) -> d
         sockets[sensor.name] = socket
     deadline = time.monotonic() + wait_s
     for name, socket in sockets.items():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not socket.poll(remaining * 1000, zmq.POLLIN):
-            raise TimeoutError(f"no subscriber on sensor {name} within {wait_s:.0f} s: is mmfuse-daemon running "
-                               f"with the same configuration?")
-        socket.recv()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socket.poll(remaining * 1000, zmq.POLLIN):
+                raise TimeoutError(f"no subscriber on sensor {name} within {wait_s:.0f} s: is mmfuse-daemon running "
+                                   f"with the same configuration{' and --virtual-clock' if virtual_clock else ''}?")
+            if not virtual_clock or socket.recv() == b"\x01" + TICK_TOPIC:
+                break
     return sockets
 
 
@@ -385,10 +389,10 @@ def load_schedule(args: argparse.Namespace) -> tuple[DaemonConfig, list, dict]:
         if skipped:
             print(f"no configured sensor named {', '.join(sorted(skipped))}: their messages are skipped",
                   file=sys.stderr)
-        return config, recording_schedule([m for m in messages if m.sensor in known], args.speed), {}
+        return config, recording_schedule([m for m in messages if m.sensor in known]), {}
     config = load_config(args.config)
     if args.recording:
-        return config, xdf_schedule(args.recording, config, args.map, args.speed), {}
+        return config, xdf_schedule(args.recording, config, args.map), {}
     schedule, truth = build_schedule(config, load_rows(args), args)
     return config, schedule, truth
 
@@ -404,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, BundleError, RecordingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    heapq.heapify(schedule)
     context = zmq.Context.instance()
     listener = None
     if args.listen:
@@ -412,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
         listener.connect(config.output.endpoint)
     try:
-        sockets = open_sockets(context, config, args.wait_s)
+        sockets = open_sockets(context, config, args.wait_s, args.virtual_clock)
     except (TimeoutError, zmq.ZMQError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -445,15 +448,26 @@ def main(argv: list[str] | None = None) -> int:
                 correct += label is not None and decision["label"] == label
                 print(format_decision(decision, label), flush=True)
 
-    start = time.monotonic()
-    while schedule:
-        item = schedule[0]
-        wait = start + item.due - time.monotonic()
-        if wait > 0:
+    items = sorted(schedule)
+    first, start = (items[0].due if items else 0.0), time.monotonic()
+
+    def pace(due: float) -> None:
+        while (wait := start + (due - first) / args.speed - time.monotonic()) > 0:
             receive(wait)
-            continue
-        heapq.heappop(schedule)
-        sockets[item.sensor].send_multipart(item.frames)
+
+    if args.virtual_clock:
+        for item in replay_ticks([i.due for i in items], quiet_time(config.drop.timeout_s,
+                                                                  config.pipeline.flush_interval_ms / 1000)):
+            if isinstance(item, Tick):
+                pace(item.now)
+                for socket in sockets.values():
+                    socket.send_multipart(tick_frames(item))
+            else:
+                sockets[items[item].sensor].send_multipart(items[item].frames + [receive_time_frame(items[item].due)])
+    else:
+        for item in items:
+            pace(item.due)
+            sockets[item.sensor].send_multipart(item.frames)
     if listener is not None:
         quiet_until = time.monotonic() + config.drop.timeout_s + 3.0
         while time.monotonic() < quiet_until and (received < len(truth) or not truth):

@@ -1,14 +1,15 @@
 """The daemon's pipeline in one process on a virtual clock: a recording's receive times.
 
 The same I/O-free classes the actors wrap (SensorIngest, Aligner, WindowRestorer,
-FusionHead), driven message by message in receive-time order with the clock ticking
-in fixed steps between messages, so a recording gives the same decisions on every run
-and on any machine, whatever its load. `mmfuse-eval --log` uses it.
+FusionHead), driven by the same virtual clock as `mmfuse-daemon --virtual-clock` fed by
+`mmfuse-replay --virtual-clock` (mmfuse.virtual_clock): messages in receive-time order,
+a tick every TICK_S between them. A recording gives the same decisions on every run,
+on any machine, whatever its load, and the same as a daemon replaying it on the
+virtual clock. `mmfuse-eval --log` uses it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import structlog
@@ -21,6 +22,7 @@ from mmfuse.bundle import Bundle
 from mmfuse.daemon.config import DaemonConfig
 from mmfuse.media import MediaEncoder
 from mmfuse.recording import RecordedMessage
+from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, quiet_time, replay_ticks
 from mmfuse.wire import Decision
 
 
@@ -31,69 +33,58 @@ class VirtualRun:
     aligner: dict
 
 
-class VirtualPipeline:
-    TICK_S = 0.01  # as the aligner actor's ticker
+def sensor_ingest(config: DaemonConfig, sensor, dim: int, tower, log) -> SensorIngest:
+    """The SensorIngest a sensor actor of this configuration runs."""
+    window = config.window
+    media = MediaEncoder(sensor.modality, tower, window.length_s / sensor.frames_per_window) if tower else None
+    return SensorIngest(sensor.name, sensor.modality, window.length_s, window.hop_s, dim,
+                        config.pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media, config.clock.jump_s)
 
+
+class VirtualPipeline:
     def __init__(self, config: DaemonConfig, bundle: Bundle):
         self.config = config
         log = structlog.get_logger().bind(virtual=True)
-        window, pipeline = config.window, config.pipeline
+        pipeline = config.pipeline
         towers = bundle.towers(sorted({s.modality for s in config.sensors}))
-        self.ingests = {}
-        for sensor in config.sensors:
-            tower = towers.get(sensor.modality)
-            media = MediaEncoder(sensor.modality, tower, window.length_s / sensor.frames_per_window) if tower else None
-            self.ingests[sensor.name] = SensorIngest(sensor.name, sensor.modality, window.length_s, window.hop_s,
-                                                     bundle.modalities[sensor.modality]["dim"],
-                                                     pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media)
-        self.aligner = Aligner(sorted(bundle.modalities), {s.name: s.modality for s in config.sensors},
-                               window.length_s, window.hop_s, config.drop.timeout_s, pipeline.session_idle_s, log,
-                               config.drop.period_factor, pipeline.flush_interval_ms / 1000, config.drop.min_share)
+        self.ingests = {s.name: sensor_ingest(config, s, bundle.modalities[s.modality]["dim"], towers.get(s.modality),
+                                              log) for s in config.sensors}
+        self.ticks = {name: SensorTicks(ingest, pipeline.batch_interval_ms / 1000, pipeline.flush_interval_ms / 1000)
+                      for name, ingest in self.ingests.items()}
+        self.aligner = Aligner.from_config(sorted(bundle.modalities), {s.name: s.modality for s in config.sensors},
+                                           config.window.model_dump(), config.drop.model_dump(), pipeline.model_dump(),
+                                           config.clock.model_dump(), log)
+        self.aligner_ticks = AlignerTicks(self.aligner, list(self.ingests))
         restorer = config.restorer
         self.restorer = WindowRestorer(bundle, restorer.method, restorer.overrides(), restorer.abstain_spread)
         self.fusion = FusionHead(bundle, restorer.method, pipeline.session_idle_s)
-        self.last_push = dict.fromkeys(self.ingests, -math.inf)
 
-    def _tick(self, now: float) -> list[Decision]:
-        pipeline = self.config.pipeline
-        for name, ingest in self.ingests.items():
-            if ingest.push_due(now - self.last_push[name], pipeline.batch_interval_ms / 1000,
-                               pipeline.flush_interval_ms / 1000):
-                batch = ingest.take_batch()
-                if batch is not None:
-                    self.aligner.push(batch)
-                self.last_push[name] = now
-        return self._decide(self.aligner.poll(now), now)
+    def _tick(self, tick: Tick) -> list[Decision]:
+        decisions = []
+        for name in sorted(self.ticks):
+            report, batch = self.ticks[name].tick(tick)
+            if report:
+                windows, _ = self.aligner_ticks.report(name, tick, batch)
+                decisions += self._decide(windows)
+        return decisions
 
-    def _decide(self, windows, now: float) -> list[Decision]:
-        if not windows:
-            return []
+    def _decide(self, windows) -> list[Decision]:
         incomplete = [w for w in windows if not w.complete]
         if incomplete:
             self.restorer.restore(incomplete)
-        return self.fusion.decide(sorted(windows, key=lambda w: (w.session, w.seq)), now)
+        return self.fusion.decide(windows)
 
     def run(self, messages: list[RecordedMessage]) -> VirtualRun:
         decisions: list[Decision] = []
-        if messages:
-            clock = messages[0].received
-            for message in messages:
-                while clock <= message.received:
-                    decisions += self._tick(clock)
-                    clock += self.TICK_S
+        quiet = quiet_time(self.config.drop.timeout_s, self.config.pipeline.flush_interval_ms / 1000)
+        for item in replay_ticks([m.received for m in messages], quiet):
+            if isinstance(item, Tick):
+                decisions += self._tick(item)
+            else:
+                message = messages[item]
                 ingest = self.ingests.get(message.sensor)
                 if ingest is not None:
                     ingest.ingest([message.topic, message.payload], message.received)
-            quiet_until = messages[-1].received + self.config.drop.timeout_s + \
-                self.config.pipeline.flush_interval_ms / 1000 + 2 * self.TICK_S
-            while clock <= quiet_until:  # let silent streams time out as they would live
-                decisions += self._tick(clock)
-                clock += self.TICK_S
-            for ingest in self.ingests.values():
-                batch = ingest.take_batch()
-                if batch is not None:
-                    self.aligner.push(batch)
-            decisions += self._decide(self.aligner.drain(clock), clock)
         return VirtualRun(decisions, {name: dict(i.rejected.counts) for name, i in self.ingests.items()},
                           self.aligner.stats())
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmfuse.clocks import ClockLine
+
 
 @dataclass(slots=True)
 class WindowDelta:
@@ -26,17 +28,23 @@ class WindowDelta:
 
 @dataclass(slots=True)
 class StreamProgress:
-    """Where one stream (one source in one session) stands, as seen by its sensor actor."""
+    """Where one stream (one source in one session) stands, as seen by its sensor actor.
+
+    Stream time is the source's clock, continued across its resets; the aligner maps it
+    onto the session's timeline with `offset`."""
     session: str
     source: str
     modality: str
-    progress: float        # event time up to which the stream has delivered everything
+    progress: float        # stream time up to which the stream has delivered everything
     arrived_at: float      # wall time of the latest message (data, heartbeat or end)
-    offset: float          # estimated (daemon wall clock - sensor clock), lowest recent delay
+    offset: float          # daemon wall clock - stream time now, from the lowest delays (mmfuse.clocks)
     ended: bool
     seq_gaps: int          # messages missing according to `seq`, cumulative
-    period: float = math.inf  # median interval between recent messages on the sensor's clock (inf until known)
+    period: float = math.inf  # median interval between recent messages on the stream's clock (inf until known)
     jitter: float = 0.0       # spread (max - min) of recent delivery delays, seconds
+    drift: float = 0.0        # how fast the offset changes, s/s
+    resets: int = 0           # clock resets and jumps found; stream time stays continuous across them
+    line: ClockLine | None = None  # the stream's clock against the daemon's, once enough of it has been seen
 
 
 @dataclass(slots=True)
@@ -59,6 +67,10 @@ class ClosedWindow:
     dropped: list[str]
     closed_at: float
     seq: int = 0                        # close order within the session: 0, 1, 2, ... without gaps
+    revision: int = 0                   # > 0: closed again after late data (same window, no new seq)
+    replay: int = 0                     # on a virtual clock: which replay since the daemon started
+    dispatched_at: float = 0.0          # wall time the aligner actor handed it on (closed_at is the aligner's
+                                        # clock: the recording's on a virtual clock)
     embeddings: np.ndarray | None = None  # [M, E] in the bundle's modality order, once encoded and restored
     restored: list[str] = field(default_factory=list)
     restorer: str = "none"

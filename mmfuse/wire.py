@@ -75,8 +75,10 @@ class Decision:
     restorer: str
     latency_ms: float
     bundle: str
-    closed_at: float = 0.0  # wall time the aligner closed the window; not on the wire
+    closed_at: float = 0.0  # the aligner's clock when it closed the window; not on the wire
+    dispatched_at: float = 0.0  # wall time the aligner actor handed the window on; not on the wire
     extra: dict = field(default_factory=dict)
+    revision: int = 0       # > 0: a corrected decision for a window decided before
 
     @property
     def topic(self) -> str:
@@ -239,7 +241,8 @@ def _array_header(body: dict, encoding: str, nbytes: int) -> tuple[tuple[int, ..
 
 def encode_decision(decision: Decision) -> list[bytes]:
     payload = {"v": VERSION, "session": decision.session,
-               "window": {"id": decision.window_id, "start": decision.start, "end": decision.end},
+               "window": {"id": decision.window_id, "start": decision.start, "end": decision.end,
+                          "revision": decision.revision},
                "task": decision.task, "label": decision.label, "scores": decision.scores,
                "present": decision.present, "restored": decision.restored, "dropped": decision.dropped,
                "restorer": decision.restorer, "latency_ms": decision.latency_ms, "bundle": decision.bundle,

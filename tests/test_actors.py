@@ -63,4 +63,4 @@ def test_context_bundle_uses_the_session_history(feature_file, tmp_path):
     a = first.decide(history)
     b = second.decide([window(0, ["audio", "text", "visual"], rng=np.random.default_rng(2))])
     assert a[2].scores != b[0].scores  # same window content, different history
-    assert len(first.sessions["s"].history) == 2
+    assert len(first.sessions[(0, "s")].history) == 2

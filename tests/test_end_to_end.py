@@ -22,9 +22,9 @@ SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
 
 
 class Daemon:
-    def __init__(self, config_path):
-        self.process = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path)],
-                                        stderr=subprocess.PIPE, text=True)
+    def __init__(self, config_path, *flags):
+        self.process = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
+                                         *flags], stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()

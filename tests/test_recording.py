@@ -100,6 +100,43 @@ def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_pat
     assert sorted(map(decision_key, replayed)) == sorted(map(decision_key, live))
 
 
+def without_latency(decisions):
+    return sorted(({k: v for k, v in d.items() if k != "latency_ms"} for d in decisions),
+                  key=lambda d: (d["session"], d["window"]["id"], d["window"]["revision"]))
+
+
+def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eval_log(recorded, tmp_path):
+    recording, live = recorded
+    config, _ = read_recording(recording)
+    replay_config = {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"}
+                                           for s in config["sensors"]],
+                     "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    path = tmp_path / "replay.yaml"
+    path.write_text(yaml.safe_dump(replay_config))
+    daemon = Daemon(path, "--virtual-clock")
+    context = zmq.Context()
+    listener = context.socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    listener.connect(replay_config["output"]["endpoint"])
+    runs = []
+    try:
+        assert daemon.ready.wait(120), daemon.log()
+        time.sleep(0.3)
+        for _ in range(2):  # one daemon, two replays: the final tick resets it for the next
+            assert replay_main([str(recording), "--config", str(path), "--virtual-clock", "--speed", "max"]) == 0
+            runs.append(collect(listener, quiet_s=3))
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(30)
+        context.destroy(linger=0)
+    assert len(runs[0]) == len(live) and without_latency(runs[0]) == without_latency(runs[1])
+    assert sorted(map(decision_key, runs[0])) == sorted(map(decision_key, live))
+    lines = tmp_path / "eval.jsonl"
+    assert eval_main(["--log", str(recording), "--config", str(path), "--decisions-out", str(lines)]) == 0
+    offline = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert without_latency(offline) == without_latency(runs[0])
+
+
 def test_a_foreign_mcap_file_is_explained_not_crashed_on(shared_data, capsys):
     talker = shared_data / "recordings" / "talker.mcap"
     with pytest.raises(RecordingError, match="no mmfuse channels.*/rosout \\(cdr, rcl_interfaces/msg/Log, 10"):
@@ -126,7 +163,7 @@ def test_an_xdf_stream_becomes_features_on_the_mapped_sensor(shared_data):
                                                       {"name": "marks", "modality": "text",
                                                        "endpoint": "tcp://127.0.0.1:5998"}]})
     schedule = sorted(xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config,
-                                   {"BioSemi": "audio", "MyMarkerStream": "text"}, speed=float("inf")))
+                                   {"BioSemi": "audio", "MyMarkerStream": "text"}))
     bodies = [wire.decode(item.frames) for item in schedule]
     eeg = [b for b in bodies if b.source == "eeg0" and b.kind == "data"]
     assert sum(b.shape[0] for b in eeg) == 27815 and all(b.shape[1] == 8 for b in eeg)
@@ -135,7 +172,7 @@ def test_an_xdf_stream_becomes_features_on_the_mapped_sensor(shared_data):
     times = np.array([b.t for b in eeg])
     assert (np.diff(times) > 200).sum() == 1  # the 274 s gap survives; the clock reset does not show as a jump
     with pytest.raises(RecordingError, match="no stream Nope"):
-        xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {"Nope": "audio"}, 1.0)
+        xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {"Nope": "audio"})
 
 
 def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(recorded, tmp_path):

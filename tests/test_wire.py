@@ -97,7 +97,7 @@ def test_decision_round_trip():
     topic, body = wire.encode_decision(decision)
     assert topic == b"decision/s1"
     decoded = wire.decode_decision([topic, body])
-    assert decoded == {"v": 1, "session": "s1", "window": {"id": 4, "start": 8.0, "end": 10.0},
+    assert decoded == {"v": 1, "session": "s1", "window": {"id": 4, "start": 8.0, "end": 10.0, "revision": 0},
                        "task": "sentiment", "label": "positive", "scores": {"negative": 0.2, "positive": 0.8},
                        "present": ["audio", "text"], "restored": ["visual"], "dropped": ["cam0"],
                        "restorer": "mean", "latency_ms": 3.5, "bundle": "demo-1"}

@@ -1,0 +1,116 @@
+"""One source's clock against the daemon's, learned from arrival times alone.
+
+A message sent at sensor time t arrives at daemon time t + offset + delay, where the
+delay is never negative. So the lowest delays seen trace the offset (as NTP and LSL
+do): per second of the source's time the tracker keeps the lowest (arrival - t), and
+fits a line through those minima with the Theil-Sen estimator, which a few stalled
+seconds cannot tilt; its slope is the drift.
+
+A clock reset or jump shows as time running backwards (the sensor clock leapt back),
+as a message that arrives before it could have been sent while the source's time
+leapt ahead of the daemon's between two messages (it leapt forward), or as a source
+that restarts (its `seq` begins again) on another clock. The tracker then shifts the
+source's later times by the jump, so that the stream's timeline stays continuous, as
+if the clock had never been reset. (A clock that leaps back while its source is
+silent, without a restart, cannot be told from a slow network: its data comes late.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_BUCKETS = 4  # buckets (seconds) of a source's time before its clock line is fitted
+LEARNING_S = MIN_BUCKETS * 1.0  # how long a source's clock takes to learn, with the default bucket
+
+
+@dataclass(frozen=True, slots=True)
+class ClockLine:
+    """A source's clock against the daemon's: daemon time = t + intercept + drift * t, for stream time t."""
+    intercept: float
+    drift: float
+
+    def to_daemon(self, t: float) -> float:
+        return t + self.intercept + self.drift * t
+
+    def from_daemon(self, daemon_t: float) -> float:
+        return (daemon_t - self.intercept) / (1.0 + self.drift)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockJump:
+    at: float       # daemon time of the message that revealed it
+    jump_s: float   # how far the sensor clock leapt (positive: forward)
+
+
+class ClockTracker:
+    def __init__(self, jump_s: float = 1.0, bucket_s: float = 1.0, buckets: int = 64, settle: int = 8):
+        self.jump_s, self.bucket_s, self.settle = jump_s, bucket_s, settle
+        self.minima: deque[tuple[int, float, float]] = deque(maxlen=buckets)  # (bucket, t, lowest delay) per bucket
+        self.correction = 0.0   # added to the source's times across resets
+        self.resets = 0
+        self.seen = 0           # messages since the last reset
+        self.last_t = -math.inf
+        self.last_arrived = -math.inf
+        self.line: ClockLine | None = None  # once MIN_BUCKETS seconds have been seen
+        self.floor = math.nan   # lowest delay, while there is no line
+
+    def offset(self, t: float) -> float:
+        """Daemon time minus the (continuous) source time, at source time t."""
+        return self.floor if self.line is None else self.line.intercept + self.line.drift * t
+
+    @property
+    def drift(self) -> float:
+        return 0.0 if self.line is None else self.line.drift
+
+    def observe(self, t: float, arrived: float, restarted: bool = False) -> ClockJump | None:
+        """A message delivered up to source time t arrived at daemon time `arrived` (`restarted`: its source
+        began its seq again); returns the jump it revealed, if any. Map the source's times with
+        `+ self.correction` after this call."""
+        jump = self._jump(t + self.correction, arrived, restarted)
+        if jump is not None:
+            self.correction -= jump
+            self.resets += 1
+            self.seen = 0
+        u = t + self.correction
+        self.last_t, self.last_arrived = u, arrived
+        self.seen += 1
+        self._add(u, arrived - u)
+        return None if jump is None else ClockJump(arrived, jump)
+
+    def _jump(self, u: float, arrived: float, restarted: bool) -> float | None:
+        if not self.minima:
+            return None
+        delay = arrived - u
+        expected = self.offset(u)
+        if u < self.last_t - self.jump_s:
+            return expected - delay
+        if restarted and abs(delay - expected) > self.jump_s:
+            return expected - delay
+        leapt = (u - self.last_t) - (arrived - self.last_arrived) > self.jump_s
+        if self.seen >= self.settle and leapt and delay < expected - self.jump_s:
+            return expected - delay
+        return None
+
+    def _add(self, u: float, delay: float) -> None:
+        bucket = math.floor(u / self.bucket_s)
+        if self.minima and bucket <= self.minima[-1][0]:  # the same second, or a small step back
+            if delay < self.minima[-1][2]:
+                self.minima[-1] = (self.minima[-1][0], u, delay)
+                self._refit()
+            return
+        self.minima.append((bucket, u, delay))
+        self._refit()
+
+    def _refit(self) -> None:
+        x = np.array([t for _, t, _ in self.minima])
+        y = np.array([d for _, _, d in self.minima])
+        if len(x) < MIN_BUCKETS:
+            self.line, self.floor = None, float(y.min())
+            return
+        i, j = np.triu_indices(len(x), k=1)
+        drift = max(float(np.median((y[j] - y[i]) / (x[j] - x[i]))), -0.99)
+        self.line = ClockLine(float(np.min(y - drift * x)), drift)

@@ -1,0 +1,135 @@
+"""The virtual clock: the daemon's pipeline on a recording's timeline, the same on every run.
+
+`mmfuse-replay --virtual-clock` sends every message with its recorded receive time as a
+third frame and, between messages, a tick every TICK_S of recording time to every
+sensor (topic `clock`). A sensor takes each tick as `now`: it hands the aligner a batch
+when one is due (the live rule, SensorIngest.push_due) and otherwise reports at least
+every flush interval how far it has got. The aligner applies batches and polls in
+(tick, sensor) order once every sensor has reported up to that tick, so neither Ray's
+scheduling nor the machine's load can change a decision. The last tick is `final`:
+the aligner then drains every open window at that time and all state is reset, ready
+for the next replay. `mmfuse-eval --log` runs the same two classes in one process.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import struct
+from dataclasses import dataclass
+
+import msgpack
+
+from mmfuse.frames import ClosedWindow, SensorBatch
+
+TICK_S = 0.01       # as the live aligner's ticker
+TICK_TOPIC = b"clock"
+_TIME = struct.Struct("<d")
+
+
+def receive_time_frame(t: float) -> bytes:
+    return _TIME.pack(t)
+
+
+def receive_time(frame: bytes) -> float | None:
+    """The receive time a virtual-clock message carries; None for a frame that is not one."""
+    if len(frame) != _TIME.size:
+        return None
+    (t,) = _TIME.unpack(frame)
+    return t if math.isfinite(t) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+    final: bool = False
+
+
+def tick_frames(tick: Tick) -> list[bytes]:
+    return [TICK_TOPIC, msgpack.packb({"t": tick.now, "final": tick.final})]
+
+
+def parse_tick(frames: list[bytes]) -> Tick | None:
+    try:
+        body = msgpack.unpackb(frames[1])
+        return Tick(float(body["t"]), bool(body["final"]))
+    except Exception:  # a malformed tick is counted by the caller like any malformed message
+        return None
+
+
+class SensorTicks:
+    """A sensor's side of the virtual clock: whether a tick hands over a batch, a report, or nothing."""
+
+    def __init__(self, ingest, batch_interval_s: float, flush_interval_s: float):
+        self.ingest = ingest
+        self.batch_interval, self.flush_interval = batch_interval_s, flush_interval_s
+        self.last_push = self.last_report = -math.inf
+
+    def tick(self, tick: Tick) -> tuple[bool, SensorBatch | None]:
+        """(report, batch) at this tick; a report carries the batch, if any, and the tick's time."""
+        batch = None
+        if tick.final or self.ingest.push_due(tick.now - self.last_push, self.batch_interval, self.flush_interval):
+            batch = self.ingest.take_batch()
+            self.last_push = tick.now
+        report = tick.final or batch is not None or tick.now - self.last_report >= self.flush_interval
+        if report:
+            self.last_report = tick.now
+        return report, batch
+
+
+class AlignerTicks:
+    """The aligner's side: batches and polls in (tick, sensor) order, each tick once every sensor has passed it."""
+
+    def __init__(self, aligner, sensors: list[str]):
+        self.aligner = aligner
+        self.sensors = sorted(sensors)
+        self.reset()
+
+    def reset(self) -> None:
+        self.events: list[tuple[float, str, SensorBatch | None]] = []
+        self.reached = dict.fromkeys(self.sensors, -math.inf)
+        self.finals: set[str] = set()
+
+    def report(self, sensor: str, tick: Tick, batch: SensorBatch | None) -> tuple[list[ClosedWindow], bool]:
+        """Closed windows this report lets out, and whether the replay is over (every sensor sent its final)."""
+        heapq.heappush(self.events, (tick.now, sensor, batch))
+        self.reached[sensor] = tick.now
+        if tick.final:
+            self.finals.add(sensor)
+        frontier = min(self.reached.values())
+        closed = []
+        while self.events and self.events[0][0] <= frontier:
+            now = self.events[0][0]
+            while self.events and self.events[0][0] == now:
+                _, _, pending = heapq.heappop(self.events)
+                if pending is not None:
+                    self.aligner.push(pending)
+            closed += self.aligner.poll(now)
+        over = self.finals == set(self.sensors)
+        if over:
+            closed += self.aligner.drain(frontier)
+            self.reset()
+        return closed, over
+
+
+def replay_ticks(received: list[float], quiet_s: float):
+    """Message indices in order, with the ticks due before each: every tick at or before a message's receive
+    time comes first. After the last message ticks go on for quiet_s (so that silent streams time out as they
+    would live), then the final tick."""
+    if not received:
+        return
+    start, i = received[0], 0
+    for index, at in enumerate(received):
+        while start + i * TICK_S <= at:
+            yield Tick(start + i * TICK_S)
+            i += 1
+        yield index
+    while start + i * TICK_S <= received[-1] + quiet_s:
+        yield Tick(start + i * TICK_S)
+        i += 1
+    yield Tick(start + i * TICK_S, final=True)
+
+
+def quiet_time(drop_timeout_s: float, flush_interval_s: float) -> float:
+    """How long after the last message a replay keeps the clock running: enough for every stream to time out."""
+    return drop_timeout_s + flush_interval_s + 2 * TICK_S

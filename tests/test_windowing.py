@@ -1,0 +1,163 @@
+"""Golden windowing: sensor messages with real-world timing faults in, closed windows out.
+
+Messages go through the daemon's own SensorIngest and Aligner on the virtual clock
+(mmfuse.virtual_clock), so every run closes exactly the same windows. Each feature
+vector holds the session time it was sent at, so a window's mean tells where its data
+came from: window k of 1 s holds values in [k, k+1) when every clock was mapped right.
+"""
+
+import numpy as np
+import pytest
+
+from mmfuse import wire
+from mmfuse.actors.aligner import Aligner
+from mmfuse.actors.sensor import SensorIngest
+from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, quiet_time, replay_ticks
+
+SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
+RATE = {"cam0": 10, "mic0": 10, "asr0": 2}  # messages per second
+WINDOW, TIMEOUT, BATCH, FLUSH = 1.0, 1.0, 0.01, 0.2
+START = 1_700_000_000.0  # daemon wall clock at session time 0
+
+
+def run(events, lateness=0.0, bound=0.0):
+    """events: (arrival, sensor, message) → (closed windows, the ingests, the aligner)."""
+    events = sorted(events, key=lambda e: e[0])
+    ingests = {name: SensorIngest(name, modality, WINDOW, WINDOW, 2) for name, modality in SENSORS.items()}
+    ticks = {name: SensorTicks(ingest, BATCH, FLUSH) for name, ingest in ingests.items()}
+    aligner = Aligner(sorted(SENSORS.values()), SENSORS, WINDOW, WINDOW, TIMEOUT, period_factor=5, flush_s=FLUSH,
+                      bound_s=bound, lateness_s=lateness)
+    clock = AlignerTicks(aligner, list(SENSORS))
+    closed = []
+    for item in replay_ticks([e[0] for e in events], quiet_time(TIMEOUT, FLUSH)):
+        if isinstance(item, Tick):
+            for name in sorted(ticks):
+                report, batch = ticks[name].tick(item)
+                if report:
+                    closed += clock.report(name, item, batch)[0]
+        else:
+            arrival, name, message = events[item]
+            ingests[name].ingest(wire.encode(message), arrival)
+    return closed, ingests, aligner
+
+
+def stream(name, until, clock=lambda s: s, delay=lambda s: 0.005, start=0.0, seq0=0, session="s"):
+    """A sensor sending every 1/RATE s of session time s from `start` to `until`: stamped by its own `clock(s)`,
+    arriving at START + s + duration + delay(s). Each vector is [s, s] (s: the span's start)."""
+    period = 1.0 / RATE[name]
+    events = []
+    for i, s in enumerate(np.arange(start, until - 1e-9, period)):
+        s = float(s)
+        message = wire.features_message(session, name, SENSORS[name], seq0 + i, clock(s), np.full(2, s),
+                                         duration=period)
+        events.append((START + s + period + delay(s), name, message))
+    return events
+
+
+def summary(closed):
+    return [(w.window_id, w.present, w.dropped) for w in closed if not w.revision]
+
+
+def assert_means_in_place(closed, slack=0.0):
+    for w in closed:
+        for modality, vector in w.features.items():
+            assert w.start - slack <= vector[0] <= w.end + slack, (w.window_id, modality, vector)
+
+
+ALL = ["audio", "text", "visual"]
+
+
+def test_jitter_closes_every_window_once_with_its_own_data():
+    rng = np.random.default_rng(0)
+    events = [e for name in SENSORS for e in stream(name, 5.0, delay=lambda s: 0.002 + rng.exponential(0.02))]
+    closed, ingests, _ = run(events)
+    assert summary(closed) == [(k, ALL, []) for k in range(5)]
+    assert_means_in_place(closed)
+    assert all(not i.rejected.counts for i in ingests.values())
+
+
+def test_reordered_and_duplicated_messages_are_counted_and_change_nothing():
+    events = [e for name in SENSORS for e in stream(name, 5.0)]
+    cam = [e for e in events if e[1] == "cam0"]
+    swapped = [(cam[11][0] + 0.001, "cam0", cam[10][2])]  # frame 10 overtaken by frame 11
+    duplicates = [(e[0] + 0.003, e[1], e[2]) for e in cam[20:25]]
+    clean, _, _ = run(events)
+    closed, ingests, _ = run([e for e in events if e is not cam[10]] + swapped + duplicates)
+    assert ingests["cam0"].rejected.counts == {"duplicate_or_reordered": 6}
+    assert summary(closed) == summary(clean)
+    assert_means_in_place(closed)
+
+
+def test_a_clock_offset_and_drift_are_mapped_onto_the_session_clock():
+    # the microphone's clock is 3 days behind and runs 200 ppm fast; the others are on the session clock
+    events = [e for name in ("cam0", "asr0") for e in stream(name, 30.0)]
+    events += stream("mic0", 30.0, clock=lambda s: s * 1.0002 - 259_200.0)
+    closed, ingests, aligner = run(events)
+    assert summary(closed) == [(k, ALL, []) for k in range(30)]  # its first 4 s were held until its clock was known
+    assert_means_in_place(closed)
+    line = ingests["mic0"].streams[("s", "mic0")].clock.line
+    assert line.drift == pytest.approx(-2e-4, abs=2e-5) and aligner.counts["late"] == 0
+
+
+def test_a_clock_reset_keeps_the_stream_in_its_windows():
+    # the camera's clock restarts from 0 at session time 10 s; its seq goes on
+    events = [e for name in ("mic0", "asr0") for e in stream(name, 20.0)]
+    events += stream("cam0", 20.0, clock=lambda s: s if s < 10 else s - 10)
+    closed, ingests, aligner = run(events)
+    assert ingests["cam0"].streams[("s", "cam0")].clock.resets == 1
+    assert summary(closed) == [(k, ALL, []) for k in range(20)]
+    assert_means_in_place(closed)
+
+
+def test_a_source_that_dies_and_returns_is_dropped_then_back():
+    events = [e for name in ("mic0", "asr0") for e in stream(name, 12.0)]
+    events += stream("cam0", 4.0) + stream("cam0", 12.0, start=7.0, seq0=70)  # 30 frames lost
+    closed, ingests, _ = run(events)
+    expected = [(k, ALL, []) for k in range(4)] + [(k, ["audio", "text"], ["cam0"]) for k in (4, 5, 6)] + \
+               [(k, ALL, []) for k in range(7, 12)]
+    assert summary(closed) == expected
+    assert ingests["cam0"].streams[("s", "cam0")].seq_gaps == 30
+
+
+def test_a_source_that_restarts_on_a_new_clock_is_mapped_again():
+    # the camera crashes at 4 s, restarts at 7 s with seq and clock from 0
+    events = [e for name in ("mic0", "asr0") for e in stream(name, 12.0)]
+    events += stream("cam0", 4.0) + stream("cam0", 12.0, start=7.0, clock=lambda s: s - 7.0)
+    closed, ingests, _ = run(events)
+    assert [k for k, present, _ in summary(closed) if present == ALL] == [0, 1, 2, 3, 7, 8, 9, 10, 11]
+    assert_means_in_place(closed)
+    assert ingests["cam0"].streams[("s", "cam0")].clock.resets == 1
+
+
+def test_late_data_is_counted_and_within_the_allowed_lateness_revises_the_window():
+    # the camera's network stalls: its frames from 2.0 s on arrive together at 4.7 s, after windows 2 and 3
+    # closed without it (it was silent long enough to count as dropped)
+    events = [e for name in SENSORS for e in stream(name, 6.0)]
+    stalled = [(max(at, START + 4.7) if name == "cam0" and m.t >= 2.0 else at, name, m) for at, name, m in events]
+    closed, _, aligner = run(stalled, lateness=2.0)
+    first = {w.window_id: w for w in closed if not w.revision}
+    assert first[2].dropped == ["cam0"] and first[3].dropped == ["cam0"]
+    revised = {w.window_id: w for w in closed if w.revision}
+    assert sorted(revised) == [2, 3] and all(w.present == ALL and w.revision == 1 for w in revised.values())
+    assert_means_in_place(revised.values())
+    assert aligner.counts["late"] == aligner.counts["revised"] == 2
+    closed, _, aligner = run(stalled)  # no allowed lateness: counted, not merged
+    assert aligner.counts["late"] == 2 and not any(w.revision for w in closed)
+
+
+def test_a_watermark_bound_waits_for_sources_that_deliver_out_of_order():
+    # the camera announces 3.05 s (a heartbeat) before its frames for [2.5, 3.0) arrive
+    events = [e for name in ("mic0", "asr0") for e in stream(name, 6.0)]
+    cam = stream("cam0", 6.0)
+    early = [(at, name, m) for at, name, m in cam if m.t < 2.5]
+    held = [(START + 3.07 + i * 0.01, name, m) for i, (_, name, m) in enumerate(e for e in cam if 2.5 <= e[2].t < 3)]
+    beat = (START + 3.06, "cam0", wire.SensorMessage("s", "cam0", "visual", 0, 3.05, kind="heartbeat"))
+    later = [(at, name, m) for at, name, m in cam if m.t >= 3.0]
+    ordered = early + [beat] + held + later  # renumber seq in sending order
+    events += [(at, name, wire.SensorMessage(**{**{f: getattr(m, f) for f in m.__slots__}, "seq": i}))
+               for i, (at, name, m) in enumerate(ordered)]
+    _, _, aligner = run(events)
+    assert aligner.counts["late"] > 0  # window 2 closed on the heartbeat's word
+    closed, ingests, aligner = run(events, bound=0.5)
+    assert aligner.counts["late"] == 0 and summary(closed) == [(k, ALL, []) for k in range(6)]
+    assert_means_in_place(closed)
