@@ -43,6 +43,7 @@ class FusionHead:
         if not windows:
             return []
         now = max(w.closed_at for w in windows)  # the aligner's clock: wall time live, the recording's in a replay
+        self._forget_idle(now)  # first: a session the aligner forgot starts again at seq 0
         ready = []
         for window in windows:
             state = self.sessions.setdefault((window.replay, window.session), SessionState())
@@ -54,7 +55,6 @@ class FusionHead:
             while state.next_seq in state.waiting:
                 ready.append(state.waiting.pop(state.next_seq))
                 state.next_seq += 1
-        self._forget_idle(now)
         if not ready:
             return []
         raw = [w for w in ready if w.embeddings is None]
@@ -98,7 +98,7 @@ class FusionHead:
                         revision=window.revision, dispatched_at=window.dispatched_at)
 
     def _forget_idle(self, now: float) -> None:
-        latest = max(replay for replay, _ in self.sessions)
+        latest = max((replay for replay, _ in self.sessions), default=0)
         idle = [key for key, s in self.sessions.items()
                 if not s.waiting and (now - s.seen_at > self.session_idle or key[0] < latest)]
         for key in idle:

@@ -16,7 +16,9 @@ from mmfuse import wire
 from mmfuse.daemon.config import parse_config
 from mmfuse.daemon.replay import main as replay_main, xdf_schedule
 from mmfuse.recording import RecordingError, read_recording, summarize_mcap
+from mmfuse.training.data import make_synthetic
 from mmfuse.training.evaluate import main as eval_main
+from mmfuse.training.train import main as train_main
 from test_end_to_end import DIMS, SENSORS, WINDOW, Daemon, Lab, collect
 
 
@@ -135,6 +137,46 @@ def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eva
     assert eval_main(["--log", str(recording), "--config", str(path), "--decisions-out", str(lines)]) == 0
     offline = [json.loads(line) for line in lines.read_text().splitlines()]
     assert without_latency(offline) == without_latency(runs[0])
+
+
+@pytest.fixture(scope="module")
+def eeg_bundle(tmp_path_factory):
+    """A bundle whose audio modality is 8-d, as the BioSemi EEG stream of clock_resets.xdf."""
+    directory = tmp_path_factory.mktemp("eeg")
+    data = make_synthetic(directory / "eeg.npz", videos=12, per_video=8, seed=3, dims={"audio": 8})
+    assert train_main(["--data", str(data), "--out", str(directory / "bundle"), "--encoder-epochs", "3",
+                       "--head-epochs", "3", "--restorers", "zero,mean"]) == 0
+    return directory / "bundle"
+
+
+def test_clock_resets_xdf_through_a_daemon_gives_dropped_windows_not_a_crash(shared_data, eeg_bundle, tmp_path):
+    config = {"bundle": str(eeg_bundle), "sensors": [{"name": "eeg0", "modality": "audio",
+                                                      "endpoint": f"tcp://127.0.0.1:{free_port()}"}],
+              "restorer": {"method": "mean"}, "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    path = tmp_path / "eeg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    daemon = Daemon(path, "--virtual-clock")
+    context = zmq.Context()
+    listener = context.socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    listener.connect(config["output"]["endpoint"])
+    try:
+        assert daemon.ready.wait(120), daemon.log()
+        time.sleep(0.3)
+        assert replay_main([str(shared_data / "recordings" / "clock_resets.xdf"), "--config", str(path),
+                            "--map", "BioSemi=audio", "--virtual-clock", "--speed", "max"]) == 0
+        decisions = collect(listener, quiet_s=5)
+        assert daemon.process.poll() is None, daemon.log()
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(30)
+        context.destroy(linger=0)
+    starts = sorted(d["window"]["start"] for d in decisions)
+    gap = max(zip(starts, starts[1:]), key=lambda pair: pair[1] - pair[0])
+    assert 270 < gap[1] - gap[0] < 280 and 948 <= gap[0] + 2.0 <= 951  # the 274 s gap: no windows, no crash
+    assert len(decisions) > 140 and all(d["present"] == ["audio"] for d in decisions)
+    steps = np.diff(starts)
+    assert set(steps[steps < 100]) == {2.0}  # a decision every window on either side of the gap
 
 
 def test_a_foreign_mcap_file_is_explained_not_crashed_on(shared_data, capsys):

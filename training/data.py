@@ -114,8 +114,9 @@ def split_by_video(videos: np.ndarray, val_fraction: float, seed: int) -> tuple[
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def make_synthetic(path: str | Path, videos: int = 40, per_video: int = 16, seed: int = 0) -> Path:
-    """Write a generated feature set with the MOSI schema (audio 73, video 100, text 100).
+def make_synthetic(path: str | Path, videos: int = 40, per_video: int = 16, seed: int = 0,
+                   dims: dict[str, int] | None = None) -> Path:
+    """Write a generated feature set with the MOSI schema (audio 73, video 100, text 100; `dims` overrides).
 
     Each modality is a noisy linear view of a shared latent whose first axis carries
     the label, text the clearest view: a missing modality is partly predictable
@@ -126,7 +127,9 @@ def make_synthetic(path: str | Path, videos: int = 40, per_video: int = 16, seed
     sentiment = np.clip(rng.normal(0, 1.5, n) + np.repeat(rng.normal(0, 0.7, videos), per_video), -3, 3)
     latent = np.column_stack([sentiment / 1.5, rng.normal(size=(n, 7))])
     arrays = {}
-    for key, dim, noise in (("audio", 73, 2.0), ("video", 100, 2.5), ("text", 100, 0.8)):
+    sizes = {"audio": 73, "video": 100, "text": 100, **(dims or {})}
+    for key, noise in (("audio", 2.0), ("video", 2.5), ("text", 0.8)):
+        dim = sizes[key]
         mixing = rng.normal(size=(8, dim))
         arrays[key] = (latent @ mixing + noise * rng.normal(size=(n, dim))).astype(np.float32)
     uid = np.array([f"synthetic{v:03d}_{i}" for v in range(videos) for i in range(per_video)])
