@@ -7,7 +7,10 @@ Layout of an mmfuse recording: profile `mmfuse`; one channel per source, topic
 message is the original payload bytes of one wire-protocol v1 message, log time =
 receive time on the recorder's clock, publish time = origin time `t`, sequence = `seq`.
 Decisions, when recorded, go to channel `decision`. Metadata record `mmfuse` holds the
-daemon configuration the recorder ran with; `mmfuse-counts` what it rejected.
+daemon configuration the recorder ran with; `mmfuse-counts` what it rejected;
+`mmfuse-clocks` each stream's clock against the recorder's as the daemon learns it
+(mmfuse.clocks: offset at the stream's last message, drift, resets). Channel `clock`
+(JSON) has an entry each time a stream's clock is first learned or reset.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import numpy as np
 
 import mmfuse
 from mmfuse import wire
+from mmfuse.clocks import ClockTracker
 
 PROFILE = "mmfuse"
 ENCODING = "msgpack"
 DECISION_TOPIC = "decision"
+CLOCK_TOPIC = "clock"
 GAP_FACTOR = 5.0  # a pause longer than this many median intervals is reported as a gap
 
 
@@ -39,6 +44,11 @@ UINT64_MAX = 2**64 - 1
 def seconds_to_ns(t: float) -> int:
     """MCAP times are uint64 nanoseconds; the wire allows any finite t, so clamp (the payload keeps t)."""
     return int(min(max(t * 1e9, 0.0), UINT64_MAX))
+
+
+def clock_estimate(clock: ClockTracker) -> dict:
+    return {"offset_s": clock.offset(clock.last_t), "drift_ppm": clock.drift * 1e6, "resets": clock.resets,
+            "correction_s": clock.correction}
 
 
 class RecordingWriter:
@@ -55,11 +65,12 @@ class RecordingWriter:
         self.writer.add_metadata("mmfuse", {"config": json.dumps(config), "mmfuse_version": mmfuse.__version__,
                                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         self.channels: dict[str, int] = {}
+        self.clocks: dict[tuple[str, str], ClockTracker] = {}
         self.messages = 0
 
-    def _channel(self, topic: str, metadata: dict[str, str]) -> int:
+    def _channel(self, topic: str, metadata: dict[str, str], encoding: str = ENCODING) -> int:
         if topic not in self.channels:
-            self.channels[topic] = self.writer.register_channel(topic, ENCODING, 0, metadata)
+            self.channels[topic] = self.writer.register_channel(topic, encoding, 0, metadata)
         return self.channels[topic]
 
     def sensor_message(self, sensor: str, message: wire.SensorMessage, payload: bytes, received: float) -> None:
@@ -68,6 +79,14 @@ class RecordingWriter:
         self.writer.add_message(channel, seconds_to_ns(received), payload, seconds_to_ns(message.t),
                                 message.seq & 0xFFFFFFFF)  # MCAP's sequence is uint32; the payload keeps seq
         self.messages += 1
+        clock = self.clocks.setdefault((message.session, message.source), ClockTracker())
+        known = clock.line is not None
+        jump = clock.observe(message.t + message.duration, received)
+        if jump is not None or (clock.line is not None and not known):
+            entry = {"session": message.session, "source": message.source, **clock_estimate(clock),
+                     **({"reset_jump_s": jump.jump_s} if jump else {})}
+            self.writer.add_message(self._channel(CLOCK_TOPIC, {}, "json"), seconds_to_ns(received),
+                                    json.dumps(entry).encode(), seconds_to_ns(received))
 
     def decision(self, payload: bytes, received: float) -> None:
         self.writer.add_message(self._channel(DECISION_TOPIC, {}), seconds_to_ns(received), payload,
@@ -75,6 +94,8 @@ class RecordingWriter:
 
     def close(self, counts: dict[str, int]) -> None:
         self.writer.add_metadata("mmfuse-counts", {k: str(v) for k, v in counts.items()})
+        self.writer.add_metadata("mmfuse-clocks", {f"{session}/{source}": json.dumps(clock_estimate(clock))
+                                                   for (session, source), clock in self.clocks.items()})
         self.writer.finish()
         self.handle.close()
 
@@ -107,7 +128,7 @@ def mmfuse_channels(summary) -> tuple[dict[int, object], list[str]]:
         modality = channel.metadata.get("modality")
         if channel.message_encoding == ENCODING and modality in mmfuse.MODALITIES and "sensor" in channel.metadata:
             usable[channel_id] = channel
-        elif channel.topic != DECISION_TOPIC:
+        elif channel.topic not in (DECISION_TOPIC, CLOCK_TOPIC):
             schema = summary.schemas.get(channel.schema_id)
             foreign.append(f"{channel.topic} ({channel.message_encoding}"
                            f"{', ' + schema.name if schema else ''}, {counts.get(channel_id, 0)} messages)")
@@ -207,6 +228,8 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
             kind = channel.metadata["modality"]
         elif channel.topic == DECISION_TOPIC and channel.message_encoding == ENCODING:
             kind = "decisions"
+        elif channel.topic == CLOCK_TOPIC and channel.message_encoding == "json":
+            kind = "clock estimates"
         else:
             kind = f"{channel.message_encoding}{', ' + schema.name if schema else ''}; not usable by mmfuse"
         gaps, _ = gaps_and_resets(series)

@@ -78,6 +78,12 @@ def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_pat
     assert len(messages) == 6 * 2 + 3 + 2 and {m.sensor for m in messages} == set(SENSORS)
     channels = {s.name: s.count for s in summarize_mcap(recording)}
     assert channels["visual/cam0"] == 3 and channels["decision"] == 6
+    assert channels["clock"] >= 1  # mic0 and asr0 sent 6 s, enough to learn their clocks
+    with open(recording, "rb") as handle:
+        from mcap.reader import make_reader
+        clocks = next(r.metadata for r in make_reader(handle).iter_metadata() if r.name == "mmfuse-clocks")
+    assert set(clocks) == {"rec/cam0", "rec/mic0", "rec/asr0"}
+    assert all(abs(json.loads(v)["drift_ppm"]) < 1e5 and json.loads(v)["resets"] == 0 for v in clocks.values())
 
     # a fresh daemon on other ports, fed by mmfuse-replay from the recording
     replay_config = {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"}
