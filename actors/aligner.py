@@ -19,6 +19,7 @@ from mmfuse.virtual_clock import AlignerTicks, Tick
 
 
 SLIVER_WEIGHT = 0.1  # of one message's span
+REAL_TIME_DRIFT = 1e-3  # crystal clocks drift by tens of ppm; a stream seeming to drift more is not sent live
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Session:
     first_offset: float | None = None  # the first stream's lowest delay, to tell other clocks before they are known
     shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
     unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
+    utterances: list[tuple[float, float]] = field(default_factory=list)  # utterance windows: spans not closed yet
+    tiled_until: float | None = None  # utterance windows: session time covered by closed windows
+    next_id: int = 0
 
     def progress(self, source: str) -> float:
         """How far a stream has delivered, in session time."""
@@ -106,13 +110,17 @@ class Aligner:
         self.log = log or structlog.get_logger()
         self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0, "revised": 0}
 
-    @classmethod
-    def from_config(cls, modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
+    @staticmethod
+    def from_config(modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
                     clock: dict, log=None) -> Aligner:
-        return cls(modalities, sensors, window["length_s"], window["hop_s"], drop["timeout_s"],
-                   pipeline["session_idle_s"], log, drop["period_factor"], pipeline["flush_interval_ms"] / 1000,
-                   drop["min_share"], window["watermark_bound_s"], window["allowed_lateness_s"],
-                   clock["tolerance_s"])
+        rules = dict(session_idle_s=pipeline["session_idle_s"], log=log, period_factor=drop["period_factor"],
+                     flush_s=pipeline["flush_interval_ms"] / 1000, min_share=drop["min_share"],
+                     bound_s=window["watermark_bound_s"], clock_tolerance_s=clock["tolerance_s"])
+        if window["mode"] == "utterance":
+            return UtteranceAligner(modalities, sensors, window["slot_s"], window["length_s"], drop["timeout_s"],
+                                    **rules)
+        return Aligner(modalities, sensors, window["length_s"], window["hop_s"], drop["timeout_s"],
+                       lateness_s=window["allowed_lateness_s"], **rules)
 
     def push(self, batch: SensorBatch) -> None:
         for progress in batch.progress:
@@ -134,9 +142,21 @@ class Aligner:
     def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
         if session.first_offset is None:
             session.first_offset = stream.offset
-        if stream.line is None:  # hold the data of a stream on another clock until its clock is known
-            if abs(stream.offset - session.first_offset) > self.clock_tolerance:
-                session.unmapped.setdefault(stream.source, [])
+        if stream.line is not None and abs(stream.line.drift) > REAL_TIME_DRIFT:
+            # not sent in real time (a replay faster than real time, a backlog): its clock cannot be learned
+            # from arrivals, so its times are taken as they are
+            session.shifts[stream.source] = 0.0
+            for delta in session.unmapped.pop(stream.source, []):
+                self._place(session, delta)
+            return
+        if stream.line is None:
+            if stream.source not in session.shifts and stream.source not in session.unmapped:
+                # its first word: a stream on another clock is held until its clock is known (later, offsets
+                # drift apart for streams sent faster than real time, which only their lines can tell)
+                if abs(stream.offset - session.first_offset) > self.clock_tolerance:
+                    session.unmapped[stream.source] = []
+                else:
+                    session.shifts[stream.source] = 0.0
             return
         if session.reference in (None, stream.source):
             session.reference, session.reference_line = stream.source, stream.line
@@ -211,14 +231,14 @@ class Aligner:
     def _live(self, stream: StreamProgress, now: float) -> bool:
         return not stream.ended and now - stream.arrived_at <= self.silence_limit(stream)
 
-    def _too_sparse(self, session: Session, modality: str, frames: float, end: float) -> bool:
+    def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the
         window promise for it (a stream that dropped or ended before the window's end promises nothing)."""
         if not self.min_share:
             return False
         rates = [1 / s.period for source, s in session.streams.items()
                  if s.modality == modality and math.isfinite(s.period) and session.progress(source) >= end]
-        expected = self.length * sum(rates)
+        expected = (end - start) * sum(rates)
         return expected > 0 and frames < self.min_share * expected
 
     def _track_liveness(self, name: str, session: Session, now: float) -> None:
@@ -280,7 +300,7 @@ class Aligner:
             session.next_window = k + 1
             if self.lateness and not draining:
                 session.kept[k] = KeptWindow(window)
-            result = self._closed(name, session, k, window, now)
+            result = self._closed(name, session, k, start, end, window, now)
             if result is None:
                 self.counts["empty"] += 1
                 continue
@@ -327,7 +347,7 @@ class Aligner:
         for k in sorted(session.kept):
             kept = session.kept[k]
             if kept.late:
-                result = self._closed(name, session, k, kept.window, now)
+                result = self._closed(name, session, k, k * self.hop, k * self.hop + self.length, kept.window, now)
                 kept.late = False
                 if result is not None:
                     kept.revision += 1
@@ -339,15 +359,13 @@ class Aligner:
                 del session.kept[k]
         return revised
 
-    def _closed(self, name: str, session: Session, k: int, window: OpenWindow | None,
+    def _closed(self, name: str, session: Session, k: int, start: float, end: float, window: OpenWindow | None,
                 now: float) -> ClosedWindow | None:
-        """The closed form of window k; None when it holds no data."""
-        start = k * self.hop
-        end = start + self.length
+        """The closed form of window k over [start, end); None when it holds no data."""
         observed = [m for m in window.totals if not self._sliver(window, m)] if window is not None else []
         if not observed:
             return None
-        reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m], end)] or observed
+        reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m], start, end)] or observed
         features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in reliable}
         present = sorted(features)
         missing = [m for m in self.modalities if m not in features]
@@ -358,6 +376,81 @@ class Aligner:
     def stats(self) -> dict:
         return {**self.counts, "sessions": len(self.sessions),
                 "open_windows": sum(len(s.windows) for s in self.sessions.values())}
+
+
+class UtteranceAligner(Aligner):
+    """Utterance windows: each window is the span of one text segment (what emotion data sets label), the
+    other modalities' data within it weighted by overlap. Sensor actors sum into slots of slot_s; a window
+    takes the slots it overlaps. While no text stream is live (the speech recogniser died, or there is
+    none), windows of fallback_s tile the time after the last utterance instead, so the session still gets
+    decisions. Window ids count a session's windows: 0, 1, 2, ...
+    """
+
+    MAX_UTTERANCE_S = 60.0  # slots are kept this long behind the latest data, for utterances still to come
+
+    def __init__(self, modalities: list[str], sensors: dict[str, str], slot_s: float, fallback_s: float,
+                 timeout_s: float, **rules):
+        super().__init__(modalities, sensors, slot_s, slot_s, timeout_s, **rules)
+        self.fallback = fallback_s
+
+    def push(self, batch: SensorBatch) -> None:
+        super().push(batch)
+        for span in batch.spans:
+            session = self.sessions[span.session]
+            shift = session.shifts.get(span.source, 0.0)
+            session.utterances.append((span.start + shift, span.end + shift))
+
+    def _close_ready(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
+        if session.next_window is None:
+            return []
+        if session.tiled_until is None:
+            session.tiled_until = session.next_window * self.hop
+        closed = []
+        while session.utterances and (draining or self._closable(session, session.utterances[0][1], now)):
+            start, end = session.utterances.pop(0)
+            closed += self._close_span(name, session, start, end, now)
+            session.tiled_until = max(session.tiled_until, end)
+        text_live = any(s.modality == "text" and self._live(s, now) for s in session.streams.values())
+        if not session.utterances and (draining or not text_live):
+            reach = session.reach()
+            while session.tiled_until < reach and (draining or self._closable(
+                    session, session.tiled_until + self.fallback, now)):
+                start = session.tiled_until
+                session.tiled_until = start + self.fallback
+                closed += self._close_span(name, session, start, session.tiled_until, now)
+        self._forget_slots(session)
+        return closed
+
+    def _close_span(self, name: str, session: Session, start: float, end: float, now: float) -> list[ClosedWindow]:
+        window = OpenWindow()
+        for k in range(math.floor(start / self.hop), math.ceil(end / self.hop)):
+            slot = session.windows.get(k)
+            share = (min(end, (k + 1) * self.hop) - max(start, k * self.hop)) / self.hop
+            if slot is None or share <= 0:
+                continue
+            for modality, total in slot.totals.items():
+                window.add(modality, total * share, slot.weights[modality] * share, slot.frames[modality] * share)
+        result = self._closed(name, session, session.next_id, start, end, window, now)
+        session.next_id += 1
+        if result is None:
+            self.counts["empty"] += 1
+            return []
+        result.seq = session.closed
+        session.closed += 1
+        self.counts["closed"] += 1
+        self.counts["incomplete" if result.missing else "complete"] += 1
+        return [result]
+
+    def _forget_slots(self, session: Session) -> None:
+        """Drop slots no window can need any more: before every pending utterance, the time already tiled,
+        and MAX_UTTERANCE_S behind the latest data (data for them later counts as late)."""
+        keep_from = min([start for start, _ in session.utterances]
+                        + [max(session.tiled_until, session.reach() - self.MAX_UTTERANCE_S)])
+        first = math.floor(keep_from / self.hop)
+        if first > session.next_window:
+            for k in [k for k in session.windows if k < first]:
+                del session.windows[k]
+            session.next_window = first
 
 
 class AlignerActor:

@@ -16,7 +16,7 @@ import structlog
 
 from mmfuse import wire
 from mmfuse.clocks import ClockTracker
-from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
+from mmfuse.frames import SensorBatch, Span, StreamProgress, WindowDelta
 from mmfuse.logs import Tally, configure
 from mmfuse.media import MediaEncoder, MediaError
 from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick, receive_time
@@ -75,14 +75,21 @@ def windows_overlapping(start: float, end: float, length: float, hop: float) -> 
     return range(first, last + 1)
 
 
+def sensor_grid(window: dict) -> tuple[float, float]:
+    """(length, hop) of what sensor actors sum into: the windows, or the slots utterance windows are cut from."""
+    return (window["slot_s"],) * 2 if window["mode"] == "utterance" else (window["length_s"], window["hop_s"])
+
+
 class SensorIngest:
     """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
 
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
                  max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
-                 clock_jump_s: float = 1.0):
+                 clock_jump_s: float = 1.0, spans: bool = False):
         self.sensor, self.modality, self.dim = sensor, modality, dim
         self.clock_jump_s = clock_jump_s
+        self.keep_spans = spans and modality == "text"  # utterance windows: text segments are the windows
+        self.spans: list[Span] = []
         self.media = media
         self.length, self.hop = length_s, hop_s
         self.max_payload = max_payload
@@ -152,6 +159,8 @@ class SensorIngest:
                              if self.media is None else f"a {self.modality} sensor takes "
                              f"{', '.join(e for e in wire.ENCODINGS if self.media.accepts(e))} or features")
 
+        if self.keep_spans and message.kind == "data" and message.duration > 0:
+            self.spans.append(Span(message.session, message.source, message.t, message.t + message.duration))
         if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
             stream.seq_gaps += message.seq - stream.last_seq - 1
         stream.last_seq = message.seq
@@ -245,8 +254,8 @@ class SensorIngest:
         if not self.touched and not self.deltas:
             return None
         batch = SensorBatch(self.sensor, list(self.deltas.values()),
-                            [self.streams[key].snapshot() for key in self.touched])
-        self.deltas = {}
+                            [self.streams[key].snapshot() for key in self.touched], self.spans)
+        self.deltas, self.spans = {}, []
         self.touched = set()
         self.due = False
         return batch
@@ -288,8 +297,9 @@ class SensorActor:
         def new_ingest() -> SensorIngest:
             media = None if tower is None else MediaEncoder(sensor["modality"], tower,
                                                             window["length_s"] / sensor["frames_per_window"])
-            return SensorIngest(sensor["name"], sensor["modality"], window["length_s"], window["hop_s"], dim,
-                                pipeline["max_payload_bytes"], self.log, media, clock["jump_s"])
+            return SensorIngest(sensor["name"], sensor["modality"], *sensor_grid(window), dim,
+                                pipeline["max_payload_bytes"], self.log, media, clock["jump_s"],
+                                spans=window["mode"] == "utterance")
 
         self.new_ingest = new_ingest
         self.ingest = new_ingest()

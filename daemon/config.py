@@ -39,8 +39,12 @@ class SensorConfig(Section):
 
 
 class WindowConfig(Section):
+    mode: Literal["time", "utterance"] = Field("time", description="time: tumbling or sliding windows of "
+                                               "length_s every hop_s; utterance: one window per text segment "
+                                               "(its span), windows of length_s while no text source is live")
     length_s: float = Field(2.0, gt=0)
     hop_s: float = Field(2.0, gt=0)
+    slot_s: float = Field(0.25, gt=0, description="utterance windows: the resolution their spans are cut at")
     watermark_bound_s: float = Field(0.0, ge=0, description="how far behind its latest time a source may still "
                                      "send data: windows close this much later")
     allowed_lateness_s: float = Field(0.0, ge=0, description="how long after closing a window still takes late "
@@ -52,6 +56,8 @@ class WindowConfig(Section):
         if self.hop_s > self.length_s:
             raise ValueError(f"hop_s ({self.hop_s}) is longer than length_s ({self.length_s}): data between "
                              "windows would be lost; use hop_s <= length_s")
+        if self.mode == "utterance" and self.allowed_lateness_s:
+            raise ValueError("allowed_lateness_s applies to time windows; set it to 0 or use mode: time")
         return self
 
 

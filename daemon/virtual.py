@@ -17,7 +17,7 @@ import structlog
 from mmfuse.actors.aligner import Aligner
 from mmfuse.actors.fusion import FusionHead
 from mmfuse.actors.restorer import WindowRestorer
-from mmfuse.actors.sensor import SensorIngest
+from mmfuse.actors.sensor import SensorIngest, sensor_grid
 from mmfuse.bundle import Bundle
 from mmfuse.daemon.config import DaemonConfig
 from mmfuse.media import MediaEncoder
@@ -37,8 +37,9 @@ def sensor_ingest(config: DaemonConfig, sensor, dim: int, tower, log) -> SensorI
     """The SensorIngest a sensor actor of this configuration runs."""
     window = config.window
     media = MediaEncoder(sensor.modality, tower, window.length_s / sensor.frames_per_window) if tower else None
-    return SensorIngest(sensor.name, sensor.modality, window.length_s, window.hop_s, dim,
-                        config.pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media, config.clock.jump_s)
+    return SensorIngest(sensor.name, sensor.modality, *sensor_grid(window.model_dump()), dim,
+                        config.pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media, config.clock.jump_s,
+                        spans=window.mode == "utterance")
 
 
 class VirtualPipeline:

@@ -48,10 +48,20 @@ class StreamProgress:
 
 
 @dataclass(slots=True)
+class Span:
+    """The stream-time span of one text segment: with utterance windows, one window."""
+    session: str
+    source: str
+    start: float
+    end: float
+
+
+@dataclass(slots=True)
 class SensorBatch:
     sensor: str
     deltas: list[WindowDelta]
     progress: list[StreamProgress]
+    spans: list[Span] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmfuse import wire
-from mmfuse.actors.aligner import Aligner
+from mmfuse.actors.aligner import Aligner, UtteranceAligner
 from mmfuse.actors.sensor import SensorIngest
 from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, quiet_time, replay_ticks
 
@@ -20,13 +20,16 @@ WINDOW, TIMEOUT, BATCH, FLUSH = 1.0, 1.0, 0.01, 0.2
 START = 1_700_000_000.0  # daemon wall clock at session time 0
 
 
-def run(events, lateness=0.0, bound=0.0):
-    """events: (arrival, sensor, message) → (closed windows, the ingests, the aligner)."""
+def run(events, lateness=0.0, bound=0.0, slot=None):
+    """events: (arrival, sensor, message) → (closed windows, the ingests, the aligner). With `slot`: utterance
+    windows cut at that resolution, WINDOW long while no text stream is live."""
     events = sorted(events, key=lambda e: e[0])
-    ingests = {name: SensorIngest(name, modality, WINDOW, WINDOW, 2) for name, modality in SENSORS.items()}
+    grid = (slot, slot) if slot else (WINDOW, WINDOW)
+    ingests = {name: SensorIngest(name, modality, *grid, 2, spans=bool(slot)) for name, modality in SENSORS.items()}
     ticks = {name: SensorTicks(ingest, BATCH, FLUSH) for name, ingest in ingests.items()}
-    aligner = Aligner(sorted(SENSORS.values()), SENSORS, WINDOW, WINDOW, TIMEOUT, period_factor=5, flush_s=FLUSH,
-                      bound_s=bound, lateness_s=lateness)
+    rules = dict(period_factor=5, flush_s=FLUSH, bound_s=bound)
+    aligner = UtteranceAligner(sorted(SENSORS.values()), SENSORS, slot, WINDOW, TIMEOUT, **rules) if slot else \
+        Aligner(sorted(SENSORS.values()), SENSORS, WINDOW, WINDOW, TIMEOUT, lateness_s=lateness, **rules)
     clock = AlignerTicks(aligner, list(SENSORS))
     closed = []
     for item in replay_ticks([e[0] for e in events], quiet_time(TIMEOUT, FLUSH)):
@@ -161,3 +164,36 @@ def test_a_watermark_bound_waits_for_sources_that_deliver_out_of_order():
     closed, ingests, aligner = run(events, bound=0.5)
     assert aligner.counts["late"] == 0 and summary(closed) == [(k, ALL, []) for k in range(6)]
     assert_means_in_place(closed)
+
+
+def asr(utterances, until, session="s"):
+    """A speech recogniser: each utterance (start, end) one text segment sent when it ends, valued [start, start];
+    heartbeats every 0.25 s in between, until `until`."""
+    events, seq = [], 0
+    marks = sorted([(end, (start, end)) for start, end in utterances] +
+                   [(float(t), None) for t in np.arange(0.25, until + 1e-9, 0.25)], key=lambda m: m[0])
+    for at, utterance in marks:
+        if utterance is None:
+            message = wire.SensorMessage(session, "asr0", "text", seq, at, kind="heartbeat")
+        else:
+            start, end = utterance
+            message = wire.features_message(session, "asr0", "text", seq, start, np.full(2, start), duration=end - start)
+        events.append((START + at + 0.005, "asr0", message))
+        seq += 1
+    return events
+
+
+def test_utterance_windows_follow_the_text_segments_and_tile_the_time_once_the_recogniser_dies():
+    spans = [(0.0, 1.3), (1.3, 4.0), (4.5, 5.2)]
+    events = [e for name in ("cam0", "mic0") for e in stream(name, 10.0)] + asr(spans, until=6.0)
+    closed, _, aligner = run(events, slot=0.1)
+    windows = [(w.window_id, round(w.start, 6), round(w.end, 6), w.present) for w in closed]
+    after = [(5.2, 6.2), (6.2, 7.2), (7.2, 8.2), (8.2, 9.2), (9.2, 10.2)]  # recogniser gone: 1 s windows
+    assert windows == [(i, a, b, ALL) for i, (a, b) in enumerate(spans)] + \
+                      [(i + 3, a, b, ["audio", "visual"]) for i, (a, b) in enumerate(after)]
+    for w in closed:
+        middle = (w.start + min(w.end, 10.0)) / 2
+        assert abs(w.features["visual"][0] + 0.05 - middle) < 0.1 and abs(w.features["audio"][0] + 0.05 - middle) < 0.1
+        if "text" in w.features:
+            assert w.features["text"][0] == pytest.approx(w.start, abs=0.05)
+    assert aligner.counts["late"] == 0
