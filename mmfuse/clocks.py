@@ -47,8 +47,12 @@ class ClockJump:
 
 
 class ClockTracker:
+    REFINE_S = 2.0  # after a reset, arrivals over which its size is refined
+
     def __init__(self, jump_s: float = 1.0, bucket_s: float = 1.0, buckets: int = 64, settle: int = 8):
         self.jump_s, self.bucket_s, self.settle = jump_s, bucket_s, settle
+        self.refine_until = -math.inf  # a reset is sized by its first message, which may have been held up
+        self.kept_before_reset = 0
         self.minima: deque[tuple[int, float, float]] = deque(maxlen=buckets)  # (bucket, t, lowest delay) per bucket
         self.correction = 0.0   # added to the source's times across resets
         self.resets = 0
@@ -75,11 +79,25 @@ class ClockTracker:
             self.correction -= jump
             self.resets += 1
             self.seen = 0
+            self.refine_until, self.kept_before_reset = arrived + self.REFINE_S, len(self.minima)
+        elif arrived < self.refine_until:
+            self._refine(t, arrived)
         u = t + self.correction
         self.last_t, self.last_arrived = u, arrived
         self.seen += 1
         self._add(u, arrived - u)
         return None if jump is None else ClockJump(arrived, jump)
+
+    def _refine(self, t: float, arrived: float) -> None:
+        """A message after a reset that arrived sooner than the line allows: the reset was sized on a delayed
+        message. Size it on this one, and forget what was learned since with the wrong size."""
+        u = t + self.correction
+        early = self.offset(u) - (arrived - u)
+        if early > 0:
+            self.correction -= early
+            while len(self.minima) > self.kept_before_reset:
+                self.minima.pop()
+            self._refit()
 
     def _jump(self, u: float, arrived: float, restarted: bool) -> float | None:
         if not self.minima:

@@ -64,3 +64,19 @@ def test_context_bundle_uses_the_session_history(feature_file, tmp_path):
     b = second.decide([window(0, ["audio", "text", "visual"], rng=np.random.default_rng(2))])
     assert a[2].scores != b[0].scores  # same window content, different history
     assert len(first.sessions[(0, "s")].history) == 2
+
+
+def test_a_revision_is_decided_at_once_and_changes_no_history(feature_file, tmp_path):
+    out = tmp_path / "ctx"
+    assert train_main(["--data", str(feature_file), "--out", str(out), "--context", "2",
+                       "--restorers", "mean", *FAST_TRAINING]) == 0
+    head = FusionHead(load_bundle(out), "mean")
+    head.decide([window(k, ["audio", "text", "visual"], rng=np.random.default_rng(k)) for k in range(2)])
+    history = list(head.sessions[(0, "s")].history)
+    revised = window(0, ["audio", "text", "visual"], rng=np.random.default_rng(9))
+    revised.revision, revised.seq = 1, 0
+    (decision,) = head.decide([revised])
+    assert (decision.window_id, decision.revision) == (0, 1)
+    assert all(np.array_equal(a, b) for a, b in zip(head.sessions[(0, "s")].history, history))
+    (decision,) = head.decide([window(2, ["audio", "text", "visual"])])  # the sequence goes on as before
+    assert (decision.window_id, decision.revision) == (2, 0)

@@ -53,6 +53,9 @@ def test_missing_and_semantic_errors():
     twice = MINIMAL["sensors"] * 2
     assert "cam0 appear more than once" in problems({**MINIMAL, "sensors": twice})
     assert "top level must be a mapping" in problems(["a", "b"])
+    assert "allowed_lateness_s applies to time windows" in problems(
+        {**MINIMAL, "window": {"mode": "utterance", "allowed_lateness_s": 1.0}})
+    assert "window.mode" in problems({**MINIMAL, "window": {"mode": "sentence"}})
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path):

@@ -145,6 +145,21 @@ def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eva
     assert without_latency(offline) == without_latency(runs[0])
 
 
+def test_utterance_windows_on_a_recording_whose_segments_are_the_windows_decide_alike(recorded, tmp_path):
+    recording, _ = recorded
+    config, _ = read_recording(recording)
+    out = {}
+    for mode in ("time", "utterance"):
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump({**config, "window": {**config["window"], "mode": mode}}))
+        lines = tmp_path / f"{mode}.jsonl"
+        assert eval_main(["--log", str(recording), "--config", str(path), "--decisions-out", str(lines)]) == 0
+        out[mode] = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [(d["window"]["start"], d["window"]["end"]) for d in out["utterance"]] == \
+        [(w * 0.5, (w + 1) * 0.5) for w in range(6)]  # each of asr0's segments is one window
+    assert without_latency(out["utterance"]) == without_latency(out["time"])
+
+
 @pytest.fixture(scope="module")
 def eeg_bundle(tmp_path_factory):
     """A bundle whose audio modality is 8-d, as the BioSemi EEG stream of clock_resets.xdf."""
