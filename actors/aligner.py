@@ -4,6 +4,7 @@ fusion actor, incomplete ones to the restorer."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -13,9 +14,9 @@ import numpy as np
 import structlog
 
 from mmfuse.clocks import LEARNING_S, ClockLine
-from mmfuse.frames import ClosedWindow, SensorBatch, StreamProgress, WindowDelta
+from mmfuse.frames import ClosedWindow, SensorBatch, SessionEnd, Span, StreamProgress, WindowDelta
 from mmfuse.logs import configure
-from mmfuse.virtual_clock import AlignerTicks, Tick
+from mmfuse.virtual_clock import TICK_S, AlignerTicks, Tick
 
 
 SLIVER_WEIGHT = 0.1  # of one message's span
@@ -43,12 +44,14 @@ class OpenWindow:
 class KeptWindow:
     """A closed window kept open for late data (allowed lateness)."""
     window: OpenWindow
+    seq: int  # of its first closing
     revision: int = 0
     late: bool = False  # late data arrived since it was last closed
 
 
 @dataclass
 class Session:
+    epoch: int  # unique to this life of the session: a session forgotten and heard again starts a new one
     streams: dict[str, StreamProgress] = field(default_factory=dict)
     windows: dict[int, OpenWindow] = field(default_factory=dict)
     kept: dict[int, KeptWindow] = field(default_factory=dict)
@@ -56,12 +59,14 @@ class Session:
     dropped: set[str] = field(default_factory=set)
     first_seen: float = math.inf
     closed: int = 0
-    reference: str | None = None    # the source whose clock is session time: the first whose clock is known
-    reference_line: ClockLine | None = None
-    first_offset: float | None = None  # the first stream's lowest delay, to tell other clocks before they are known
+    revised: int = 0
+    reference: str | None = None    # the source whose clock is session time: the first heard
+    reference_line: ClockLine | None = None  # its clock, once known
+    first_offset: float | None = None  # its lowest delay, to tell other clocks before they are known
     shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
     unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
     utterances: list[tuple[float, float]] = field(default_factory=list)  # utterance windows: spans not closed yet
+    held_spans: dict[str, list[Span]] = field(default_factory=dict)  # of text streams on a clock not known yet
     tiled_until: float | None = None  # utterance windows: session time covered by closed windows
     next_id: int = 0
 
@@ -109,6 +114,8 @@ class Aligner:
         self.sessions: dict[str, Session] = {}
         self.log = log or structlog.get_logger()
         self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0, "revised": 0}
+        self.epochs = 0
+        self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
 
     @staticmethod
     def from_config(modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
@@ -124,16 +131,31 @@ class Aligner:
 
     def push(self, batch: SensorBatch) -> None:
         for progress in batch.progress:
-            session = self.sessions.setdefault(progress.session, Session())
+            session = self._session(progress.session)
             session.streams[progress.source] = progress
             session.first_seen = min(session.first_seen, progress.arrived_at)
             self._follow_clock(progress.session, session, progress)
         for delta in batch.deltas:
-            session = self.sessions.setdefault(delta.session, Session())
+            session = self._session(delta.session)
             if delta.source in session.unmapped:
                 session.unmapped[delta.source].append(delta)
             else:
                 self._place(session, delta)
+
+    def _session(self, name: str) -> Session:
+        if name not in self.sessions:
+            self.sessions[name] = Session(self.epochs)
+            self.epochs += 1
+        return self.sessions[name]
+
+    def take_finished(self) -> list[SessionEnd]:
+        """Sessions forgotten (idle, or drained) since the last call: fusion may forget them too."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    def _forget(self, name: str) -> None:
+        session = self.sessions.pop(name)
+        self.finished.append(SessionEnd(name, session.epoch, session.closed, session.revised))
 
     def _place(self, session: Session, delta: WindowDelta) -> None:
         for k, share in self._session_windows(session, delta):
@@ -141,7 +163,7 @@ class Aligner:
 
     def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
         if session.first_offset is None:
-            session.first_offset = stream.offset
+            session.first_offset, session.reference = stream.offset, stream.source
         if stream.line is not None and abs(stream.line.drift) > REAL_TIME_DRIFT:
             # not sent in real time (a replay faster than real time, a backlog): its clock cannot be learned
             # from arrivals, so its times are taken as they are
@@ -158,8 +180,11 @@ class Aligner:
                 else:
                     session.shifts[stream.source] = 0.0
             return
-        if session.reference in (None, stream.source):
-            session.reference, session.reference_line = stream.source, stream.line
+        if stream.source == session.reference:
+            session.reference_line = stream.line
+            return
+        if session.reference_line is None:  # cannot compare yet: the stream stays as it was classified
+            return
         at = stream.progress if math.isfinite(stream.progress) else 0.0
         disagreement = session.reference_line.from_daemon(stream.line.to_daemon(at)) - at
         shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0
@@ -205,11 +230,12 @@ class Aligner:
         for name in list(self.sessions):
             session = self.sessions[name]
             self._track_liveness(name, session, now)
-            closed.extend(self._close_ready(name, session, now, draining=False))
-            closed.extend(self._revise(name, session, now, draining=False))
-            if now - session.last_arrival() > self.session_idle and not session.windows:
+            idle = now - session.last_arrival() > self.session_idle
+            closed.extend(self._close_ready(name, session, now, draining=idle))
+            closed.extend(self._revise(name, session, now, draining=idle))
+            if idle:
                 self.log.info("session forgotten", session=name, idle_s=round(now - session.last_arrival(), 1))
-                del self.sessions[name]
+                self._forget(name)
         return closed
 
     def drain(self, now: float) -> list[ClosedWindow]:
@@ -218,7 +244,8 @@ class Aligner:
             self._track_liveness(name, session, now)
             closed.extend(self._close_ready(name, session, now, draining=True))
             closed.extend(self._revise(name, session, now, draining=True))
-        self.sessions.clear()
+        for name in list(self.sessions):
+            self._forget(name)
         return closed
 
     def silence_limit(self, stream: StreamProgress) -> float:
@@ -298,9 +325,9 @@ class Aligner:
                 continue
             window = session.windows.pop(k)
             session.next_window = k + 1
-            if self.lateness and not draining:
-                session.kept[k] = KeptWindow(window)
             result = self._closed(name, session, k, start, end, window, now)
+            if self.lateness and not draining and result is not None:
+                session.kept[k] = KeptWindow(window, session.closed)
             if result is None:
                 self.counts["empty"] += 1
                 continue
@@ -351,8 +378,9 @@ class Aligner:
                 kept.late = False
                 if result is not None:
                     kept.revision += 1
-                    result.revision = kept.revision
+                    result.revision, result.seq = kept.revision, kept.seq
                     revised.append(result)
+                    session.revised += 1
                     self.counts["revised"] += 1
             end = k * self.hop + self.length
             if draining or self._closable(session, end + self.lateness, now):
@@ -371,7 +399,7 @@ class Aligner:
         missing = [m for m in self.modalities if m not in features]
         dropped = sorted({source for source in session.streams if session.progress(source) < end - self._slack(
             session, source)} | set(self._unheard(session)))
-        return ClosedWindow(name, k, start, end, features, present, missing, dropped, now)
+        return ClosedWindow(name, k, start, end, features, present, missing, dropped, now, epoch=session.epoch)
 
     def stats(self) -> dict:
         return {**self.counts, "sessions": len(self.sessions),
@@ -397,8 +425,20 @@ class UtteranceAligner(Aligner):
         super().push(batch)
         for span in batch.spans:
             session = self.sessions[span.session]
-            shift = session.shifts.get(span.source, 0.0)
-            session.utterances.append((span.start + shift, span.end + shift))
+            if span.source in session.unmapped:
+                session.held_spans.setdefault(span.source, []).append(span)
+            else:
+                self._add_utterance(session, span)
+
+    def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
+        super()._follow_clock(name, session, stream)
+        if stream.source not in session.unmapped:
+            for span in session.held_spans.pop(stream.source, []):
+                self._add_utterance(session, span)
+
+    def _add_utterance(self, session: Session, span: Span) -> None:
+        shift = session.shifts.get(span.source, 0.0)
+        bisect.insort(session.utterances, (span.start + shift, span.end + shift))
 
     def _close_ready(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
         if session.next_window is None:
@@ -408,7 +448,9 @@ class UtteranceAligner(Aligner):
         closed = []
         while session.utterances and (draining or self._closable(session, session.utterances[0][1], now)):
             start, end = session.utterances.pop(0)
-            closed += self._close_span(name, session, start, end, now)
+            start = max(start, session.tiled_until)  # what the time tiles already decided is not decided twice
+            if end > start:
+                closed += self._close_span(name, session, start, end, now)
             session.tiled_until = max(session.tiled_until, end)
         text_live = any(s.modality == "text" and self._live(s, now) for s in session.streams.values())
         if not session.utterances and (draining or not text_live):
@@ -457,8 +499,6 @@ class AlignerActor:
     """Wraps Aligner: sensor batches arrive as calls; a ticker closes windows on deadlines. On a virtual clock
     (mmfuse.virtual_clock) there is no ticker: the sensors' reports carry the time."""
 
-    TICK_S = 0.01
-
     def __init__(self, modalities: list[str], sensors: dict[str, str], window: dict, drop: dict, pipeline: dict,
                  clock: dict, restorer, fusion, log_format: dict, virtual_clock: bool = False):
         configure(**log_format)
@@ -483,17 +523,17 @@ class AlignerActor:
             self.aligner.push(batch)
             self._dispatch(self.aligner.poll(time.time()))
 
-    def report(self, sensor: str, tick: Tick, batch: SensorBatch | None) -> None:
+    def report(self, sensor: str, tick: Tick, batch: SensorBatch | None, replay: int) -> None:
         """A sensor's report on the virtual clock."""
         with self.lock:
-            windows, over = self.ticks.report(sensor, tick, batch)
+            windows, over = self.ticks.report(sensor, tick, batch, replay)
             self._dispatch(windows)
             if over:
                 self.replays += 1
                 self.log.info("replay over", at=tick.now, **self.aligner.stats())
 
     def _tick(self) -> None:
-        while not self.stopping.wait(self.TICK_S):
+        while not self.stopping.wait(TICK_S):
             with self.lock:
                 self._dispatch(self.aligner.poll(time.time()))
 
@@ -502,7 +542,7 @@ class AlignerActor:
 
         now = time.time()
         for window in windows:
-            window.dispatched_at, window.replay = now, self.replays
+            window.dispatched_at = now
         complete = [w for w in windows if w.complete]
         incomplete = [w for w in windows if not w.complete]
         if complete:
@@ -510,6 +550,10 @@ class AlignerActor:
             self.calls += 1
         if incomplete:
             self.in_flight.append(self.restorer.restore.remote(incomplete))
+            self.calls += 1
+        ends = self.aligner.take_finished()
+        if ends:  # after the sessions' windows: fusion forgets a session once it has decided them all
+            self.in_flight.append(self.fusion.finish.remote(ends))
             self.calls += 1
         if len(self.in_flight) > 64:
             _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)

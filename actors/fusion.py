@@ -13,50 +13,77 @@ import torch
 
 from mmfuse.actors.restorer import WindowEncoder
 from mmfuse.bundle import Bundle, load_bundle
-from mmfuse.frames import ClosedWindow
+from mmfuse.frames import ClosedWindow, SessionEnd
 from mmfuse.inference import head_outputs
 from mmfuse.logs import configure
 from mmfuse.wire import Decision
+
+
+CONTEXTS_KEPT = 256  # contexts remembered per session, for revisions of its recent windows
 
 
 @dataclass
 class SessionState:
     next_seq: int = 0
     waiting: dict[int, ClosedWindow] = field(default_factory=dict)
+    revisions: list[ClosedWindow] = field(default_factory=list)  # of windows not released yet
     history: deque = field(default_factory=deque)  # filled embeddings of the previous windows
-    seen_at: float = 0.0
+    contexts: dict[int, np.ndarray] = field(default_factory=dict)  # seq -> the context its decision used
+    end: SessionEnd | None = None  # the aligner forgot the session: how many windows and revisions it closed
+    revised: int = 0
+
+    def done(self) -> bool:
+        return (self.end is not None and self.next_seq >= self.end.windows and self.revised >= self.end.revisions
+                and not self.waiting)
 
 
 class FusionHead:
-    """Decisions for batches of closed windows, in per-session order, with session context. No I/O."""
+    """Decisions for batches of closed windows, in per-session order, with session context. No I/O.
 
-    def __init__(self, bundle: Bundle, restorer: str, session_idle_s: float = 60.0):
+    A session's state lives until the aligner says it has forgotten the session (SessionEnd) and every
+    window it closed has been decided."""
+
+    def __init__(self, bundle: Bundle, restorer: str):
         self.bundle = bundle
         self.head = bundle.head(bundle.restorers[restorer]["head"])
         self.complete_head = bundle.complete_head()
         self.encoder = WindowEncoder(bundle)
         self.context = bundle.context
-        self.session_idle = session_idle_s
-        self.sessions: dict[tuple[int, str], SessionState] = {}  # by (replay, session): a replay starts afresh
+        self.sessions: dict[tuple[str, int], SessionState] = {}  # by (session, the aligner's epoch of it)
 
     def decide(self, windows: list[ClosedWindow]) -> list[Decision]:
-        if not windows:
-            return []
-        now = max(w.closed_at for w in windows)  # the aligner's clock: wall time live, the recording's in a replay
-        self._forget_idle(now)  # first: a session the aligner forgot starts again at seq 0
-        ready = []
+        ready, touched = [], set()
         for window in windows:
-            state = self.sessions.setdefault((window.replay, window.session), SessionState())
-            state.seen_at = now
+            key = (window.session, window.epoch)
+            state = self.sessions.setdefault(key, SessionState())
+            touched.add(key)
             if window.revision:
-                ready.append(window)
-                continue
-            state.waiting[window.seq] = window
+                state.revisions.append(window)
+            else:
+                state.waiting[window.seq] = window
             while state.next_seq in state.waiting:
                 ready.append(state.waiting.pop(state.next_seq))
                 state.next_seq += 1
-        if not ready:
-            return []
+            released = [w for w in state.revisions if w.seq < state.next_seq]  # after their first decision
+            state.revisions = [w for w in state.revisions if w.seq >= state.next_seq]
+            state.revised += len(released)
+            ready += released
+        decisions = self._decide(ready) if ready else []
+        for key in touched:
+            if self.sessions[key].done():
+                del self.sessions[key]
+        return decisions
+
+    def finish(self, ends: list[SessionEnd]) -> None:
+        """The aligner forgot these sessions; their state goes once their last windows are decided."""
+        for end in ends:
+            key = (end.session, end.epoch)
+            state = self.sessions.setdefault(key, SessionState())
+            state.end = end
+            if state.done():
+                del self.sessions[key]
+
+    def _decide(self, ready: list[ClosedWindow]) -> list[Decision]:
         raw = [w for w in ready if w.embeddings is None]
         if raw:
             z, _ = self.encoder.encode(raw)
@@ -70,16 +97,21 @@ class FusionHead:
         return [self._decision(w, o) for w, o in zip(ready, outputs)]
 
     def _context(self, window: ClosedWindow) -> np.ndarray:
-        """Mean of the session's previous windows' embeddings (zeros for its first), then remember this one
-        (a revision replaces nothing: it takes the context of now)."""
-        history = self.sessions[(window.replay, window.session)].history
-        context = np.mean(history, axis=0) if history else np.zeros_like(window.embeddings)
+        """Mean of the session's previous windows' embeddings (zeros for its first), then remember this one.
+        A revision takes the context its window's first decision took."""
+        state = self.sessions[(window.session, window.epoch)]
+        if window.revision and window.seq in state.contexts:
+            return state.contexts[window.seq]
+        history = state.history
+        context = (np.mean(history, axis=0) if history else np.zeros_like(window.embeddings)).astype(np.float32)
         if window.revision:
-            return context.astype(np.float32)
+            return context
         history.append(window.embeddings)
         while len(history) > self.context:
             history.popleft()
-        return context.astype(np.float32)
+        state.contexts[window.seq] = context
+        state.contexts.pop(window.seq - CONTEXTS_KEPT, None)
+        return context
 
     def _decision(self, window: ClosedWindow, output: np.ndarray) -> Decision:
         if self.bundle.manifest["output"] == "regression":
@@ -97,22 +129,15 @@ class FusionHead:
                         bundle=self.bundle.id, closed_at=window.closed_at, extra=window.extra,
                         revision=window.revision, dispatched_at=window.dispatched_at)
 
-    def _forget_idle(self, now: float) -> None:
-        latest = max((replay for replay, _ in self.sessions), default=0)
-        idle = [key for key, s in self.sessions.items()
-                if not s.waiting and (now - s.seen_at > self.session_idle or key[0] < latest)]
-        for key in idle:
-            del self.sessions[key]
-
 
 class FusionActor:
-    def __init__(self, bundle_path: str, restorer: str, session_idle_s: float, publisher, log_format: dict):
+    def __init__(self, bundle_path: str, restorer: str, publisher, log_format: dict):
         from mmfuse.actors import limit_threads
 
         limit_threads()
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="fusion")
-        self.head = FusionHead(load_bundle(bundle_path), restorer, session_idle_s)
+        self.head = FusionHead(load_bundle(bundle_path), restorer)
         self.publisher = publisher
         self.in_flight: list = []
         self.decisions = 0
@@ -133,6 +158,9 @@ class FusionActor:
         if len(self.in_flight) > 64:
             _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
 
+    def finish(self, ends: list[SessionEnd]) -> None:
+        self.head.finish(ends)
+
     def drain(self) -> dict:
         import ray
 
@@ -144,4 +172,4 @@ class FusionActor:
         return self.stats()
 
     def stats(self) -> dict:
-        return {"decisions": self.decisions, "batches": self.batches}
+        return {"decisions": self.decisions, "batches": self.batches, "sessions": len(self.head.sessions)}

@@ -54,7 +54,7 @@ class StreamState:
 
     def snapshot(self) -> StreamProgress:
         return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
-                              self.clock.offset(self.last_t), self.ended, self.seq_gaps, self.period,
+                              self.clock.offset(self.clock.last_t), self.ended, self.seq_gaps, self.period,
                               max(self.delays) - min(self.delays), self.clock.drift, self.clock.resets,
                               self.clock.line)
 
@@ -95,7 +95,7 @@ class SensorIngest:
         self.max_payload = max_payload
         self.log = log or structlog.get_logger().bind(sensor=sensor)
         self.streams: dict[tuple[str, str], StreamState] = {}
-        self.touched: set[tuple[str, str]] = set()
+        self.touched: dict[tuple[str, str], None] = {}  # ordered: batches must not depend on hashing
         self.deltas: dict[tuple[str, str, int], WindowDelta] = {}
         self.arrivals: dict[tuple[str, str, int], int] = {}  # data messages per window since the last batch
         self.rejected = Tally()
@@ -185,7 +185,7 @@ class SensorIngest:
         elif stream.ended:
             stream.ended = False
             self.log.info("stream resumed after end", session=message.session, source=message.source)
-        self.touched.add(key)
+        self.touched[key] = None
         self.accepted += 1
 
     def _on_stream_time(self, stream: StreamState, message: wire.SensorMessage, arrived_at: float,
@@ -256,7 +256,7 @@ class SensorIngest:
         batch = SensorBatch(self.sensor, list(self.deltas.values()),
                             [self.streams[key].snapshot() for key in self.touched], self.spans)
         self.deltas, self.spans = {}, []
-        self.touched = set()
+        self.touched = {}
         self.due = False
         return batch
 
@@ -351,7 +351,7 @@ class SensorActor:
                         frames = socket.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    in_flight = self._receive(frames, in_flight)
+                    in_flight = self._receive_safely(frames, in_flight)
             if not self.virtual_clock and self.ingest.push_due(time.monotonic() - last_push, self.min_interval,
                                                                self.flush_interval):
                 in_flight = self._push(in_flight)
@@ -361,11 +361,21 @@ class SensorActor:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            in_flight = self._receive(frames, in_flight)
+            in_flight = self._receive_safely(frames, in_flight)
         if not self.virtual_clock:
             in_flight = self._push(in_flight)
         ray.get(in_flight)
         socket.close()
+
+    def _receive_safely(self, frames: list[bytes], in_flight: list) -> list:
+        """One message; a fault in handling it is counted and logged, and the sensor reads on."""
+        try:
+            return self._receive(frames, in_flight)
+        except Exception as exc:  # the reader thread must outlive any one message
+            self.log.exception("message handling failed", error=repr(exc))
+            with self.lock:
+                self.ingest.rejected.add("internal_error")
+            return in_flight
 
     def _receive(self, frames: list[bytes], in_flight: list) -> list:
         if not self.virtual_clock:
@@ -390,11 +400,12 @@ class SensorActor:
                 self.ingest.reject("tick", "a clock tick that is not a msgpack map of t and final")
                 return in_flight
             report, batch = self.ticks.tick(tick)
+            replay = self.ticks.replay
             if tick.final:  # the replay is over: start the next one afresh
                 self.ingest = self.new_ingest()
-                self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval)
+                self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval, replay + 1)
         if report:
-            in_flight = self._send(in_flight, self.aligner.report.remote(self.sensor["name"], tick, batch))
+            in_flight = self._send(in_flight, self.aligner.report.remote(self.sensor["name"], tick, batch, replay))
         return in_flight
 
     def _push(self, in_flight: list) -> list:

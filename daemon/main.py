@@ -74,7 +74,7 @@ class Pipeline:
         self.publisher = ray.remote(PublisherActor).options(name="publisher", **io).remote(
             config.output.endpoint, log_format)
         self.fusion = ray.remote(FusionActor).options(name="fusion", num_cpus=0).remote(
-            bundle_path, config.restorer.method, config.pipeline.session_idle_s, self.publisher, log_format)
+            bundle_path, config.restorer.method, self.publisher, log_format)
         restorer = {**config.restorer.model_dump(), "overrides": config.restorer.overrides()}
         self.restorer = ray.remote(RestorerActor).options(
             name="restorer", num_cpus=0, num_gpus=config.restorer.num_gpus).remote(

@@ -58,7 +58,7 @@ class VirtualPipeline:
         self.aligner_ticks = AlignerTicks(self.aligner, list(self.ingests))
         restorer = config.restorer
         self.restorer = WindowRestorer(bundle, restorer.method, restorer.overrides(), restorer.abstain_spread)
-        self.fusion = FusionHead(bundle, restorer.method, pipeline.session_idle_s)
+        self.fusion = FusionHead(bundle, restorer.method)
 
     def _tick(self, tick: Tick) -> list[Decision]:
         decisions = []
@@ -73,9 +73,13 @@ class VirtualPipeline:
         incomplete = [w for w in windows if not w.complete]
         if incomplete:
             self.restorer.restore(incomplete)
-        return self.fusion.decide(windows)
+        decisions = self.fusion.decide(windows)
+        self.fusion.finish(self.aligner.take_finished())
+        return decisions
 
     def run(self, messages: list[RecordedMessage]) -> VirtualRun:
+        """Decisions for the messages of configured sensors (others are skipped, as mmfuse-replay does)."""
+        messages = [m for m in messages if m.sensor in self.ingests]
         decisions: list[Decision] = []
         quiet = quiet_time(self.config.drop.timeout_s, self.config.pipeline.flush_interval_ms / 1000)
         for item in replay_ticks([m.received for m in messages], quiet):
@@ -83,9 +87,7 @@ class VirtualPipeline:
                 decisions += self._tick(item)
             else:
                 message = messages[item]
-                ingest = self.ingests.get(message.sensor)
-                if ingest is not None:
-                    ingest.ingest([message.topic, message.payload], message.received)
+                self.ingests[message.sensor].ingest([message.topic, message.payload], message.received)
         return VirtualRun(decisions, {name: dict(i.rejected.counts) for name, i in self.ingests.items()},
                           self.aligner.stats())
 

@@ -42,7 +42,6 @@ class ClockLine:
 
 @dataclass(frozen=True, slots=True)
 class ClockJump:
-    at: float       # daemon time of the message that revealed it
     jump_s: float   # how far the sensor clock leapt (positive: forward)
 
 
@@ -52,7 +51,7 @@ class ClockTracker:
     def __init__(self, jump_s: float = 1.0, bucket_s: float = 1.0, buckets: int = 64, settle: int = 8):
         self.jump_s, self.bucket_s, self.settle = jump_s, bucket_s, settle
         self.refine_until = -math.inf  # a reset is sized by its first message, which may have been held up
-        self.kept_before_reset = 0
+        self.added_since_reset = 0
         self.minima: deque[tuple[int, float, float]] = deque(maxlen=buckets)  # (bucket, t, lowest delay) per bucket
         self.correction = 0.0   # added to the source's times across resets
         self.resets = 0
@@ -79,14 +78,14 @@ class ClockTracker:
             self.correction -= jump
             self.resets += 1
             self.seen = 0
-            self.refine_until, self.kept_before_reset = arrived + self.REFINE_S, len(self.minima)
+            self.refine_until, self.added_since_reset = arrived + self.REFINE_S, 0
         elif arrived < self.refine_until:
             self._refine(t, arrived)
         u = t + self.correction
         self.last_t, self.last_arrived = u, arrived
         self.seen += 1
         self._add(u, arrived - u)
-        return None if jump is None else ClockJump(arrived, jump)
+        return None if jump is None else ClockJump(jump)
 
     def _refine(self, t: float, arrived: float) -> None:
         """A message after a reset that arrived sooner than the line allows: the reset was sized on a delayed
@@ -95,8 +94,9 @@ class ClockTracker:
         early = self.offset(u) - (arrived - u)
         if early > 0:
             self.correction -= early
-            while len(self.minima) > self.kept_before_reset:
+            for _ in range(min(self.added_since_reset, len(self.minima) - 1)):
                 self.minima.pop()
+            self.added_since_reset = 0
             self._refit()
 
     def _jump(self, u: float, arrived: float, restarted: bool) -> float | None:
@@ -121,6 +121,7 @@ class ClockTracker:
                 self._refit()
             return
         self.minima.append((bucket, u, delay))
+        self.added_since_reset += 1
         self._refit()
 
     def _refit(self) -> None:

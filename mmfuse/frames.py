@@ -64,6 +64,15 @@ class SensorBatch:
     spans: list[Span] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """The aligner forgot a session: it closed this many windows and revisions in that life of it."""
+    session: str
+    epoch: int
+    windows: int
+    revisions: int
+
+
 @dataclass(slots=True)
 class ClosedWindow:
     """A window the aligner has closed: what was observed, and what the restorer added."""
@@ -78,7 +87,7 @@ class ClosedWindow:
     closed_at: float
     seq: int = 0                        # close order within the session: 0, 1, 2, ... without gaps
     revision: int = 0                   # > 0: closed again after late data (same window, no new seq)
-    replay: int = 0                     # on a virtual clock: which replay since the daemon started
+    epoch: int = 0                      # which life of the session in the aligner (it forgets idle sessions)
     dispatched_at: float = 0.0          # wall time the aligner actor handed it on (closed_at is the aligner's
                                         # clock: the recording's on a virtual clock)
     embeddings: np.ndarray | None = None  # [M, E] in the bundle's modality order, once encoded and restored

@@ -65,7 +65,9 @@ class RecordingWriter:
         self.writer.add_metadata("mmfuse", {"config": json.dumps(config), "mmfuse_version": mmfuse.__version__,
                                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         self.channels: dict[str, int] = {}
-        self.clocks: dict[tuple[str, str], ClockTracker] = {}
+        self.clocks: dict[tuple[str, str], ClockTracker] = {}  # learned as the daemon's sensor actors do
+        self.last_seq: dict[tuple[str, str], int] = {}
+        self.jump_s = config.get("clock", {}).get("jump_s", 1.0)
         self.messages = 0
 
     def _channel(self, topic: str, metadata: dict[str, str], encoding: str = ENCODING) -> int:
@@ -79,9 +81,15 @@ class RecordingWriter:
         self.writer.add_message(channel, seconds_to_ns(received), payload, seconds_to_ns(message.t),
                                 message.seq & 0xFFFFFFFF)  # MCAP's sequence is uint32; the payload keeps seq
         self.messages += 1
-        clock = self.clocks.setdefault((message.session, message.source), ClockTracker())
+        key = (message.session, message.source)
+        last = self.last_seq.get(key, -1)
+        restarted = message.seq == 0 and last > 0
+        if message.seq <= last and not restarted:  # a duplicate or reordered message: the daemon skips it
+            return
+        self.last_seq[key] = message.seq
+        clock = self.clocks.setdefault(key, ClockTracker(self.jump_s))
         known = clock.line is not None
-        jump = clock.observe(message.t + message.duration, received)
+        jump = clock.observe(message.t + message.duration, received, restarted)
         if jump is not None or (clock.line is not None and not known):
             entry = {"session": message.session, "source": message.source, **clock_estimate(clock),
                      **({"reset_jump_s": jump.jump_s} if jump else {})}

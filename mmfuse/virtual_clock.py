@@ -60,9 +60,10 @@ def parse_tick(frames: list[bytes]) -> Tick | None:
 class SensorTicks:
     """A sensor's side of the virtual clock: whether a tick hands over a batch, a report, or nothing."""
 
-    def __init__(self, ingest, batch_interval_s: float, flush_interval_s: float):
+    def __init__(self, ingest, batch_interval_s: float, flush_interval_s: float, replay: int = 0):
         self.ingest = ingest
         self.batch_interval, self.flush_interval = batch_interval_s, flush_interval_s
+        self.replay = replay  # how many replays this sensor has finished before this one
         self.last_push = self.last_report = -math.inf
 
     def tick(self, tick: Tick) -> tuple[bool, SensorBatch | None]:
@@ -85,14 +86,23 @@ class AlignerTicks:
         self.sensors = sorted(sensors)
         self.reset()
 
+        self.replay = 0
+        self.early: list[tuple[str, Tick, SensorBatch | None, int]] = []  # reports for later replays
+
     def reset(self) -> None:
         self.events: list[tuple[float, str, SensorBatch | None]] = []
         self.reached = dict.fromkeys(self.sensors, -math.inf)
         self.finals: set[str] = set()
 
-    def report(self, sensor: str, tick: Tick, batch: SensorBatch | None) -> tuple[list[ClosedWindow], bool]:
-        """Closed windows this report lets out, and whether the replay is over (every sensor sent its final)."""
-        heapq.heappush(self.events, (tick.now, sensor, batch))
+    def report(self, sensor: str, tick: Tick, batch: SensorBatch | None,
+               replay: int = 0) -> tuple[list[ClosedWindow], bool]:
+        """Closed windows this report lets out, and whether a replay is over (every sensor sent its final).
+        `replay` counts the sensor's finals before this tick: a sensor that has finished one replay may
+        report on the next while another still works through the last."""
+        if replay > self.replay:
+            self.early.append((sensor, tick, batch, replay))
+            return [], False
+        heapq.heappush(self.events, (tick.now, sensor, batch))  # one report per sensor and tick: no ties
         self.reached[sensor] = tick.now
         if tick.final:
             self.finals.add(sensor)
@@ -105,11 +115,15 @@ class AlignerTicks:
                 if pending is not None:
                     self.aligner.push(pending)
             closed += self.aligner.poll(now)
-        over = self.finals == set(self.sensors)
-        if over:
-            closed += self.aligner.drain(frontier)
-            self.reset()
-        return closed, over
+        if self.finals != set(self.sensors):
+            return closed, False
+        closed += self.aligner.drain(frontier)
+        self.reset()
+        self.replay += 1
+        early, self.early = self.early, []
+        for report in early:
+            closed += self.report(*report)[0]
+        return closed, True
 
 
 def replay_ticks(received: list[float], quiet_s: float):

@@ -20,6 +20,8 @@ ENCODINGS = ("features", "pcm16", "jpeg", "rgb8", "utf8")
 FEATURE_DTYPES = ("<f4", "<f8", "<f2")
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
 MAX_NAME_LEN = 256
+MAX_TIME_S = 1e12       # |t|: about 31,700 years of seconds; epoch milli- or nanoseconds are far beyond
+MAX_DURATION_S = 86_400.0
 
 
 class WireError(ValueError):
@@ -159,6 +161,9 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
     if type(seq) is not int or seq < 0:
         raise WireError("bad_type:seq", f"seq must be a non-negative integer, got {seq!r}")
     t = _number(body, "t")
+    if abs(t) > MAX_TIME_S:
+        raise WireError("bad_value:t", f"t must be in seconds, at most {MAX_TIME_S:g} in size, got {t!r} "
+                        "(milliseconds or nanoseconds?)")
     expected_topic = f"{modality}/{session}"
     if topic != expected_topic.encode():
         raise WireError("topic", f"topic {topic[:80]!r} does not match payload ({expected_topic!r})")
@@ -167,8 +172,8 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
 
     encoding = _choice(body, "encoding", ENCODINGS)
     duration = _number(body, "duration") if "duration" in body else 0.0
-    if duration < 0:
-        raise WireError("bad_value:duration", f"duration must be >= 0, got {duration}")
+    if not 0 <= duration <= MAX_DURATION_S:
+        raise WireError("bad_value:duration", f"duration must be between 0 and {MAX_DURATION_S:g} s, got {duration}")
     data = body.get("data")
     if encoding == "utf8":
         if not isinstance(data, str):

@@ -63,7 +63,7 @@ def test_context_bundle_uses_the_session_history(feature_file, tmp_path):
     a = first.decide(history)
     b = second.decide([window(0, ["audio", "text", "visual"], rng=np.random.default_rng(2))])
     assert a[2].scores != b[0].scores  # same window content, different history
-    assert len(first.sessions[(0, "s")].history) == 2
+    assert len(first.sessions[("s", 0)].history) == 2
 
 
 def test_a_revision_is_decided_at_once_and_changes_no_history(feature_file, tmp_path):
@@ -72,11 +72,25 @@ def test_a_revision_is_decided_at_once_and_changes_no_history(feature_file, tmp_
                        "--restorers", "mean", *FAST_TRAINING]) == 0
     head = FusionHead(load_bundle(out), "mean")
     head.decide([window(k, ["audio", "text", "visual"], rng=np.random.default_rng(k)) for k in range(2)])
-    history = list(head.sessions[(0, "s")].history)
+    history = list(head.sessions[("s", 0)].history)
     revised = window(0, ["audio", "text", "visual"], rng=np.random.default_rng(9))
     revised.revision, revised.seq = 1, 0
     (decision,) = head.decide([revised])
     assert (decision.window_id, decision.revision) == (0, 1)
-    assert all(np.array_equal(a, b) for a, b in zip(head.sessions[(0, "s")].history, history))
+    assert all(np.array_equal(a, b) for a, b in zip(head.sessions[("s", 0)].history, history))
     (decision,) = head.decide([window(2, ["audio", "text", "visual"])])  # the sequence goes on as before
     assert (decision.window_id, decision.revision) == (2, 0)
+
+
+def test_fusion_forgets_a_session_once_the_aligner_has_and_its_windows_are_decided(bundle_dir):
+    from mmfuse.frames import SessionEnd
+
+    head = FusionHead(load_bundle(bundle_dir), "mean")
+    head.decide([window(0, ["audio", "text", "visual"])])
+    head.finish([SessionEnd("s", 0, windows=2, revisions=0)])  # window 1 is still with the restorer
+    assert ("s", 0) in head.sessions
+    (decision,) = head.decide([window(1, ["audio", "text", "visual"])])
+    assert decision.window_id == 1 and head.sessions == {}
+    later = window(0, ["audio", "text", "visual"])
+    later.epoch = 1  # the aligner heard the session again: a new life of it, starting at seq 0
+    assert [d.window_id for d in head.decide([later])] == [0]

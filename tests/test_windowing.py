@@ -197,3 +197,27 @@ def test_utterance_windows_follow_the_text_segments_and_tile_the_time_once_the_r
         if "text" in w.features:
             assert w.features["text"][0] == pytest.approx(w.start, abs=0.05)
     assert aligner.counts["late"] == 0
+
+
+def test_session_time_stays_the_clock_of_the_first_stream_heard():
+    # the recogniser (session clock) is heard first, by a heartbeat; the microphone, 10 s behind, has its clock
+    # learned first (it sends 10 times as often): the microphone is mapped, the recogniser stays as it is
+    hello = (START + 0.01, "asr0", wire.SensorMessage("s", "asr0", "text", 0, 0.0, kind="heartbeat"))
+    events = [hello] + stream("asr0", 12.0, seq0=1) + stream("cam0", 12.0, start=2.0)
+    events += [(at + 0.05, name, m) for at, name, m in stream("mic0", 12.0, clock=lambda s: s - 10.0)]
+    closed, _, aligner = run(events)
+    assert [k for k, present, _ in summary(closed) if present == ALL] == list(range(2, 12))
+    assert aligner.counts["late"] == 0
+    assert_means_in_place(closed)
+
+
+def test_a_sensor_that_finishes_a_replay_first_waits_for_the_others():
+    from mmfuse.frames import SensorBatch, StreamProgress
+
+    aligner = Aligner(["audio", "visual"], {"mic0": "audio", "cam0": "visual"}, 1.0, 1.0, 1.0)
+    ticks = AlignerTicks(aligner, ["mic0", "cam0"])
+    progress = SensorBatch("mic0", [], [StreamProgress("s", "mic0", "audio", 0.5, 0.5, 0.0, False, 0)])
+    assert ticks.report("mic0", Tick(1.0, final=True), progress, replay=0) == ([], False)
+    assert ticks.report("mic0", Tick(0.0), None, replay=1) == ([], False)  # the next replay, early: kept
+    _, over = ticks.report("cam0", Tick(1.0, final=True), None, replay=0)
+    assert over and ticks.replay == 1 and ticks.reached["mic0"] == 0.0  # replayed into the next one
