@@ -13,6 +13,9 @@ that restarts (its `seq` begins again) on another clock. The tracker then shifts
 source's later times by the jump, so that the stream's timeline stays continuous, as
 if the clock had never been reset. (A clock that leaps back while its source is
 silent, without a restart, cannot be told from a slow network: its data comes late.)
+The reset's size is refined over the next REFINE_S of arrivals, since its first
+message may have been held up; messages held up together with it are placed where
+they arrived rather than where they were sent.
 """
 
 from __future__ import annotations
