@@ -104,12 +104,13 @@ class Aligner:
     def __init__(self, modalities: list[str], sensors: dict[str, str], length_s: float, hop_s: float,
                  timeout_s: float, session_idle_s: float = 60.0, log=None, period_factor: float = 0.0,
                  flush_s: float = 0.0, min_share: float = 0.0, bound_s: float = 0.0, lateness_s: float = 0.0,
-                 clock_tolerance_s: float = 0.1):
+                 clock_tolerance_s: float = 0.1, clock_jump_s: float = 1.0):
         self.modalities = sorted(modalities)
         self.sensors = dict(sorted(sensors.items()))  # configured sensor name -> modality
         self.length, self.hop, self.timeout = length_s, hop_s, timeout_s
         self.period_factor, self.flush, self.min_share = period_factor, flush_s, min_share
         self.bound, self.lateness, self.clock_tolerance = bound_s, lateness_s, clock_tolerance_s
+        self.clock_jump = clock_jump_s
         self.session_idle = session_idle_s
         self.sessions: dict[str, Session] = {}
         self.log = log or structlog.get_logger()
@@ -122,7 +123,8 @@ class Aligner:
                     clock: dict, log=None) -> Aligner:
         rules = dict(session_idle_s=pipeline["session_idle_s"], log=log, period_factor=drop["period_factor"],
                      flush_s=pipeline["flush_interval_ms"] / 1000, min_share=drop["min_share"],
-                     bound_s=window["watermark_bound_s"], clock_tolerance_s=clock["tolerance_s"])
+                     bound_s=window["watermark_bound_s"], clock_tolerance_s=clock["tolerance_s"],
+                     clock_jump_s=clock["jump_s"])
         if window["mode"] == "utterance":
             return UtteranceAligner(modalities, sensors, window["slot_s"], window["length_s"], drop["timeout_s"],
                                     **rules)
@@ -173,9 +175,9 @@ class Aligner:
             return
         if stream.line is None:
             if stream.source not in session.shifts and stream.source not in session.unmapped:
-                # its first word: a stream on another clock is held until its clock is known (later, offsets
-                # drift apart for streams sent faster than real time, which only their lines can tell)
-                if abs(stream.offset - session.first_offset) > self.clock_tolerance:
+                # its first word: a stream plainly on another clock is held until its clock is known. Lesser
+                # disagreements wait for the lines: streams sent faster than real time drift apart as well
+                if abs(stream.offset - session.first_offset) > self.clock_jump:
                     session.unmapped[stream.source] = []
                 else:
                     session.shifts[stream.source] = 0.0
