@@ -221,3 +221,12 @@ def test_a_sensor_that_finishes_a_replay_first_waits_for_the_others():
     assert ticks.report("mic0", Tick(0.0), None, replay=1) == ([], False)  # the next replay, early: kept
     _, over = ticks.report("cam0", Tick(1.0, final=True), None, replay=0)
     assert over and ticks.replay == 1 and ticks.reached["mic0"] == 0.0  # replayed into the next one
+
+
+@pytest.mark.parametrize("speed, seconds", [(2, 2.0), (10, 20.0)])
+def test_a_replay_faster_than_real_time_keeps_every_stream_in_its_windows(speed, seconds):
+    # mmfuse-replay --speed N without the virtual clock: every clock seems to run N times fast
+    events = [(START + (at - START) / speed, name, m) for name in SENSORS for at, name, m in stream(name, seconds)]
+    closed, _, aligner = run(events)
+    assert summary(closed) == [(k, ALL, []) for k in range(int(seconds))] and aligner.counts["late"] == 0
+    assert_means_in_place(closed)
