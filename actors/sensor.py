@@ -85,8 +85,9 @@ class SensorIngest:
 
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
                  max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
-                 clock_jump_s: float = 1.0, spans: bool = False):
+                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0):
         self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.idle_s = idle_s
         self.clock_jump_s = clock_jump_s
         self.keep_spans = spans and modality == "text"  # utterance windows: text segments are the windows
         self.spans: list[Span] = []
@@ -234,6 +235,15 @@ class SensorIngest:
             self.log.warning("malformed message rejected", reason=reason, detail=detail,
                              count=self.rejected.counts[reason])
 
+    def forget_idle(self, now: float) -> None:
+        """Forget streams silent for idle_s (as the aligner forgets sessions), so a daemon that runs for weeks
+        keeps no state for sessions long gone; a stream heard again starts afresh."""
+        for key in [k for k, s in self.streams.items() if now - s.arrived_at > self.idle_s and k not in self.touched]:
+            del self.streams[key]
+            if self.media is not None:
+                self.media.forget(key)
+            self.log.debug("stream forgotten", session=key[0], source=key[1])
+
     def push_due(self, waited: float, batch_interval: float, flush_interval: float) -> bool:
         """Whether to hand the aligner a batch, `waited` seconds after the last one: as soon as a
         stream has passed a window end (at most one per batch interval), else after the flush interval."""
@@ -299,7 +309,7 @@ class SensorActor:
                                                             window["length_s"] / sensor["frames_per_window"])
             return SensorIngest(sensor["name"], sensor["modality"], *sensor_grid(window), dim,
                                 pipeline["max_payload_bytes"], self.log, media, clock["jump_s"],
-                                spans=window["mode"] == "utterance")
+                                spans=window["mode"] == "utterance", idle_s=pipeline["session_idle_s"])
 
         self.new_ingest = new_ingest
         self.ingest = new_ingest()
@@ -411,6 +421,7 @@ class SensorActor:
     def _push(self, in_flight: list) -> list:
         with self.lock:
             batch = self.ingest.take_batch()
+            self.ingest.forget_idle(time.time())
         if batch is None:
             return in_flight
         return self._send(in_flight, self.aligner.push.remote(batch))

@@ -39,7 +39,7 @@ def sensor_ingest(config: DaemonConfig, sensor, dim: int, tower, log) -> SensorI
     media = MediaEncoder(sensor.modality, tower, window.length_s / sensor.frames_per_window) if tower else None
     return SensorIngest(sensor.name, sensor.modality, *sensor_grid(window.model_dump()), dim,
                         config.pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media, config.clock.jump_s,
-                        spans=window.mode == "utterance")
+                        spans=window.mode == "utterance", idle_s=config.pipeline.session_idle_s)
 
 
 class VirtualPipeline:

@@ -190,6 +190,12 @@ class MediaEncoder:
         """The stream ended: its unfinished audio segment is encoded as it is."""
         self._close_segment(key)
 
+    def forget(self, key: tuple[str, str]) -> None:
+        """The stream has been idle long enough to forget: finish what it left, then drop its state."""
+        self._close_segment(key)
+        self.last_slot.pop(key, None)
+        self.resampled.pop(key, None)
+
     def heartbeat(self, key: tuple[str, str], t: float) -> None:
         """Everything up to t has been sent: an unfinished segment whose audio ends before t is complete."""
         segment = self.audio.get(key)

@@ -75,6 +75,7 @@ class SensorTicks:
         report = tick.final or batch is not None or tick.now - self.last_report >= self.flush_interval
         if report:
             self.last_report = tick.now
+            self.ingest.forget_idle(tick.now)
         return report, batch
 
 

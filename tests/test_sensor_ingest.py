@@ -90,3 +90,16 @@ def test_message_of_wrong_modality_is_rejected():
     message = wire.features_message("s1", "mic0", "audio", 0, 0.0, np.ones(4))
     sensor.ingest(wire.encode(message), 1.0)
     assert sensor.rejected.counts == {"modality": 1}
+
+
+def test_streams_idle_past_the_session_idle_time_are_forgotten():
+    sensor = SensorIngest("cam0", "visual", 2.0, 2.0, 4, idle_s=60.0)
+    send(sensor, 0, 0.0, [1, 1, 1, 1], session="old", at=100.0)
+    send(sensor, 0, 50.0, [1, 1, 1, 1], session="live", at=150.0)
+    sensor.take_batch()
+    sensor.forget_idle(159.0)
+    assert set(sensor.streams) == {("old", "cam0"), ("live", "cam0")}
+    sensor.forget_idle(161.0)
+    assert set(sensor.streams) == {("live", "cam0")}
+    send(sensor, 7, 200.0, [1, 1, 1, 1], session="old", at=300.0)  # heard again: a fresh stream, nothing rejected
+    assert sensor.streams[("old", "cam0")].last_seq == 7 and not sensor.rejected.counts
