@@ -166,18 +166,19 @@ def test_a_watermark_bound_waits_for_sources_that_deliver_out_of_order():
     assert_means_in_place(closed)
 
 
-def asr(utterances, until, session="s"):
+def asr(utterances, until, session="s", clock=lambda s: s):
     """A speech recogniser: each utterance (start, end) one text segment sent when it ends, valued [start, start];
-    heartbeats every 0.25 s in between, until `until`."""
+    heartbeats every 0.25 s in between, until `until`; stamped by its own `clock`."""
     events, seq = [], 0
     marks = sorted([(end, (start, end)) for start, end in utterances] +
                    [(float(t), None) for t in np.arange(0.25, until + 1e-9, 0.25)], key=lambda m: m[0])
     for at, utterance in marks:
         if utterance is None:
-            message = wire.SensorMessage(session, "asr0", "text", seq, at, kind="heartbeat")
+            message = wire.SensorMessage(session, "asr0", "text", seq, clock(at), kind="heartbeat")
         else:
             start, end = utterance
-            message = wire.features_message(session, "asr0", "text", seq, start, np.full(2, start), duration=end - start)
+            message = wire.features_message(session, "asr0", "text", seq, clock(start), np.full(2, start),
+                                            duration=end - start)
         events.append((START + at + 0.005, "asr0", message))
         seq += 1
     return events
@@ -197,6 +198,16 @@ def test_utterance_windows_follow_the_text_segments_and_tile_the_time_once_the_r
         if "text" in w.features:
             assert w.features["text"][0] == pytest.approx(w.start, abs=0.05)
     assert aligner.counts["late"] == 0
+
+
+def test_utterances_of_a_recogniser_on_another_clock_wait_for_its_clock_and_land_in_session_time():
+    spans = [(1.0, 2.5), (3.0, 6.0), (6.5, 9.0)]
+    events = [e for name in ("cam0", "mic0") for e in stream(name, 10.0)]
+    events += [(at + 0.02, name, m) for at, name, m in asr(spans, until=10.0, clock=lambda s: s + 3600.0)]
+    closed, _, aligner = run(events, slot=0.1)
+    utterances = [(w.start, w.end) for w in closed if "text" in w.present]  # its extra 20 ms of delay reads as
+    assert np.allclose(utterances, spans, atol=0.025) and aligner.counts["late"] == 0  # clock offset, as in LSL
+    assert all(w.features["text"][0] == pytest.approx(w.start, abs=0.05) for w in closed if "text" in w.present)
 
 
 def test_session_time_stays_the_clock_of_the_first_stream_heard():

@@ -72,6 +72,8 @@ def test_features_matrix_of_frames():
     (frames(payload(shape="4")), "bad_type:shape"),
     (frames(payload(dtype="<i8")), "bad_value:dtype"),
     (frames(payload(duration=-1.0)), "bad_value:duration"),
+    (frames(payload(duration=1e308)), "bad_value:duration"),
+    (frames(payload(t=1.7e18)), "bad_value:t"),  # epoch nanoseconds
     (frames(payload(), topic=b"audio/s1"), "topic"),
     (frames(payload(encoding="pcm16", rate=None)), "bad_type:rate"),
     (frames(payload(encoding="utf8", data=b"bytes")), "bad_type:data"),
