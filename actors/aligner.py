@@ -67,7 +67,8 @@ class Session:
     unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
     utterances: list[tuple[float, float]] = field(default_factory=list)  # utterance windows: spans not closed yet
     held_spans: dict[str, list[Span]] = field(default_factory=dict)  # of text streams on a clock not known yet
-    tiled_until: float | None = None  # utterance windows: session time covered by closed windows
+    decided_until: float | None = None  # utterance windows: where windows closed so far end, at the latest
+    tiled_until: float = -math.inf  # utterance windows: where the time tiles end
     next_id: int = 0
 
     def progress(self, source: str) -> float:
@@ -155,6 +156,13 @@ class Aligner:
         finished, self.finished = self.finished, []
         return finished
 
+    def _release_held(self, session: Session) -> None:
+        """Place the data of streams still held for their clock by their lowest delays, rather than lose it."""
+        for source in list(session.unmapped):
+            session.shifts[source] = session.streams[source].offset - session.first_offset
+            for delta in session.unmapped.pop(source):
+                self._place(session, delta)
+
     def _forget(self, name: str) -> None:
         session = self.sessions.pop(name)
         self.finished.append(SessionEnd(name, session.epoch, session.closed, session.revised))
@@ -185,10 +193,13 @@ class Aligner:
         if stream.source == session.reference:
             session.reference_line = stream.line
             return
-        if session.reference_line is None:  # cannot compare yet: the stream stays as it was classified
-            return
+        reference = session.reference_line
+        if reference is None:
+            if stream.arrived_at < session.first_seen + self.timeout + LEARNING_S:
+                return  # the reference's clock may yet be learned: the stream stays as it was classified
+            reference = ClockLine(session.first_offset, 0.0)  # it never was: its first lowest delay stands in
         at = stream.progress if math.isfinite(stream.progress) else 0.0
-        disagreement = session.reference_line.from_daemon(stream.line.to_daemon(at)) - at
+        disagreement = reference.from_daemon(stream.line.to_daemon(at)) - at
         shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0
         before = session.shifts.get(stream.source, 0.0)
         if abs(shift - before) > self.clock_tolerance or (shift == 0.0) != (before == 0.0):
@@ -233,6 +244,8 @@ class Aligner:
             session = self.sessions[name]
             self._track_liveness(name, session, now)
             idle = now - session.last_arrival() > self.session_idle
+            if idle:
+                self._release_held(session)
             closed.extend(self._close_ready(name, session, now, draining=idle))
             closed.extend(self._revise(name, session, now, draining=idle))
             if idle:
@@ -244,6 +257,7 @@ class Aligner:
         closed = []
         for name, session in self.sessions.items():
             self._track_liveness(name, session, now)
+            self._release_held(session)
             closed.extend(self._close_ready(name, session, now, draining=True))
             closed.extend(self._revise(name, session, now, draining=True))
         for name in list(self.sessions):
@@ -438,6 +452,13 @@ class UtteranceAligner(Aligner):
             for span in session.held_spans.pop(stream.source, []):
                 self._add_utterance(session, span)
 
+    def _release_held(self, session: Session) -> None:
+        held = list(session.unmapped)
+        super()._release_held(session)
+        for source in held:
+            for span in session.held_spans.pop(source, []):
+                self._add_utterance(session, span)
+
     def _add_utterance(self, session: Session, span: Span) -> None:
         shift = session.shifts.get(span.source, 0.0)
         bisect.insort(session.utterances, (span.start + shift, span.end + shift))
@@ -445,22 +466,22 @@ class UtteranceAligner(Aligner):
     def _close_ready(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
         if session.next_window is None:
             return []
-        if session.tiled_until is None:
-            session.tiled_until = session.next_window * self.hop
+        if session.decided_until is None:
+            session.decided_until = session.next_window * self.hop
         closed = []
         while session.utterances and (draining or self._closable(session, session.utterances[0][1], now)):
             start, end = session.utterances.pop(0)
             start = max(start, session.tiled_until)  # what the time tiles already decided is not decided twice
             if end > start:
                 closed += self._close_span(name, session, start, end, now)
-            session.tiled_until = max(session.tiled_until, end)
+            session.decided_until = max(session.decided_until, end)
         text_live = any(s.modality == "text" and self._live(s, now) for s in session.streams.values())
         if not session.utterances and (draining or not text_live):
             reach = session.reach()
-            while session.tiled_until < reach and (draining or self._closable(
-                    session, session.tiled_until + self.fallback, now)):
-                start = session.tiled_until
-                session.tiled_until = start + self.fallback
+            while session.decided_until < reach and (draining or self._closable(
+                    session, session.decided_until + self.fallback, now)):
+                start = session.decided_until
+                session.decided_until = session.tiled_until = start + self.fallback
                 closed += self._close_span(name, session, start, session.tiled_until, now)
         self._forget_slots(session)
         return closed
@@ -490,6 +511,8 @@ class UtteranceAligner(Aligner):
         and MAX_UTTERANCE_S behind the latest data (data for them later counts as late)."""
         keep_from = min([start for start, _ in session.utterances]
                         + [max(session.tiled_until, session.reach() - self.MAX_UTTERANCE_S)])
+        if not math.isfinite(keep_from):
+            return
         first = math.floor(keep_from / self.hop)
         if first > session.next_window:
             for k in [k for k in session.windows if k < first]:

@@ -29,6 +29,7 @@ class SessionState:
     revisions: list[ClosedWindow] = field(default_factory=list)  # of windows not released yet
     history: deque = field(default_factory=deque)  # filled embeddings of the previous windows
     contexts: dict[int, np.ndarray] = field(default_factory=dict)  # seq -> the context its decision used
+    published: dict[int, int] = field(default_factory=dict)  # seq -> latest revision published
     end: SessionEnd | None = None  # the aligner forgot the session: how many windows and revisions it closed
     revised: int = 0
 
@@ -67,7 +68,10 @@ class FusionHead:
             released = [w for w in state.revisions if w.seq < state.next_seq]  # after their first decision
             state.revisions = [w for w in state.revisions if w.seq >= state.next_seq]
             state.revised += len(released)
-            ready += released
+            for revision in sorted(released, key=lambda w: (w.seq, w.revision)):
+                if revision.revision > state.published.get(revision.seq, 0):  # a later one may have overtaken it
+                    state.published[revision.seq] = revision.revision
+                    ready.append(revision)
         decisions = self._decide(ready) if ready else []
         for key in touched:
             if self.sessions[key].done():

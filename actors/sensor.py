@@ -80,14 +80,25 @@ def sensor_grid(window: dict) -> tuple[float, float]:
     return (window["slot_s"],) * 2 if window["mode"] == "utterance" else (window["length_s"], window["hop_s"])
 
 
+def sensor_ingest(sensor: dict, window: dict, pipeline: dict, clock: dict, dim: int | None, tower,
+                  log) -> SensorIngest:
+    """The SensorIngest of a configured sensor (configuration sections as dicts)."""
+    media = None if tower is None else MediaEncoder(sensor["modality"], tower,
+                                                    window["length_s"] / sensor["frames_per_window"])
+    return SensorIngest(sensor["name"], sensor["modality"], *sensor_grid(window), dim, pipeline["max_payload_bytes"],
+                        log, media, clock["jump_s"], spans=window["mode"] == "utterance",
+                        idle_s=5 * pipeline["session_idle_s"],  # streams outlive their session's idle time
+                        max_span_s=max(60.0, 10 * window["length_s"]))  # a minute, or ten long windows
+
+
 class SensorIngest:
     """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
 
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
                  max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
-                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0):
+                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0, max_span_s: float = 60.0):
         self.sensor, self.modality, self.dim = sensor, modality, dim
-        self.idle_s = idle_s
+        self.idle_s, self.max_span = idle_s, max_span_s
         self.clock_jump_s = clock_jump_s
         self.keep_spans = spans and modality == "text"  # utterance windows: text segments are the windows
         self.spans: list[Span] = []
@@ -131,6 +142,10 @@ class SensorIngest:
         if message.seq <= stream.last_seq:
             self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
                          f"({message.session}/{message.source})")
+            return
+        if message.kind == "data" and message.duration > self.max_span:
+            self.reject("too_long", f"{message.session}/{message.source} seq {message.seq} spans {message.duration:g} s; "
+                        f"at most {self.max_span:g} s (seconds, not milliseconds?)")
             return
         message = self._on_stream_time(stream, message, arrived_at, restarted)
         if message.kind == "data" and message.encoding == "features":
@@ -251,7 +266,12 @@ class SensorIngest:
 
     def take_batch(self) -> SensorBatch | None:
         if self.media is not None:
-            for span in self.media.encode():
+            failed = self.media.failed
+            spans = self.media.encode()
+            if self.media.failed > failed:
+                self.log.warning("media the tower could not encode", count=self.media.failed - failed,
+                                 total=self.media.failed)
+            for span in spans:
                 self._add_span(span.session, span.source, span.start, span.end, span.vector.astype(np.float32))
         for key, count in self.arrivals.items():
             delta = self.deltas.get(key)
@@ -271,7 +291,7 @@ class SensorIngest:
         return batch
 
     def stats(self) -> dict:
-        media = {} if self.media is None else {"encoded": self.media.encoded,
+        media = {} if self.media is None else {"encoded": self.media.encoded, "encode_failed": self.media.failed,
                                                "frames_skipped": self.media.skipped_frames}
         return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts), **media,
                 "unsupported": dict(self.unsupported.counts), "streams": len(self.streams),
@@ -304,15 +324,8 @@ class SensorActor:
         self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
         tower = load_bundle(bundle_path).towers([sensor["modality"]]).get(sensor["modality"]) if bundle_path else None
 
-        def new_ingest() -> SensorIngest:
-            media = None if tower is None else MediaEncoder(sensor["modality"], tower,
-                                                            window["length_s"] / sensor["frames_per_window"])
-            return SensorIngest(sensor["name"], sensor["modality"], *sensor_grid(window), dim,
-                                pipeline["max_payload_bytes"], self.log, media, clock["jump_s"],
-                                spans=window["mode"] == "utterance", idle_s=pipeline["session_idle_s"])
-
-        self.new_ingest = new_ingest
-        self.ingest = new_ingest()
+        self.new_ingest = lambda: sensor_ingest(sensor, window, pipeline, clock, dim, tower, self.log)
+        self.ingest = self.new_ingest()
         self.virtual_clock = virtual_clock
         self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval) if virtual_clock else None
         self.lock = threading.Lock()

@@ -17,10 +17,9 @@ import structlog
 from mmfuse.actors.aligner import Aligner
 from mmfuse.actors.fusion import FusionHead
 from mmfuse.actors.restorer import WindowRestorer
-from mmfuse.actors.sensor import SensorIngest, sensor_grid
+from mmfuse.actors.sensor import sensor_ingest
 from mmfuse.bundle import Bundle
 from mmfuse.daemon.config import DaemonConfig
-from mmfuse.media import MediaEncoder
 from mmfuse.recording import RecordedMessage
 from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, quiet_time, replay_ticks
 from mmfuse.wire import Decision
@@ -33,23 +32,17 @@ class VirtualRun:
     aligner: dict
 
 
-def sensor_ingest(config: DaemonConfig, sensor, dim: int, tower, log) -> SensorIngest:
-    """The SensorIngest a sensor actor of this configuration runs."""
-    window = config.window
-    media = MediaEncoder(sensor.modality, tower, window.length_s / sensor.frames_per_window) if tower else None
-    return SensorIngest(sensor.name, sensor.modality, *sensor_grid(window.model_dump()), dim,
-                        config.pipeline.max_payload_bytes, log.bind(sensor=sensor.name), media, config.clock.jump_s,
-                        spans=window.mode == "utterance", idle_s=config.pipeline.session_idle_s)
-
-
 class VirtualPipeline:
     def __init__(self, config: DaemonConfig, bundle: Bundle):
         self.config = config
         log = structlog.get_logger().bind(virtual=True)
         pipeline = config.pipeline
         towers = bundle.towers(sorted({s.modality for s in config.sensors}))
-        self.ingests = {s.name: sensor_ingest(config, s, bundle.modalities[s.modality]["dim"], towers.get(s.modality),
-                                              log) for s in config.sensors}
+        sections = {k: getattr(config, k).model_dump() for k in ("window", "pipeline", "clock")}
+        self.ingests = {s.name: sensor_ingest(s.model_dump(), sections["window"], sections["pipeline"],
+                                              sections["clock"], bundle.modalities[s.modality]["dim"],
+                                              towers.get(s.modality), log.bind(sensor=s.name))
+                        for s in config.sensors}
         self.ticks = {name: SensorTicks(ingest, pipeline.batch_interval_ms / 1000, pipeline.flush_interval_ms / 1000)
                       for name, ingest in self.ingests.items()}
         self.aligner = Aligner.from_config(sorted(bundle.modalities), {s.name: s.modality for s in config.sensors},

@@ -27,6 +27,7 @@ IMAGE_ENCODINGS = ("jpeg", "rgb8")
 MEDIA_ENCODINGS = {"visual": IMAGE_ENCODINGS, "text": ("utf8",), "audio": ("pcm16",)}
 MIN_PARTIAL_SEGMENT_S = 0.2  # a shorter audio remainder (stream end, gap) is not worth a vector
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_ASPECT = 16  # a towers' resize of the short side to ~224 px would blow a 1 x 2000 strip up to gigabytes
 
 
 class MediaError(ValueError):
@@ -57,12 +58,18 @@ def rgb_image(source) -> np.ndarray:
 def decode_image(message: SensorMessage) -> np.ndarray:
     """RGB uint8 [H, W, 3] of a `jpeg` or `rgb8` message."""
     if message.encoding == "rgb8":
-        return message.array()
-    try:
-        return rgb_image(io.BytesIO(message.data))
-    except MediaError as exc:
-        raise MediaError(exc.reason, f"jpeg of {message.session}/{message.source} seq {message.seq}: "
-                         f"{exc.detail}") from None
+        image = message.array()
+    else:
+        try:
+            image = rgb_image(io.BytesIO(message.data))
+        except MediaError as exc:
+            raise MediaError(exc.reason, f"jpeg of {message.session}/{message.source} seq {message.seq}: "
+                             f"{exc.detail}") from None
+    height, width = image.shape[:2]
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise MediaError("aspect", f"{width}x{height} image of {message.session}/{message.source} seq "
+                         f"{message.seq}: sides differ more than {MAX_ASPECT}-fold")
+    return image
 
 
 def pcm16_samples(message: SensorMessage) -> np.ndarray:
@@ -123,6 +130,7 @@ class MediaEncoder:
         self.resampled: dict[tuple[str, str], tuple[int, int]] = {}  # (input, output) samples so far
         self.skipped_frames = 0
         self.encoded = 0
+        self.failed = 0  # items the tower could not encode
 
     def accepts(self, encoding: str) -> bool:
         return encoding in MEDIA_ENCODINGS[self.modality]
@@ -191,8 +199,8 @@ class MediaEncoder:
         self._close_segment(key)
 
     def forget(self, key: tuple[str, str]) -> None:
-        """The stream has been idle long enough to forget: finish what it left, then drop its state."""
-        self._close_segment(key)
+        """The stream has been idle long enough to forget: drop its state (an unfinished segment is long late)."""
+        self.audio.pop(key, None)
         self.last_slot.pop(key, None)
         self.resampled.pop(key, None)
 
@@ -207,6 +215,18 @@ class MediaEncoder:
         if not self.pending:
             return []
         pending, self.pending = self.pending, []
-        vectors = self.tower.encode([p.item for p in pending])
-        self.encoded += len(pending)
-        return [EncodedSpan(p.session, p.source, p.start, p.end, v) for p, v in zip(pending, vectors)]
+        try:
+            vectors = list(self.tower.encode([p.item for p in pending]))
+        except Exception:  # one bad item must not cost the batch: find it by encoding one by one
+            vectors = [self._encode_one(p.item) for p in pending]
+        spans = [EncodedSpan(p.session, p.source, p.start, p.end, v)
+                 for p, v in zip(pending, vectors) if v is not None]
+        self.encoded += len(spans)
+        self.failed += len(pending) - len(spans)
+        return spans
+
+    def _encode_one(self, item) -> np.ndarray | None:
+        try:
+            return self.tower.encode([item])[0]
+        except Exception:
+            return None

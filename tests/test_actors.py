@@ -94,3 +94,15 @@ def test_fusion_forgets_a_session_once_the_aligner_has_and_its_windows_are_decid
     later = window(0, ["audio", "text", "visual"])
     later.epoch = 1  # the aligner heard the session again: a new life of it, starting at seq 0
     assert [d.window_id for d in head.decide([later])] == [0]
+
+
+def test_a_revision_overtaken_by_a_later_one_is_not_published(bundle_dir):
+    head = FusionHead(load_bundle(bundle_dir), "mean")
+    head.decide([window(0, ["audio", "text", "visual"])])
+    revisions = []
+    for number in (2, 1):  # revision 2 went straight to fusion, revision 1 through the restorer
+        revised = window(0, ["audio", "text", "visual"])
+        revised.revision = number
+        revisions.append(revised)
+    assert [d.revision for d in head.decide(revisions[:1])] == [2]
+    assert head.decide(revisions[1:]) == []

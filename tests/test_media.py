@@ -289,3 +289,23 @@ def test_an_image_bomb_is_rejected_not_decoded():
     Image.new("RGB", (5000, 5000)).save(buffer, format="JPEG", quality=1)
     with pytest.raises(MediaError, match="too_large"):
         decode_image(wire.jpeg_message("s", "cam0", 0, 0.0, buffer.getvalue()))
+
+
+def test_strip_images_are_refused_and_a_failing_item_costs_only_itself():
+    from mmfuse.media import MediaEncoder, MediaError, decode_image
+
+    with pytest.raises(MediaError, match="16-fold"):
+        decode_image(wire.rgb8_message("s", "cam0", 0, 0.0, np.zeros((1, 2000, 3), np.uint8)))
+
+    class Tower:
+        dim = 2
+
+        def encode(self, items):
+            if "bad" in items:
+                raise RuntimeError("tower failure")
+            return np.ones((len(items), 2), np.float32)
+
+    encoder = MediaEncoder("text", Tower(), 1.0)
+    for seq, text in enumerate(["good", "bad", "fine"]):
+        encoder.add(wire.text_message("s", "asr0", seq, float(seq), text, 1.0))
+    assert [span.start for span in encoder.encode()] == [0.0, 2.0] and encoder.failed == 1

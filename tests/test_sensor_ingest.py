@@ -103,3 +103,9 @@ def test_streams_idle_past_the_session_idle_time_are_forgotten():
     assert set(sensor.streams) == {("live", "cam0")}
     send(sensor, 7, 200.0, [1, 1, 1, 1], session="old", at=300.0)  # heard again: a fresh stream, nothing rejected
     assert sensor.streams[("old", "cam0")].last_seq == 7 and not sensor.rejected.counts
+
+
+def test_a_message_spanning_more_than_a_minute_is_rejected():
+    sensor = SensorIngest("cam0", "visual", 2.0, 2.0, 4, max_span_s=60.0)
+    send(sensor, 0, 0.0, [1, 1, 1, 1], duration=3600.0)  # milliseconds sent as seconds
+    assert sensor.rejected.counts == {"too_long": 1} and sensor.take_batch() is None

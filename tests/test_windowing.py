@@ -166,7 +166,7 @@ def test_a_watermark_bound_waits_for_sources_that_deliver_out_of_order():
     assert_means_in_place(closed)
 
 
-def asr(utterances, until, session="s", clock=lambda s: s):
+def asr(utterances, until, session="s", clock=lambda s: s, source="asr0"):
     """A speech recogniser: each utterance (start, end) one text segment sent when it ends, valued [start, start];
     heartbeats every 0.25 s in between, until `until`; stamped by its own `clock`."""
     events, seq = [], 0
@@ -174,12 +174,12 @@ def asr(utterances, until, session="s", clock=lambda s: s):
                    [(float(t), None) for t in np.arange(0.25, until + 1e-9, 0.25)], key=lambda m: m[0])
     for at, utterance in marks:
         if utterance is None:
-            message = wire.SensorMessage(session, "asr0", "text", seq, clock(at), kind="heartbeat")
+            message = wire.SensorMessage(session, source, "text", seq, clock(at), kind="heartbeat")
         else:
             start, end = utterance
-            message = wire.features_message(session, "asr0", "text", seq, clock(start), np.full(2, start),
+            message = wire.features_message(session, source, "text", seq, clock(start), np.full(2, start),
                                             duration=end - start)
-        events.append((START + at + 0.005, "asr0", message))
+        events.append((START + at + 0.005, "asr0", message))  # both recognisers publish to sensor asr0
         seq += 1
     return events
 
@@ -241,3 +241,21 @@ def test_a_replay_faster_than_real_time_keeps_every_stream_in_its_windows(speed,
     closed, _, aligner = run(events)
     assert summary(closed) == [(k, ALL, []) for k in range(int(seconds))] and aligner.counts["late"] == 0
     assert_means_in_place(closed)
+
+
+def test_streams_on_another_clock_are_mapped_even_if_the_first_stream_heard_never_learns_its_clock():
+    hello = (START + 0.01, "asr0", wire.SensorMessage("s", "asr0", "text", 0, 0.0, kind="heartbeat"))  # then dies
+    events = [hello] + [(at, name, m) for name in ("cam0", "mic0")
+                        for at, name, m in stream(name, 12.0, clock=lambda s: s - 10.0)]
+    closed, _, _ = run(events)
+    assert [k for k, present, _ in summary(closed)] == list(range(12))
+    assert all(present == ["audio", "visual"] for _, present, _ in summary(closed))
+    assert_means_in_place(closed)
+
+
+def test_overlapping_segments_of_two_recognisers_are_each_a_whole_window():
+    events = [e for name in ("cam0", "mic0") for e in stream(name, 9.0)]
+    events += asr([(0.0, 2.0), (4.0, 8.0)], until=9.0) + asr([(2.0, 5.0)], until=9.0, source="asr1")
+    closed, _, _ = run(events, slot=0.1)
+    assert [(round(w.start, 6), round(w.end, 6)) for w in closed if "text" in w.present] == \
+        [(0.0, 2.0), (2.0, 5.0), (4.0, 8.0)]
