@@ -8,6 +8,7 @@ import threading
 import time
 import zlib
 
+import numpy as np
 import structlog
 import torch
 
@@ -75,6 +76,20 @@ class WindowRestorer:
                     window.extra["abstain"] = True
         return windows
 
+    def zero_filled(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
+        """The fallback when restoring failed: missing modalities left at zero (the `zero` restorer), marked so
+        downstream can tell; a window still gets its decision."""
+        try:
+            z = self.encoder.encode(windows)[0].numpy()
+        except Exception:
+            z = np.zeros((len(windows), len(self.encoder.order), self.encoder.embed_dim), np.float32)
+        for window, row in zip(windows, z):
+            window.embeddings = row
+            window.restored = [m for m in window.missing if m in self.encoder.order]
+            window.restorer = "zero"
+            window.extra["restoration_failed"] = True
+        return windows
+
 
 class RestorerActor:
     """restore() only queues; a worker thread restores up to max_batch windows at a time, waiting at
@@ -99,6 +114,7 @@ class RestorerActor:
         self.in_flight: list = []
         self.windows = 0
         self.batches = 0
+        self.failed = 0
         threading.Thread(target=self._work, name="restorer", daemon=True).start()
         self.log.info("restorer ready", method=restorer["method"], bundle=bundle.id, device=device)
 
@@ -126,7 +142,13 @@ class RestorerActor:
                 batch = [w for _, w in self.queue[:self.max_batch]]
                 del self.queue[:self.max_batch]
                 self.busy = True
-            windows = self.restorer.restore(batch)
+            try:
+                windows = self.restorer.restore(batch)
+            except Exception as exc:  # a lost window would hold back its session's decisions for good
+                self.log.exception("restoration failed; the windows are decided zero-filled", windows=len(batch),
+                                   error=repr(exc))
+                windows = self.restorer.zero_filled(batch)
+                self.failed += len(batch)
             self.in_flight.append(self.fusion.decide.remote(windows))
             if len(self.in_flight) > 64:
                 _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
@@ -149,4 +171,4 @@ class RestorerActor:
         return self.stats()
 
     def stats(self) -> dict:
-        return {"windows": self.windows, "batches": self.batches, "method": self.restorer.method}
+        return {"windows": self.windows, "batches": self.batches, "failed": self.failed, "method": self.restorer.method}

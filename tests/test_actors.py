@@ -106,3 +106,11 @@ def test_a_revision_overtaken_by_a_later_one_is_not_published(bundle_dir):
         revisions.append(revised)
     assert [d.revision for d in head.decide(revisions[:1])] == [2]
     assert head.decide(revisions[1:]) == []
+
+
+def test_windows_whose_restoration_failed_are_still_decided_zero_filled(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    windows = WindowRestorer(bundle, "mean").zero_filled([window(0, ["audio", "text"]), window(1, ["visual"])])
+    assert all(w.restorer == "zero" and w.extra["restoration_failed"] for w in windows)
+    decisions = FusionHead(bundle, "mean").decide(windows)
+    assert [d.window_id for d in decisions] == [0, 1] and decisions[1].restored == ["audio", "text"]
