@@ -1,5 +1,6 @@
 """Recording a live session into MCAP and replaying it; foreign MCAP and real XDF files."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -30,6 +31,30 @@ def features(session, source, seq, t, rng):
 def decision_key(d):
     return (d["session"], d["window"]["id"], d["label"], tuple(d["present"]), tuple(d["restored"]),
             tuple(d["dropped"]), tuple(sorted(d["scores"].items())))
+
+
+def on_fresh_ports(config: dict) -> dict:
+    return {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"} for s in config["sensors"]],
+            "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+
+
+@contextlib.contextmanager
+def daemon_listening(config: dict, path, *flags):
+    """mmfuse-daemon on `config` (written to path), ready, and a subscriber to its decisions; stopped after."""
+    path.write_text(yaml.safe_dump(config))
+    daemon = Daemon(path, *flags)
+    context = zmq.Context()
+    listener = context.socket(zmq.SUB)
+    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    listener.connect(config["output"]["endpoint"])
+    try:
+        assert daemon.ready.wait(120), daemon.log()
+        time.sleep(0.3)
+        yield daemon, listener
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.process.wait(30)
+        context.destroy(linger=0)
 
 
 @pytest.fixture(scope="module")
@@ -86,25 +111,10 @@ def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_pat
     assert all(abs(json.loads(v)["drift_ppm"]) < 1e5 and json.loads(v)["resets"] == 0 for v in clocks.values())
 
     # a fresh daemon on other ports, fed by mmfuse-replay from the recording
-    replay_config = {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"}
-                                           for s in config["sensors"]],
-                     "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
     path = tmp_path / "replay.yaml"
-    path.write_text(yaml.safe_dump(replay_config))
-    daemon = Daemon(path)
-    context = zmq.Context()
-    listener = context.socket(zmq.SUB)
-    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
-    listener.connect(replay_config["output"]["endpoint"])
-    try:
-        assert daemon.ready.wait(120), daemon.log()
-        time.sleep(0.3)
+    with daemon_listening(on_fresh_ports(config), path) as (_, listener):
         assert replay_main([str(recording), "--config", str(path), "--wait-s", "30"]) == 0
         replayed = collect(listener, quiet_s=4)
-    finally:
-        daemon.process.send_signal(signal.SIGTERM)
-        daemon.process.wait(30)
-        context.destroy(linger=0)
     assert sorted(map(decision_key, replayed)) == sorted(map(decision_key, live))
 
 
@@ -116,27 +126,12 @@ def without_latency(decisions):
 def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eval_log(recorded, tmp_path):
     recording, live = recorded
     config, _ = read_recording(recording)
-    replay_config = {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"}
-                                           for s in config["sensors"]],
-                     "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
     path = tmp_path / "replay.yaml"
-    path.write_text(yaml.safe_dump(replay_config))
-    daemon = Daemon(path, "--virtual-clock")
-    context = zmq.Context()
-    listener = context.socket(zmq.SUB)
-    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
-    listener.connect(replay_config["output"]["endpoint"])
     runs = []
-    try:
-        assert daemon.ready.wait(120), daemon.log()
-        time.sleep(0.3)
+    with daemon_listening(on_fresh_ports(config), path, "--virtual-clock") as (_, listener):
         for _ in range(2):  # one daemon, two replays: the final tick resets it for the next
             assert replay_main([str(recording), "--config", str(path), "--virtual-clock", "--speed", "max"]) == 0
             runs.append(collect(listener, quiet_s=3))
-    finally:
-        daemon.process.send_signal(signal.SIGTERM)
-        daemon.process.wait(30)
-        context.destroy(linger=0)
     assert len(runs[0]) == len(live) and without_latency(runs[0]) == without_latency(runs[1])
     assert sorted(map(decision_key, runs[0])) == sorted(map(decision_key, live))
     lines = tmp_path / "eval.jsonl"
@@ -175,23 +170,11 @@ def test_clock_resets_xdf_through_a_daemon_gives_dropped_windows_not_a_crash(sha
                                                       "endpoint": f"tcp://127.0.0.1:{free_port()}"}],
               "restorer": {"method": "mean"}, "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
     path = tmp_path / "eeg.yaml"
-    path.write_text(yaml.safe_dump(config))
-    daemon = Daemon(path, "--virtual-clock")
-    context = zmq.Context()
-    listener = context.socket(zmq.SUB)
-    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
-    listener.connect(config["output"]["endpoint"])
-    try:
-        assert daemon.ready.wait(120), daemon.log()
-        time.sleep(0.3)
+    with daemon_listening(config, path, "--virtual-clock") as (daemon, listener):
         assert replay_main([str(shared_data / "recordings" / "clock_resets.xdf"), "--config", str(path),
                             "--map", "BioSemi=audio", "--virtual-clock", "--speed", "max"]) == 0
         decisions = collect(listener, quiet_s=5)
         assert daemon.process.poll() is None, daemon.log()
-    finally:
-        daemon.process.send_signal(signal.SIGTERM)
-        daemon.process.wait(30)
-        context.destroy(linger=0)
     starts = sorted(d["window"]["start"] for d in decisions)
     gap = max(zip(starts, starts[1:]), key=lambda pair: pair[1] - pair[0])
     assert 270 < gap[1] - gap[0] < 280 and 948 <= gap[0] + 2.0 <= 951  # the 274 s gap: no windows, no crash
