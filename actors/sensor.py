@@ -220,9 +220,7 @@ class SensorIngest:
 
     @staticmethod
     def _clock_fields(stream: StreamState) -> dict:
-        clock = stream.clock
-        return {"offset_s": round(clock.offset(clock.last_t), 4), "drift_ppm": round(clock.drift * 1e6, 1),
-                "resets": clock.resets}
+        return {key: round(value, 4) for key, value in stream.clock.estimate().items()}
 
     def _count_arrival(self, message: wire.SensorMessage) -> None:
         for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):

@@ -72,6 +72,11 @@ class ClockTracker:
     def drift(self) -> float:
         return 0.0 if self.line is None else self.line.drift
 
+    def estimate(self) -> dict:
+        """What the tracker knows now, for logs and recordings."""
+        return {"offset_s": self.offset(self.last_t), "drift_ppm": self.drift * 1e6, "resets": self.resets,
+                "correction_s": self.correction}
+
     def observe(self, t: float, arrived: float, restarted: bool = False) -> ClockJump | None:
         """A message delivered up to source time t arrived at daemon time `arrived` (`restarted`: its source
         began its seq again); returns the jump it revealed, if any. Map the source's times with

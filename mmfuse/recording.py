@@ -46,11 +46,6 @@ def seconds_to_ns(t: float) -> int:
     return int(min(max(t * 1e9, 0.0), UINT64_MAX))
 
 
-def clock_estimate(clock: ClockTracker) -> dict:
-    return {"offset_s": clock.offset(clock.last_t), "drift_ppm": clock.drift * 1e6, "resets": clock.resets,
-            "correction_s": clock.correction}
-
-
 class RecordingWriter:
     """Writes received sensor messages (and decisions) into an MCAP file as they arrive."""
 
@@ -91,7 +86,7 @@ class RecordingWriter:
         known = clock.line is not None
         jump = clock.observe(message.t + message.duration, received, restarted)
         if jump is not None or (clock.line is not None and not known):
-            entry = {"session": message.session, "source": message.source, **clock_estimate(clock),
+            entry = {"session": message.session, "source": message.source, **clock.estimate(),
                      **({"reset_jump_s": jump.jump_s} if jump else {})}
             self.writer.add_message(self._channel(CLOCK_TOPIC, {}, "json"), seconds_to_ns(received),
                                     json.dumps(entry).encode(), seconds_to_ns(received))
@@ -102,7 +97,7 @@ class RecordingWriter:
 
     def close(self, counts: dict[str, int]) -> None:
         self.writer.add_metadata("mmfuse-counts", {k: str(v) for k, v in counts.items()})
-        self.writer.add_metadata("mmfuse-clocks", {f"{session}/{source}": json.dumps(clock_estimate(clock))
+        self.writer.add_metadata("mmfuse-clocks", {f"{session}/{source}": json.dumps(clock.estimate())
                                                    for (session, source), clock in self.clocks.items()})
         self.writer.finish()
         self.handle.close()
