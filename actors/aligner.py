@@ -159,9 +159,7 @@ class Aligner:
     def _release_held(self, session: Session) -> None:
         """Place the data of streams still held for their clock by their lowest delays, rather than lose it."""
         for source in list(session.unmapped):
-            session.shifts[source] = session.streams[source].offset - session.first_offset
-            for delta in session.unmapped.pop(source):
-                self._place(session, delta)
+            self._map(session, source, session.streams[source].offset - session.first_offset)
 
     def _forget(self, name: str) -> None:
         session = self.sessions.pop(name)
@@ -177,9 +175,7 @@ class Aligner:
         if stream.line is not None and abs(stream.line.drift) > REAL_TIME_DRIFT:
             # not sent in real time (a replay faster than real time, a backlog): its clock cannot be learned
             # from arrivals, so its times are taken as they are
-            session.shifts[stream.source] = 0.0
-            for delta in session.unmapped.pop(stream.source, []):
-                self._place(session, delta)
+            self._map(session, stream.source, 0.0)
             return
         if stream.line is None:
             if stream.source not in session.shifts and stream.source not in session.unmapped:
@@ -188,7 +184,7 @@ class Aligner:
                 if abs(stream.offset - session.first_offset) > self.clock_jump:
                     session.unmapped[stream.source] = []
                 else:
-                    session.shifts[stream.source] = 0.0
+                    self._map(session, stream.source, 0.0)
             return
         if stream.source == session.reference:
             session.reference_line = stream.line
@@ -205,8 +201,12 @@ class Aligner:
         if abs(shift - before) > self.clock_tolerance or (shift == 0.0) != (before == 0.0):
             self.log.info("stream clock mapped", session=name, source=stream.source, shift_s=round(shift, 4),
                           drift_ppm=round(stream.drift * 1e6, 1), resets=stream.resets)
-        session.shifts[stream.source] = shift
-        for delta in session.unmapped.pop(stream.source, []):
+        self._map(session, stream.source, shift)
+
+    def _map(self, session: Session, source: str, shift: float) -> None:
+        """Set a stream's clock shift; data held until its clock was known goes to its windows now."""
+        session.shifts[source] = shift
+        for delta in session.unmapped.pop(source, []):
             self._place(session, delta)
 
     def _session_windows(self, session: Session, delta: WindowDelta) -> list[tuple[int, float]]:
@@ -446,18 +446,10 @@ class UtteranceAligner(Aligner):
             else:
                 self._add_utterance(session, span)
 
-    def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
-        super()._follow_clock(name, session, stream)
-        if stream.source not in session.unmapped:
-            for span in session.held_spans.pop(stream.source, []):
-                self._add_utterance(session, span)
-
-    def _release_held(self, session: Session) -> None:
-        held = list(session.unmapped)
-        super()._release_held(session)
-        for source in held:
-            for span in session.held_spans.pop(source, []):
-                self._add_utterance(session, span)
+    def _map(self, session: Session, source: str, shift: float) -> None:
+        super()._map(session, source, shift)
+        for span in session.held_spans.pop(source, []):
+            self._add_utterance(session, span)
 
     def _add_utterance(self, session: Session, span: Span) -> None:
         shift = session.shifts.get(span.source, 0.0)
