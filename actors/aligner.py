@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from mmfuse.clocks import LEARNING_S, ClockLine
+from mmfuse.clocks import LEARNING_S
 from mmfuse.frames import ClosedWindow, SensorBatch, SessionEnd, Span, StreamProgress, WindowDelta
 from mmfuse.logs import configure
 from mmfuse.virtual_clock import TICK_S, AlignerTicks, Tick
@@ -61,7 +61,6 @@ class Session:
     closed: int = 0
     revised: int = 0
     reference: str | None = None    # the source whose clock is session time: the first heard
-    reference_line: ClockLine | None = None  # its clock, once known
     first_offset: float | None = None  # its lowest delay, to tell other clocks before they are known
     shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
     unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
@@ -172,30 +171,28 @@ class Aligner:
     def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
         if session.first_offset is None:
             session.first_offset, session.reference = stream.offset, stream.source
-        if stream.line is not None and abs(stream.line.drift) > REAL_TIME_DRIFT:
-            # not sent in real time (a replay faster than real time, a backlog): its clock cannot be learned
-            # from arrivals, so its times are taken as they are
-            self._map(session, stream.source, 0.0)
-            return
+        held = stream.source in session.unmapped
         if stream.line is None:
-            if stream.source not in session.shifts and stream.source not in session.unmapped:
+            if stream.source not in session.shifts and not held:
                 # its first word: a stream plainly on another clock is held until its clock is known. Lesser
-                # disagreements wait for the lines: streams sent faster than real time drift apart as well
+                # disagreements wait for that too: streams sent faster than real time drift apart as well
                 if abs(stream.offset - session.first_offset) > self.clock_jump:
                     session.unmapped[stream.source] = []
                 else:
                     self._map(session, stream.source, 0.0)
             return
         if stream.source == session.reference:
-            session.reference_line = stream.line
             return
-        reference = session.reference_line
-        if reference is None:
-            if stream.arrived_at < session.first_seen + self.timeout + LEARNING_S:
-                return  # the reference's clock may yet be learned: the stream stays as it was classified
-            reference = ClockLine(session.first_offset, 0.0)  # it never was: its first lowest delay stands in
-        at = stream.progress if math.isfinite(stream.progress) else 0.0
-        disagreement = reference.from_daemon(stream.line.to_daemon(at)) - at
+        if not held and abs(stream.line.drift) > REAL_TIME_DRIFT:
+            # not sent in real time (a replay faster than real time, a backlog): its clock cannot be learned
+            # from arrivals, so its times are taken as they are
+            self._map(session, stream.source, 0.0)
+            return
+        reference = session.streams[session.reference]
+        if reference.line is None and stream.arrived_at < session.first_seen + self.timeout + LEARNING_S:
+            return  # the reference's lowest delay is not settled yet: the stream stays as it was classified
+        # both offsets are the lowest recent delays, so comparing them now already follows any drift
+        disagreement = stream.offset - reference.offset
         shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0
         before = session.shifts.get(stream.source, 0.0)
         if abs(shift - before) > self.clock_tolerance or (shift == 0.0) != (before == 0.0):

@@ -72,7 +72,8 @@ class DropConfig(Section):
 
 class ClockConfig(Section):
     tolerance_s: float = Field(0.1, gt=0, description="a source whose clock agrees with the session's within "
-                               "this is taken as synchronised; others are mapped onto the session's clock")
+                               "this is taken as synchronised; others are mapped onto the session's clock. "
+                               "Keep it above the differences in the sources' delivery delays")
     jump_s: float = Field(1.0, gt=0, description="a change of a source's clock offset larger than this is a "
                           "clock reset or jump (its later times are shifted to continue its timeline)")
 

@@ -36,12 +36,6 @@ class ClockLine:
     intercept: float
     drift: float
 
-    def to_daemon(self, t: float) -> float:
-        return t + self.intercept + self.drift * t
-
-    def from_daemon(self, daemon_t: float) -> float:
-        return (daemon_t - self.intercept) / (1.0 + self.drift)
-
 
 @dataclass(frozen=True, slots=True)
 class ClockJump:
