@@ -1,12 +1,3 @@
-"""Ray actors of the daemon, one module each. Each module holds the I/O-free logic
-as a plain class (tested without Ray) and the actor that wraps it."""
-
-import os
-
-
-def limit_threads() -> None:
-    """Two cores are all a small machine has: one intra-op thread per actor."""
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+"""Ray actors of the daemon, one module per stage of mmfuse.pipeline.PIPELINE: each a thin
+wrapper around its stage's I/O-free class in the package root. They find each other by
+name (Ray named actors), so a restarted actor is found again without rewiring."""

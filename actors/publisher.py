@@ -1,4 +1,5 @@
-"""Publisher actor: binds the output PUB socket and publishes decisions on `decision/<session>`."""
+"""Publisher actor: binds the output socket, publishes each window's decision once on
+`decision/<session>`, and acknowledges it to the aligner, which then forgets the window."""
 
 from __future__ import annotations
 
@@ -9,39 +10,71 @@ import structlog
 import zmq
 
 from mmfuse import wire
+from mmfuse.config import DaemonConfig
+from mmfuse.delivery import Published
+from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
+
+RECONNECT_WAIT_S = 1.0  # how long a new publisher waits for a first subscriber before it publishes
 
 
 class PublisherActor:
-    def __init__(self, endpoint: str, log_format: dict):
+    """An XPUB socket, so the publisher sees subscribers arrive: a restarted publisher's consumers reconnect
+    within ZeroMQ's reconnect interval, and decisions sent before that would be lost to them."""
+
+    def __init__(self, config: DaemonConfig, log_format: dict):
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="publisher")
-        self.endpoint = endpoint
-        self.socket = zmq.Context.instance().socket(zmq.PUB)
+        self.incarnation = Incarnation.here()
+        self.endpoint = config.output.endpoint
+        self.socket = zmq.Context.instance().socket(zmq.XPUB)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.error: str | None = None
         try:
-            self.socket.bind(endpoint)
+            self.socket.bind(self.endpoint)
         except zmq.ZMQError as exc:
-            self.error = f"output: cannot bind {endpoint}: {exc}"
+            self.error = f"output: cannot bind {self.endpoint}: {exc}"
+        self.bound_at = time.monotonic()
+        self.subscribed = False
+        self.sent = Published()
         self.published = 0
+        self.aligner = None
+
+    def ping(self) -> Incarnation:
+        return self.incarnation
 
     def ready(self) -> str | None:
         return self.error
 
+    def _read_subscriptions(self, wait_s: float = 0.0) -> None:
+        while self.socket.poll(wait_s * 1000, zmq.POLLIN):
+            self.subscribed |= self.socket.recv()[:1] == b"\x01"
+            wait_s = 0.0
+
     def publish(self, decisions: list[wire.Decision]) -> None:
+        import ray
+
+        self._read_subscriptions()
+        wait = RECONNECT_WAIT_S - (time.monotonic() - self.bound_at)
+        if not self.subscribed and wait > 0:
+            self._read_subscriptions(wait)
         now = time.time()
         for decision in decisions:
+            if not self.sent.first_time(decision.key):
+                continue
             decision = dataclasses.replace(decision, latency_ms=round((now - decision.dispatched_at) * 1000, 3))
             self.socket.send_multipart(wire.encode_decision(decision))
+            self.published += 1
             self.log.debug("decision", session=decision.session, window=decision.window_id,
                            label=decision.label, restored=decision.restored, dropped=decision.dropped)
-        self.published += len(decisions)
+        if self.aligner is None:
+            self.aligner = ray.get_actor("aligner")
+        self.aligner.ack.remote([d.key for d in decisions])
 
     def drain(self) -> dict:
         self.socket.close()  # LINGER lets queued decisions go out first
         return self.stats()
 
     def stats(self) -> dict:
-        return {"published": self.published}
+        return {"published": self.published, "duplicates_dropped": self.sent.duplicates}

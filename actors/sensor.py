@@ -1,328 +1,48 @@
-"""Sensor actor: owns one sensor's SUB socket, decodes and validates every message,
-runs the media tower on raw media (batched across sessions), and sends the aligner
-window-level sums, batched, never per frame."""
+"""Sensor actor: owns one sensor's SUB socket, reads it in its own thread, and hands the
+aligner SensorIngest's batches, never per frame. It keeps every batch it sent until the
+supervisor confirms the aligner's snapshot holds it, so a restarted aligner loses nothing."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
-import numpy as np
 import structlog
 
-from mmfuse import wire
-from mmfuse.clocks import ClockTracker
-from mmfuse.frames import SensorBatch, Span, StreamProgress, WindowDelta
+from mmfuse.config import DaemonConfig
+from mmfuse.frames import SensorBatch
+from mmfuse.incarnation import Incarnation
 from mmfuse.logs import Tally, configure
-from mmfuse.media import MediaEncoder, MediaError
+from mmfuse.pipeline import build_ingest
 from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick, receive_time
 
-DELAY_MEMORY = 64  # arrivals over which the delay jitter is taken
-PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
-SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
-
-
-@dataclass
-class StreamState:
-    session: str
-    source: str
-    modality: str
-    last_seq: int = -1
-    progress: float = -math.inf
-    arrived_at: float = 0.0
-    ended: bool = False
-    seq_gaps: int = 0
-    clock: ClockTracker = field(default_factory=ClockTracker)
-    delays: deque = field(default_factory=lambda: deque(maxlen=DELAY_MEMORY))
-    last_t: float = math.nan
-    intervals: deque = field(default_factory=lambda: deque(maxlen=PERIOD_MEMORY))
-
-    def sent_at(self, t: float) -> None:
-        """Learn the period from origin times: the sensor's clock carries no network jitter."""
-        if t > self.last_t:
-            self.intervals.append(t - self.last_t)
-        self.last_t = t
-
-    @property
-    def period(self) -> float:
-        """Median interval between recent messages; unknown (inf) until a few have been seen."""
-        return float(np.median(self.intervals)) if len(self.intervals) >= 4 else math.inf
-
-    def snapshot(self) -> StreamProgress:
-        return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
-                              self.clock.offset(self.clock.last_t), self.ended, self.seq_gaps, self.period,
-                              max(self.delays) - min(self.delays), self.clock.drift, self.clock.resets,
-                              self.clock.line)
-
-    def restart(self) -> None:
-        """The source restarted (its seq began again at 0): forget what its clock and periods taught."""
-        self.last_seq, self.last_t = -1, math.nan
-        self.intervals.clear()
-
-
-def windows_overlapping(start: float, end: float, length: float, hop: float) -> range:
-    """Ids k of windows [k*hop, k*hop+length) that overlap [start, end] (a point when start == end)."""
-    if end - start > SLIVER_S:
-        start, end = start + SLIVER_S, end - SLIVER_S
-    first = math.floor((start - length) / hop) + 1
-    last = math.floor(end / hop) if end > start else math.floor(start / hop)
-    if end > start and last * hop >= end:
-        last -= 1
-    return range(first, last + 1)
-
-
-def sensor_grid(window: dict) -> tuple[float, float]:
-    """(length, hop) of what sensor actors sum into: the windows, or the slots utterance windows are cut from."""
-    return (window["slot_s"],) * 2 if window["mode"] == "utterance" else (window["length_s"], window["hop_s"])
-
-
-def sensor_ingest(sensor: dict, window: dict, pipeline: dict, clock: dict, dim: int | None, tower,
-                  log) -> SensorIngest:
-    """The SensorIngest of a configured sensor (configuration sections as dicts)."""
-    media = None if tower is None else MediaEncoder(sensor["modality"], tower,
-                                                    window["length_s"] / sensor["frames_per_window"])
-    return SensorIngest(sensor["name"], sensor["modality"], *sensor_grid(window), dim, pipeline["max_payload_bytes"],
-                        log, media, clock["jump_s"], spans=window["mode"] == "utterance",
-                        idle_s=5 * pipeline["session_idle_s"],  # streams outlive their session's idle time
-                        max_span_s=max(60.0, 10 * window["length_s"]))  # a minute, or ten long windows
-
-
-class SensorIngest:
-    """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
-
-    def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
-                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
-                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0, max_span_s: float = 60.0):
-        self.sensor, self.modality, self.dim = sensor, modality, dim
-        self.idle_s, self.max_span = idle_s, max_span_s
-        self.clock_jump_s = clock_jump_s
-        self.keep_spans = spans and modality == "text"  # utterance windows: text segments are the windows
-        self.spans: list[Span] = []
-        self.media = media
-        self.length, self.hop = length_s, hop_s
-        self.max_payload = max_payload
-        self.log = log or structlog.get_logger().bind(sensor=sensor)
-        self.streams: dict[tuple[str, str], StreamState] = {}
-        self.touched: dict[tuple[str, str], None] = {}  # ordered: batches must not depend on hashing
-        self.deltas: dict[tuple[str, str, int], WindowDelta] = {}
-        self.arrivals: dict[tuple[str, str, int], int] = {}  # data messages per window since the last batch
-        self.rejected = Tally()
-        self.unsupported = Tally()
-        self.accepted = 0
-        self.due = False  # a window may close once the aligner hears what we hold: send soon
-
-    def _window_ends_before(self, t: float) -> float:
-        """How many window ends lie at or before event time t (a step function of t)."""
-        return math.floor((t - self.length) / self.hop) if math.isfinite(t) else -math.inf
-
-    def ingest(self, frames: list[bytes], arrived_at: float) -> None:
-        try:
-            message = wire.decode(frames, self.max_payload)
-        except wire.WireError as exc:
-            self.reject(exc.reason, exc.detail)
-            return
-        if message.modality != self.modality:
-            self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
-            return
-        key = (message.session, message.source)
-        stream = self.streams.get(key)
-        if stream is None:
-            stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
-                                                     clock=ClockTracker(self.clock_jump_s))
-            self.log.info("stream started", session=message.session, source=message.source)
-        restarted = message.seq == 0 and stream.last_seq > 0
-        if restarted:
-            self.log.info("stream restarted", session=message.session, source=message.source,
-                          after_seq=stream.last_seq)
-            stream.restart()
-        if message.seq <= stream.last_seq:
-            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
-                         f"({message.session}/{message.source})")
-            return
-        if message.kind == "data" and message.duration > self.max_span:
-            self.reject("too_long", f"{message.session}/{message.source} seq {message.seq} spans {message.duration:g} s; "
-                        f"at most {self.max_span:g} s (seconds, not milliseconds?)")
-            return
-        message = self._on_stream_time(stream, message, arrived_at, restarted)
-        if message.kind == "data" and message.encoding == "features":
-            vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
-            if self.dim is not None and vectors.shape[1] != self.dim:
-                self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
-                return
-            if not np.isfinite(vectors).all():
-                self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
-                return
-            self._count_arrival(message)
-            step = message.duration / len(vectors)
-            for i, vector in enumerate(vectors):
-                self._add_span(message.session, message.source, message.t + i * step, message.t + (i + 1) * step,
-                               vector)
-        elif message.kind == "data" and self.media is not None and self.media.accepts(message.encoding):
-            try:
-                self.media.add(message)
-            except MediaError as exc:
-                self.reject(exc.reason, exc.detail)
-                return
-            self._count_arrival(message)
-        elif message.kind == "data" and self.unsupported.add(message.encoding):
-            self.log.warning("frames this sensor cannot encode", encoding=message.encoding,
-                             count=self.unsupported.counts[message.encoding],
-                             hint="send 'features', or use a bundle trained on this modality's raw media"
-                             if self.media is None else f"a {self.modality} sensor takes "
-                             f"{', '.join(e for e in wire.ENCODINGS if self.media.accepts(e))} or features")
-
-        if self.keep_spans and message.kind == "data" and message.duration > 0:
-            self.spans.append(Span(message.session, message.source, message.t, message.t + message.duration))
-        if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
-            stream.seq_gaps += message.seq - stream.last_seq - 1
-        stream.last_seq = message.seq
-        delivered = message.t + message.duration
-        reached = delivered
-        if self.media is not None:
-            if message.kind == "end":
-                self.media.end(key)
-            elif message.kind == "heartbeat":
-                self.media.heartbeat(key, message.t)
-            reached = self.media.complete_until(key, delivered)
-        if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
-            self.due = True
-        stream.progress = max(stream.progress, reached)
-        stream.arrived_at = arrived_at
-        stream.sent_at(message.t)
-        stream.delays.append(arrived_at - delivered)  # not the held-back `reached`: that is no network delay
-        if message.kind == "end":
-            stream.ended = True
-            self.log.info("stream ended", session=message.session, source=message.source,
-                          **self._clock_fields(stream))
-        elif stream.ended:
-            stream.ended = False
-            self.log.info("stream resumed after end", session=message.session, source=message.source)
-        self.touched[key] = None
-        self.accepted += 1
-
-    def _on_stream_time(self, stream: StreamState, message: wire.SensorMessage, arrived_at: float,
-                        restarted: bool) -> wire.SensorMessage:
-        """Feed the stream's clock tracker; the message with its time on the stream's continuous timeline."""
-        jump = stream.clock.observe(message.t + message.duration, arrived_at, restarted)
-        if jump is not None:
-            self.log.warning("clock reset", session=message.session, source=message.source,
-                             jump_s=round(jump.jump_s, 3), **self._clock_fields(stream))
-        elif stream.clock.seen == stream.clock.settle and not stream.clock.resets:
-            self.log.info("clock learned", session=message.session, source=message.source,
-                          **self._clock_fields(stream))
-        if stream.clock.correction:
-            message = dataclasses.replace(message, t=message.t + stream.clock.correction)
-        return message
-
-    @staticmethod
-    def _clock_fields(stream: StreamState) -> dict:
-        return {key: round(value, 4) for key, value in stream.clock.estimate().items()}
-
-    def _count_arrival(self, message: wire.SensorMessage) -> None:
-        for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):
-            key = (message.session, message.source, k)
-            self.arrivals[key] = self.arrivals.get(key, 0) + 1
-
-    def _add_span(self, session: str, source: str, start: float, end: float, vector: np.ndarray) -> None:
-        """Add a vector covering [start, end] to every window it overlaps, weighted by the overlap."""
-        for k in windows_overlapping(start, end, self.length, self.hop):
-            if end > start:
-                w_start = k * self.hop
-                weight = (min(end, w_start + self.length) - max(start, w_start)) / (end - start)
-            else:
-                weight = 1.0
-            key = (session, source, k)
-            delta = self.deltas.get(key)
-            if delta is None:
-                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 0)
-            else:
-                delta.total += vector * weight
-                delta.weight += weight
-
-    def reject(self, reason: str, detail: str) -> None:
-        if self.rejected.add(reason):
-            self.log.warning("malformed message rejected", reason=reason, detail=detail,
-                             count=self.rejected.counts[reason])
-
-    def forget_idle(self, now: float) -> None:
-        """Forget streams silent for idle_s (as the aligner forgets sessions), so a daemon that runs for weeks
-        keeps no state for sessions long gone; a stream heard again starts afresh."""
-        for key in [k for k, s in self.streams.items() if now - s.arrived_at > self.idle_s and k not in self.touched]:
-            del self.streams[key]
-            if self.media is not None:
-                self.media.forget(key)
-            self.log.debug("stream forgotten", session=key[0], source=key[1])
-
-    def push_due(self, waited: float, batch_interval: float, flush_interval: float) -> bool:
-        """Whether to hand the aligner a batch, `waited` seconds after the last one: as soon as a
-        stream has passed a window end (at most one per batch interval), else after the flush interval."""
-        return (self.due and waited >= batch_interval) or waited >= flush_interval
-
-    def take_batch(self) -> SensorBatch | None:
-        if self.media is not None:
-            failed = self.media.failed
-            spans = self.media.encode()
-            if self.media.failed > failed:
-                self.log.warning("media the tower could not encode", count=self.media.failed - failed,
-                                 total=self.media.failed)
-            for span in spans:
-                self._add_span(span.session, span.source, span.start, span.end, span.vector.astype(np.float32))
-        for key, count in self.arrivals.items():
-            delta = self.deltas.get(key)
-            if delta is None and self.dim is not None:  # frames that arrived but were not (yet) encoded
-                delta = self.deltas[key] = WindowDelta(*key[:2], self.modality, key[2],
-                                                       np.zeros(self.dim, np.float32), 0.0, 0)
-            if delta is not None:
-                delta.frames = count
-        self.arrivals = {}
-        if not self.touched and not self.deltas:
-            return None
-        batch = SensorBatch(self.sensor, list(self.deltas.values()),
-                            [self.streams[key].snapshot() for key in self.touched], self.spans)
-        self.deltas, self.spans = {}, []
-        self.touched = {}
-        self.due = False
-        return batch
-
-    def stats(self) -> dict:
-        media = {} if self.media is None else {"encoded": self.media.encoded, "encode_failed": self.media.failed,
-                                               "frames_skipped": self.media.skipped_frames}
-        return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts), **media,
-                "unsupported": dict(self.unsupported.counts), "streams": len(self.streams),
-                "seq_gaps": sum(s.seq_gaps for s in self.streams.values()),
-                "clock_resets": sum(s.clock.resets for s in self.streams.values())}
+RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
 
 
 class SensorActor:
-    """Reads the socket in its own thread and pushes SensorBatches to the aligner.
-
-    A batch goes out as soon as a stream has passed a window end (at most one per
-    batch interval), otherwise after the flush interval, so Ray calls follow windows,
-    not frames. On a virtual clock (mmfuse.virtual_clock) the same rule runs on the
-    replay's ticks, and every message carries its recorded receive time.
-    """
+    """A batch goes out as soon as a stream has passed a window end (at most one per batch interval),
+    otherwise after the flush interval, so Ray calls follow windows, not frames. On a virtual clock
+    (mmfuse.virtual_clock) the same rule runs on the replay's ticks, and every message carries its
+    recorded receive time."""
 
     MAX_IN_FLIGHT = 4
 
-    def __init__(self, sensor: dict, window: dict, pipeline: dict, clock: dict, dim: int | None,
-                 bundle_path: str | None, aligner, log_format: dict, virtual_clock: bool = False):
-        from mmfuse.actors import limit_threads
-        from mmfuse.bundle import load_bundle
-
-        limit_threads()
+    def __init__(self, config: DaemonConfig, name: str, dim: int | None, log_format: dict,
+                 virtual_clock: bool = False):
         configure(**log_format)
-        self.sensor = sensor
-        self.min_interval = pipeline["batch_interval_ms"] / 1000.0
-        self.flush_interval = pipeline["flush_interval_ms"] / 1000.0
-        self.aligner = aligner
-        self.log = structlog.get_logger().bind(actor="sensor", sensor=sensor["name"])
-        tower = load_bundle(bundle_path).towers([sensor["modality"]]).get(sensor["modality"]) if bundle_path else None
+        self.sensor = next(s for s in config.sensors if s.name == name)
+        self.min_interval = config.pipeline.batch_interval_ms / 1000.0
+        self.flush_interval = config.pipeline.flush_interval_ms / 1000.0
+        self.log = structlog.get_logger().bind(actor="sensor", sensor=name)
+        self.incarnation = Incarnation.here()
+        tower = None
+        if self.sensor.modality in _media_towers(config.bundle):
+            from mmfuse.bundle import load_bundle
+            from mmfuse.inference import limit_threads
 
-        self.new_ingest = lambda: sensor_ingest(sensor, window, pipeline, clock, dim, tower, self.log)
+            limit_threads()
+            tower = load_bundle(config.bundle).towers([self.sensor.modality])[self.sensor.modality]
+        self.new_ingest = lambda: build_ingest(config, self.sensor, dim, tower, self.log)
         self.ingest = self.new_ingest()
         self.virtual_clock = virtual_clock
         self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval) if virtual_clock else None
@@ -331,11 +51,18 @@ class SensorActor:
         self.started = threading.Event()
         self.start_error: str | None = None
         self.pushes = 0
-        self.thread = threading.Thread(target=self._run, name=f"sensor-{sensor['name']}", daemon=True)
+        self.numbered = 0
+        self.retained: list[SensorBatch] = []
+        self.push_failures = Tally()
+        self.thread = threading.Thread(target=self._run, name=f"sensor-{name}", daemon=True)
+
+    def ping(self) -> Incarnation:
+        return self.incarnation
 
     def start(self) -> str | None:
         """Open the socket and start reading; None once it is up, else why it could not be opened."""
-        self.thread.start()
+        if not self.thread.is_alive() and not self.started.is_set():
+            self.thread.start()
         self.started.wait(30)
         return self.start_error if self.started.is_set() else "socket set-up timed out"
 
@@ -343,25 +70,26 @@ class SensorActor:
         import ray
         import zmq
 
+        aligner = ray.get_actor("aligner")
         context = zmq.Context.instance()
         socket = context.socket(zmq.SUB)
         socket.setsockopt(zmq.RCVHWM, 0 if self.virtual_clock else 100_000)  # a replay may lose nothing
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SUBSCRIBE, f"{self.sensor['modality']}/".encode())
+        socket.setsockopt(zmq.SUBSCRIBE, f"{self.sensor.modality}/".encode())
         if self.virtual_clock:
             socket.setsockopt(zmq.SUBSCRIBE, TICK_TOPIC)
         try:
-            if self.sensor["bind"]:
-                socket.bind(self.sensor["endpoint"])
+            if self.sensor.bind:
+                socket.bind(self.sensor.endpoint)
             else:
-                socket.connect(self.sensor["endpoint"])
+                socket.connect(self.sensor.endpoint)
         except zmq.ZMQError as exc:
-            self.start_error = f"sensor {self.sensor['name']}: cannot {'bind' if self.sensor['bind'] else 'connect'} " \
-                               f"{self.sensor['endpoint']}: {exc}"
+            self.start_error = f"sensor {self.sensor.name}: cannot {'bind' if self.sensor.bind else 'connect'} " \
+                               f"{self.sensor.endpoint}: {exc}"
             self.started.set()
             return
-        self.log.info("sensor listening", endpoint=self.sensor["endpoint"], bind=self.sensor["bind"],
-                      virtual_clock=self.virtual_clock)
+        self.log.info("sensor listening", endpoint=self.sensor.endpoint, bind=self.sensor.bind,
+                      virtual_clock=self.virtual_clock, incarnation=self.incarnation.token)
         self.started.set()
         in_flight: list = []
         last_push = time.monotonic()
@@ -372,39 +100,39 @@ class SensorActor:
                         frames = socket.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    in_flight = self._receive_safely(frames, in_flight)
+                    in_flight = self._receive_safely(aligner, frames, in_flight)
             if not self.virtual_clock and self.ingest.push_due(time.monotonic() - last_push, self.min_interval,
                                                                self.flush_interval):
-                in_flight = self._push(in_flight)
+                in_flight = self._push(aligner, in_flight)
                 last_push = time.monotonic()
         while True:  # drain what is already queued, then hand over the last batch
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            in_flight = self._receive_safely(frames, in_flight)
+            in_flight = self._receive_safely(aligner, frames, in_flight)
         if not self.virtual_clock:
-            in_flight = self._push(in_flight)
-        ray.get(in_flight)
+            in_flight = self._push(aligner, in_flight)
+        self._settle(in_flight, timeout=10)
         socket.close()
 
-    def _receive_safely(self, frames: list[bytes], in_flight: list) -> list:
+    def _receive_safely(self, aligner, frames: list[bytes], in_flight: list) -> list:
         """One message; a fault in handling it is counted and logged, and the sensor reads on."""
         try:
-            return self._receive(frames, in_flight)
+            return self._receive(aligner, frames, in_flight)
         except Exception as exc:  # the reader thread must outlive any one message
             self.log.exception("message handling failed", error=repr(exc))
             with self.lock:
                 self.ingest.rejected.add("internal_error")
             return in_flight
 
-    def _receive(self, frames: list[bytes], in_flight: list) -> list:
+    def _receive(self, aligner, frames: list[bytes], in_flight: list) -> list:
         if not self.virtual_clock:
             with self.lock:
                 self.ingest.ingest(frames, time.time())
             return in_flight
         if frames[0] == TICK_TOPIC:
-            return self._tick(frames, in_flight)
+            return self._tick(aligner, frames, in_flight)
         at = receive_time(frames[-1]) if len(frames) == 3 else None
         with self.lock:
             if at is None:
@@ -414,7 +142,7 @@ class SensorActor:
                 self.ingest.ingest(frames[:2], at)
         return in_flight
 
-    def _tick(self, frames: list[bytes], in_flight: list) -> list:
+    def _tick(self, aligner, frames: list[bytes], in_flight: list) -> list:
         tick = parse_tick(frames)
         with self.lock:
             if tick is None:
@@ -426,25 +154,61 @@ class SensorActor:
                 self.ingest = self.new_ingest()
                 self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval, replay + 1)
         if report:
-            in_flight = self._send(in_flight, self.aligner.report.remote(self.sensor["name"], tick, batch, replay))
+            in_flight = self._send(in_flight, aligner.report.remote(self.sensor.name, tick, batch, replay))
         return in_flight
 
-    def _push(self, in_flight: list) -> list:
+    def _push(self, aligner, in_flight: list) -> list:
         with self.lock:
             batch = self.ingest.take_batch()
             self.ingest.forget_idle(time.time())
+            if batch is not None:
+                self._number(batch)
         if batch is None:
             return in_flight
-        return self._send(in_flight, self.aligner.push.remote(batch))
+        return self._send(in_flight, aligner.push.remote(batch))
+
+    def _number(self, batch: SensorBatch) -> None:
+        """Number a live batch and keep it (on a virtual clock a replay interrupted by a restart is replayed again
+        instead: its reports are not retained)."""
+        batch.incarnation, batch.number = self.incarnation.token, self.numbered
+        self.numbered += 1
+        self.retained.append(batch)
+        if len(self.retained) > RETAINED_MAX:
+            del self.retained[0]
 
     def _send(self, in_flight: list, call) -> list:
-        import ray
-
         in_flight.append(call)
         self.pushes += 1
         if len(in_flight) > self.MAX_IN_FLIGHT:  # aligner is behind: wait rather than queue without bound
-            _, in_flight = ray.wait(in_flight, num_returns=len(in_flight) - self.MAX_IN_FLIGHT)
+            in_flight = self._settle(in_flight, timeout=1.0, keep=self.MAX_IN_FLIGHT)
         return in_flight
+
+    def _settle(self, in_flight: list, timeout: float, keep: int = 0) -> list:
+        """Wait (at most `timeout`) until no more than `keep` calls are outstanding. A call the aligner could not
+        take (it died) is counted: the batch stays retained for the aligner's next life."""
+        import ray
+
+        done, in_flight = ray.wait(in_flight, num_returns=max(0, len(in_flight) - keep), timeout=timeout)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                if self.push_failures.add(type(exc).__name__):
+                    self.log.warning("aligner did not take a batch; it stays retained", error=type(exc).__name__,
+                                     count=self.push_failures.counts[type(exc).__name__])
+        return in_flight
+
+    def retained_batches(self) -> list[SensorBatch]:
+        """Every batch sent since the last confirmed aligner snapshot, for a restarted aligner."""
+        with self.lock:
+            return list(self.retained)
+
+    def confirm(self, incarnation: str, number: int) -> None:
+        """The supervisor holds an aligner snapshot with this sensor's batches up to `number` applied."""
+        if incarnation != self.incarnation.token:
+            return
+        with self.lock:
+            self.retained = [b for b in self.retained if b.number > number]
 
     def stop(self) -> dict:
         self.stopping.set()
@@ -454,4 +218,17 @@ class SensorActor:
 
     def stats(self) -> dict:
         with self.lock:
-            return {**self.ingest.stats(), "pushes": self.pushes}
+            return {**self.ingest.stats(), "pushes": self.pushes, "retained": len(self.retained),
+                    **({"push_failures": dict(self.push_failures.counts)} if self.push_failures.counts else {})}
+
+
+def _media_towers(bundle: str) -> dict:
+    """The bundle's raw-media towers, from its manifest alone: a sensor of features needs no torch."""
+    import json
+    from pathlib import Path
+
+    try:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest.get("media", {}).get("towers", {})

@@ -29,7 +29,8 @@ from mmfuse.bundle import load_bundle
 from mmfuse.diffusion import DiffusionDenoiser
 from mmfuse.inference import embed
 from mmfuse.restorers import DiffusionRestorer
-from mmfuse.training.data import data_dir, load_features, split_by_video
+from mmfuse.datasets import data_dir, load_features
+from mmfuse.training.data import split_by_video
 from mmfuse.training.diffusion import train_diffusion
 from mmfuse.training.metrics import score
 from mmfuse.training.train import main as train_main

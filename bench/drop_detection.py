@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from mmfuse import wire
-from mmfuse.actors.aligner import Aligner
-from mmfuse.actors.sensor import SensorIngest
+from mmfuse.aligner import Aligner
+from mmfuse.ingest import SensorIngest
 from mmfuse.logs import configure
 
 ROOT = Path(__file__).resolve().parents[1]

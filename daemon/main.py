@@ -13,7 +13,7 @@ import psutil
 import structlog
 
 from mmfuse.bundle import BundleError, load_bundle
-from mmfuse.daemon.config import ConfigError, DaemonConfig, load_config
+from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.logs import configure
 from mmfuse.media import MEDIA_ENCODINGS
 
@@ -53,75 +53,6 @@ def check(config: DaemonConfig, log) -> int:
           f"{', '.join(bundle.labels)}; features {dims}{towers}), restorer {config.restorer.method}",
           file=sys.stderr)
     return 0
-
-
-class Pipeline:
-    """The actors of one daemon, created in dependency order and drained in the same order."""
-
-    def __init__(self, config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool = False):
-        import ray
-
-        from mmfuse.actors.aligner import AlignerActor
-        from mmfuse.actors.fusion import FusionActor
-        from mmfuse.actors.publisher import PublisherActor
-        from mmfuse.actors.restorer import RestorerActor
-        from mmfuse.actors.sensor import SensorActor
-
-        # One method call at a time per actor: calls from one caller then run in order, and the
-        # publisher's ZeroMQ socket is never used from two threads.
-        io = {"num_cpus": 0, "max_concurrency": 1}
-        bundle_path = str(config.bundle.resolve())
-        self.publisher = ray.remote(PublisherActor).options(name="publisher", **io).remote(
-            config.output.endpoint, log_format)
-        self.fusion = ray.remote(FusionActor).options(name="fusion", num_cpus=0).remote(
-            bundle_path, config.restorer.method, self.publisher, log_format)
-        restorer = {**config.restorer.model_dump(), "overrides": config.restorer.overrides()}
-        self.restorer = ray.remote(RestorerActor).options(
-            name="restorer", num_cpus=0, num_gpus=config.restorer.num_gpus).remote(
-            bundle_path, restorer, self.fusion, log_format)
-        self.aligner = ray.remote(AlignerActor).options(name="aligner", **io).remote(
-            sorted(bundle.modalities), {s.name: s.modality for s in config.sensors}, config.window.model_dump(),
-            config.drop.model_dump(), config.pipeline.model_dump(), config.clock.model_dump(), self.restorer,
-            self.fusion, log_format, virtual_clock)
-        self.sensors = [
-            ray.remote(SensorActor).options(name=f"sensor-{s.name}", **io).remote(
-                s.model_dump(), config.window.model_dump(), config.pipeline.model_dump(), config.clock.model_dump(),
-                bundle.modalities[s.modality]["dim"], bundle_path, self.aligner, log_format, virtual_clock)
-            for s in config.sensors
-        ]
-
-    def start(self) -> list[str]:
-        """Wait until every actor is up, then open the sensor sockets; returns the problems found."""
-        import ray
-
-        problems = ray.get([self.publisher.ready.remote(), self.fusion.ready.remote(), self.restorer.ready.remote(),
-                            self.aligner.ready.remote()])
-        problems = [p for p in problems if p]
-        if not problems:
-            problems = [p for p in ray.get([s.start.remote() for s in self.sensors]) if p]
-        return problems
-
-    def stats(self) -> dict:
-        import ray
-
-        return {
-            "sensors": ray.get([s.stats.remote() for s in self.sensors]),
-            "aligner": ray.get(self.aligner.stats.remote()),
-            "restorer": ray.get(self.restorer.stats.remote()),
-            "fusion": ray.get(self.fusion.stats.remote()),
-            "publisher": ray.get(self.publisher.stats.remote()),
-        }
-
-    def drain(self) -> dict:
-        """Stop reading sensors, close every open window, and wait until all decisions are out."""
-        import ray
-
-        sensors = ray.get([s.stop.remote() for s in self.sensors])
-        return {"sensors": sensors,
-                "aligner": ray.get(self.aligner.drain.remote()),
-                "restorer": ray.get(self.restorer.drain.remote()),
-                "fusion": ray.get(self.fusion.drain.remote()),
-                "publisher": ray.get(self.publisher.drain.remote())}
 
 
 def tree_rss_mb(pid: int | None = None) -> float:
@@ -165,29 +96,41 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: every actor's lines, unfolded
+    # Ray waits this long for the news of an actor's death before failing calls to it, and calls to its
+    # restarted incarnation queue behind them: 1 s by default, most of an actor's restart (measured)
+    os.environ.setdefault("RAY_timeout_ms_task_wait_for_death_info", "100")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from mmfuse.daemon.supervisor import PING_S, Supervisor
+
     started = time.monotonic()
+    runtime_env = {"env_vars": {"RAY_timeout_ms_task_wait_for_death_info":
+                                os.environ["RAY_timeout_ms_task_wait_for_death_info"]}} if config.ray.address else None
     ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
-             configure_logging=False, log_to_driver=True)
+             configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
+             runtime_env=runtime_env)
     for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init installs handlers of its own
         signal.signal(signum, lambda *_: stop.set())
     try:
-        pipeline = Pipeline(config, bundle, log_format, args.virtual_clock)
-        problems = pipeline.start()
+        supervisor = Supervisor(config, bundle, log_format, args.virtual_clock, log)
+        problems = supervisor.start()
         if problems:
             for problem in problems:
                 log.error("start-up failed", problem=problem)
             return EXIT_STARTUP
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
                  output=config.output.endpoint, restorer=config.restorer.method, virtual_clock=args.virtual_clock,
-                 startup_s=round(time.monotonic() - started, 2))
-        while not stop.wait(config.log.stats_interval_s):
-            log.info("stats", **pipeline.stats(), rss_mb=tree_rss_mb())
+                 startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
+        next_stats = time.monotonic() + config.log.stats_interval_s
+        while not stop.wait(PING_S):
+            supervisor.watch()
+            if time.monotonic() >= next_stats:
+                log.info("stats", **supervisor.stats(), rss_mb=tree_rss_mb())
+                next_stats = time.monotonic() + config.log.stats_interval_s
         log.info("draining")
-        final = pipeline.drain()
+        final = supervisor.drain()
         log.info("stopped", **final, rss_mb=tree_rss_mb())
         return 0
     finally:

@@ -17,7 +17,7 @@ import time
 import zmq
 
 from mmfuse import wire
-from mmfuse.daemon.config import ConfigError, load_config
+from mmfuse.config import ConfigError, load_config
 from mmfuse.logs import Tally
 from mmfuse.recording import RecordingWriter
 

@@ -35,8 +35,8 @@ import zmq
 
 from mmfuse import wire
 from mmfuse.bundle import BundleError, load_bundle
-from mmfuse.daemon.config import ConfigError, DaemonConfig, load_config
-from mmfuse.training.data import DataError, load_features
+from mmfuse.config import ConfigError, DaemonConfig, load_config
+from mmfuse.datasets import DataError, load_features
 from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, receive_time_frame, replay_ticks, tick_frames
 
 
@@ -148,7 +148,7 @@ class MediaRows:
     HEARTBEAT_S = 0.25
 
     def __init__(self, path: str, fps: float):
-        from mmfuse.training.media import manifest_modalities, read_manifest
+        from mmfuse.datasets import manifest_modalities, read_manifest
 
         self.rows = read_manifest(path)
         self.modalities = set(manifest_modalities(self.rows))
@@ -194,7 +194,7 @@ class MediaRows:
             yield from beats
             yield t + hop, wire.text_message(session, sensor.name, seq + len(beats), t, record.text, hop)
         else:
-            from mmfuse.training.media import read_wav
+            from mmfuse.datasets import read_wav
 
             rate = 16000
             samples = np.resize(read_wav(record.audio, rate), int(hop * rate))  # looped or cut to the utterance
@@ -373,7 +373,7 @@ def list_recording(path: str) -> int:
 
 def load_schedule(args: argparse.Namespace) -> tuple[DaemonConfig, list, dict]:
     """Configuration, schedule and truth labels for whatever the arguments name."""
-    from mmfuse.daemon.config import parse_config
+    from mmfuse.config import parse_config
     from mmfuse.recording import read_recording
 
     if args.recording and args.recording.endswith(".mcap"):

@@ -14,6 +14,10 @@ import numpy as np
 from mmfuse.clocks import ClockLine
 
 
+WindowKey = tuple[str, int, int, int]
+"""A closed window's identity across restarts: session, epoch, seq (close order), revision."""
+
+
 @dataclass(slots=True)
 class WindowDelta:
     """Weighted sum of one stream's embeddings that fell into one window since the last batch."""
@@ -62,6 +66,8 @@ class SensorBatch:
     deltas: list[WindowDelta]
     progress: list[StreamProgress]
     spans: list[Span] = field(default_factory=list)
+    incarnation: str = ""   # which life of the sensor actor made it (a restarted one counts from 0 again)
+    number: int = 0         # 0, 1, 2, ... per incarnation: the aligner applies each batch once
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +99,15 @@ class ClosedWindow:
     embeddings: np.ndarray | None = None  # [M, E] in the bundle's modality order, once encoded and restored
     restored: list[str] = field(default_factory=list)
     restorer: str = "none"
-    extra: dict = field(default_factory=dict)
+    spread: float | None = None         # diffusion with K samples: their mean standard deviation
+    abstain: bool = False               # the spread is above restorer.abstain_spread
+    restoration_failed: bool = False    # restoring raised: the missing modalities were left at zero
+    redelivered: bool = False           # handed on again after a restart downstream (mmfuse.delivery)
 
     @property
     def complete(self) -> bool:
         return not self.missing
+
+    @property
+    def key(self) -> WindowKey:
+        return self.session, self.epoch, self.seq, self.revision

@@ -3,8 +3,17 @@ encode -> restore -> add session context -> fusion head."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+
+
+def limit_threads() -> None:
+    """Two cores are all a small machine has: one intra-op thread per process that runs a model, unless
+    OMP_NUM_THREADS says otherwise."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @torch.no_grad()

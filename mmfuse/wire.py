@@ -7,7 +7,7 @@ Arrays travel as raw bytes + numpy dtype string + shape, never pickled.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
@@ -79,8 +79,11 @@ class Decision:
     bundle: str
     closed_at: float = 0.0  # the aligner's clock when it closed the window; not on the wire
     dispatched_at: float = 0.0  # wall time the aligner actor handed the window on; not on the wire
-    extra: dict = field(default_factory=dict)
+    spread: float | None = None  # restoration_spread on the wire, when sampled K > 1 times
+    abstain: bool = False
+    restoration_failed: bool = False
     revision: int = 0       # > 0: a corrected decision for a window decided before
+    key: tuple = ()         # the window's identity (mmfuse.frames.WindowKey); not on the wire
 
     @property
     def topic(self) -> str:
@@ -250,8 +253,13 @@ def encode_decision(decision: Decision) -> list[bytes]:
                           "revision": decision.revision},
                "task": decision.task, "label": decision.label, "scores": decision.scores,
                "present": decision.present, "restored": decision.restored, "dropped": decision.dropped,
-               "restorer": decision.restorer, "latency_ms": decision.latency_ms, "bundle": decision.bundle,
-               **decision.extra}
+               "restorer": decision.restorer, "latency_ms": decision.latency_ms, "bundle": decision.bundle}
+    if decision.spread is not None:
+        payload["restoration_spread"] = decision.spread
+    if decision.abstain:
+        payload["abstain"] = True
+    if decision.restoration_failed:
+        payload["restoration_failed"] = True
     return [decision.topic.encode(), msgpack.packb(payload, use_bin_type=True)]
 
 

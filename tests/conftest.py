@@ -55,7 +55,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def shared_data():
-    from mmfuse.training.data import data_dir
+    from mmfuse.datasets import data_dir
 
     path = data_dir()
     if not path.is_dir():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import FAST_TRAINING
-from mmfuse.actors.fusion import FusionHead
-from mmfuse.actors.restorer import WindowRestorer
+from mmfuse.fusion import FusionHead
+from mmfuse.restoration import WindowRestorer
 from mmfuse.bundle import load_bundle
 from mmfuse.frames import ClosedWindow
 from mmfuse.training.train import main as train_main
@@ -111,6 +111,6 @@ def test_a_revision_overtaken_by_a_later_one_is_not_published(bundle_dir):
 def test_windows_whose_restoration_failed_are_still_decided_zero_filled(bundle_dir):
     bundle = load_bundle(bundle_dir)
     windows = WindowRestorer(bundle, "mean").zero_filled([window(0, ["audio", "text"]), window(1, ["visual"])])
-    assert all(w.restorer == "zero" and w.extra["restoration_failed"] for w in windows)
+    assert all(w.restorer == "zero" and w.restoration_failed for w in windows)
     decisions = FusionHead(bundle, "mean").decide(windows)
     assert [d.window_id for d in decisions] == [0, 1] and decisions[1].restored == ["audio", "text"]

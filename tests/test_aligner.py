@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mmfuse.actors.aligner import Aligner
+from mmfuse.aligner import Aligner
 from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
 
 MODALITIES = ["audio", "text", "visual"]

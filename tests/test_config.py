@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmfuse.daemon.config import ConfigError, load_config, parse_config
+from mmfuse.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"bundle": "models/x", "sensors": [{"name": "cam0", "modality": "visual", "endpoint": "tcp://127.0.0.1:1"}]}

@@ -35,8 +35,8 @@ class Daemon:
             if "daemon ready" in line:
                 self.ready.set()
 
-    def log(self) -> str:
-        return "".join(self.lines[-80:])
+    def log(self, lines: int = 80) -> str:
+        return "".join(self.lines[-lines:])
 
 
 def decode(frames):

@@ -17,7 +17,7 @@ from mmfuse.media import MediaEncoder
 from mmfuse.towers import AudioTower, ImageTower, TextTower, TowerError, build_clip, clip_config, \
     preprocess_config, resolve_pretrained
 from mmfuse.training.evaluate import main as eval_main
-from mmfuse.training.media import read_manifest
+from mmfuse.datasets import read_manifest
 from mmfuse.training.train import main as train_main
 
 from conftest import MEDIA_TRAINING
@@ -134,7 +134,7 @@ def test_audio_is_cut_on_the_segment_grid_and_counts_only_once_complete():
 
 
 def test_an_undecodable_jpeg_is_counted_and_nothing_else_is_lost(media_bundle):
-    from mmfuse.actors.sensor import SensorIngest
+    from mmfuse.ingest import SensorIngest
 
     tower = load_bundle(media_bundle).towers()["visual"]
     ingest = SensorIngest("cam0", "visual", 1.0, 1.0, tower.dim, media=MediaEncoder("visual", tower, 1.0))
@@ -198,7 +198,7 @@ def test_raw_media_windows_through_the_daemon(media_bundle, media_manifest, tmp_
     bundle = load_bundle(media_bundle)
     towers = bundle.towers()
     rows = read_manifest(media_manifest)[:3]
-    from mmfuse.training.media import read_image, read_wav
+    from mmfuse.datasets import read_image, read_wav
 
     window = 1.0
     lab = Lab(tmp_path, media_bundle, {"method": "mean"}, window=window)

@@ -14,7 +14,7 @@ import zmq
 
 from conftest import free_port
 from mmfuse import wire
-from mmfuse.daemon.config import parse_config
+from mmfuse.config import parse_config
 from mmfuse.daemon.replay import main as replay_main, xdf_schedule
 from mmfuse.recording import RecordingError, read_recording, summarize_mcap
 from mmfuse.training.data import make_synthetic

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import free_port
-from mmfuse.daemon.config import parse_config
+from mmfuse.config import parse_config
 from mmfuse.daemon.replay import FeatureRows, MediaRows, build_schedule, parse_drop, parse_kill
 
 SENSORS = [{"name": "cam0", "modality": "visual"}, {"name": "mic0", "modality": "audio"},

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mmfuse import wire
-from mmfuse.actors.sensor import SensorIngest, windows_overlapping
+from mmfuse.ingest import SensorIngest, windows_overlapping
 
 
 @pytest.mark.parametrize("start, end, length, hop, expected", [

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mmfuse.bundle import BundleError, load_bundle
-from mmfuse.training.data import DataError, load_features, split_by_video
+from mmfuse.datasets import DataError, load_features
+from mmfuse.training.data import split_by_video
 from mmfuse.training.train import main as train_main
 
 

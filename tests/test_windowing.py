@@ -1,7 +1,8 @@
 """Golden windowing: sensor messages with real-world timing faults in, closed windows out.
 
-Messages go through the daemon's own SensorIngest and Aligner on the virtual clock
-(mmfuse.virtual_clock), so every run closes exactly the same windows. Each feature
+Messages go through the daemon's own pipeline, up to the aligner, in one process on the
+virtual clock (mmfuse.pipeline.InProcessPipeline), so every run closes exactly the same
+windows. Each feature
 vector holds the session time it was sent at, so a window's mean tells where its data
 came from: window k of 1 s holds values in [k, k+1) when every clock was mapped right.
 """
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 
 from mmfuse import wire
-from mmfuse.actors.aligner import Aligner, UtteranceAligner
-from mmfuse.actors.sensor import SensorIngest
-from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, quiet_time, replay_ticks
+from mmfuse.aligner import Aligner
+from mmfuse.config import parse_config
+from mmfuse.pipeline import InProcessPipeline
+from mmfuse.virtual_clock import AlignerTicks, Tick
 
 SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
 RATE = {"cam0": 10, "mic0": 10, "asr0": 2}  # messages per second
@@ -23,25 +25,16 @@ START = 1_700_000_000.0  # daemon wall clock at session time 0
 def run(events, lateness=0.0, bound=0.0, slot=None):
     """events: (arrival, sensor, message) → (closed windows, the ingests, the aligner). With `slot`: utterance
     windows cut at that resolution, WINDOW long while no text stream is live."""
-    events = sorted(events, key=lambda e: e[0])
-    grid = (slot, slot) if slot else (WINDOW, WINDOW)
-    ingests = {name: SensorIngest(name, modality, *grid, 2, spans=bool(slot)) for name, modality in SENSORS.items()}
-    ticks = {name: SensorTicks(ingest, BATCH, FLUSH) for name, ingest in ingests.items()}
-    rules = dict(period_factor=5, flush_s=FLUSH, bound_s=bound)
-    aligner = UtteranceAligner(sorted(SENSORS.values()), SENSORS, slot, WINDOW, TIMEOUT, **rules) if slot else \
-        Aligner(sorted(SENSORS.values()), SENSORS, WINDOW, WINDOW, TIMEOUT, lateness_s=lateness, **rules)
-    clock = AlignerTicks(aligner, list(SENSORS))
-    closed = []
-    for item in replay_ticks([e[0] for e in events], quiet_time(TIMEOUT, FLUSH)):
-        if isinstance(item, Tick):
-            for name in sorted(ticks):
-                report, batch = ticks[name].tick(item)
-                if report:
-                    closed += clock.report(name, item, batch)[0]
-        else:
-            arrival, name, message = events[item]
-            ingests[name].ingest(wire.encode(message), arrival)
-    return closed, ingests, aligner
+    window = {"mode": "utterance", "slot_s": slot} if slot else {"allowed_lateness_s": lateness}
+    config = parse_config({
+        "bundle": "unused", "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{5551 + i}"}
+                                        for i, (n, m) in enumerate(SENSORS.items())],
+        "window": {"length_s": WINDOW, "hop_s": WINDOW, "watermark_bound_s": bound, **window},
+        "drop": {"timeout_s": TIMEOUT, "period_factor": 5},
+        "pipeline": {"batch_interval_ms": BATCH * 1000, "flush_interval_ms": FLUSH * 1000}})
+    pipeline = InProcessPipeline(config, dims=dict.fromkeys(SENSORS.values(), 2))
+    result = pipeline.run([(at, name, wire.encode(message)) for at, name, message in sorted(events, key=lambda e: e[0])])
+    return result.closed, pipeline.ingests, pipeline.aligner
 
 
 def stream(name, until, clock=lambda s: s, delay=lambda s: 0.005, start=0.0, seq0=0, session="s"):

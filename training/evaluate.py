@@ -28,7 +28,7 @@ import torch
 from mmfuse import MODALITIES
 from mmfuse.bundle import Bundle, BundleError, load_bundle
 from mmfuse.inference import embed, predict
-from mmfuse.training.data import DataError, FeatureSet, load_features
+from mmfuse.datasets import DataError, FeatureSet, load_features
 from mmfuse.training.metrics import score
 
 RATES = tuple(round(0.1 * i, 1) for i in range(8))
@@ -250,7 +250,7 @@ def print_summary(result: dict) -> None:
 
 
 def main_log(args: argparse.Namespace) -> int:
-    from mmfuse.daemon.config import ConfigError
+    from mmfuse.config import ConfigError
     from mmfuse.logs import configure
     from mmfuse.recording import RecordingError
     from mmfuse.training.log_eval import evaluate_log, print_log_summary

@@ -2,7 +2,7 @@
 against labelled spans, under the drops that really happened.
 
 The recording runs through the daemon's pipeline on a virtual clock (its receive
-times; mmfuse.daemon.virtual), so two runs give identical decisions. labels.csv has
+times; mmfuse.pipeline.InProcessPipeline), so two runs give identical decisions. labels.csv has
 rows `session,start,end,label` in the sensors' time; a decision takes the label of
 the span that contains its window's midpoint (unlabelled windows are not scored).
 Reports accuracy overall and by drop pattern (the modalities present), how many
@@ -20,10 +20,10 @@ import numpy as np
 
 from mmfuse import wire
 from mmfuse.bundle import load_bundle
-from mmfuse.daemon.config import load_config, parse_config
-from mmfuse.daemon.virtual import VirtualPipeline, receive_offset
+from mmfuse.config import load_config, parse_config
+from mmfuse.pipeline import InProcessPipeline, receive_offset
 from mmfuse.recording import read_recording
-from mmfuse.training.data import DataError
+from mmfuse.datasets import DataError
 
 
 def read_labels(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
@@ -49,8 +49,8 @@ def label_of(spans: list[tuple[float, float, str]], start: float, end: float) ->
 
 
 def decision_record(decision: wire.Decision) -> dict:
-    """A decision as the wire carries it, plus what the pipeline adds (spread, abstain)."""
-    return {**wire.decode_decision(wire.encode_decision(decision)), **decision.extra}
+    """A decision as the wire carries it."""
+    return wire.decode_decision(wire.encode_decision(decision))
 
 
 def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_path: str | None,
@@ -64,7 +64,7 @@ def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_p
         raise DataError(f"{log} carries no configuration: pass --config")
     bundle = load_bundle(bundle_path or config.bundle)
     bundle.check_fits(config.modalities, config.restorer.method)
-    run = VirtualPipeline(config, bundle).run(messages)
+    run = InProcessPipeline(config, bundle).run([(m.received, m.sensor, [m.topic, m.payload]) for m in messages])
     offset = receive_offset(messages)
     decisions = sorted(run.decisions, key=lambda d: (d.session, d.window_id))
     records = []

@@ -1,9 +1,5 @@
-"""Raw-media data sets (JSONL manifests) and stage 1 for raw modalities: the media towers.
-
-A manifest has one JSON object per line: `id` (or `utterance_id`), `label`, and any of
-`image` (a path relative to the manifest's folder), `text`, `audio` (a 16-bit PCM WAV
-path); optionally `dialogue_id` or `session` with `turn`, which make rows a session in
-order (the MVSA and IEMOCAP files in ../shared/data follow this format).
+"""Stage 1 for raw modalities: the media towers, trained on a raw-media manifest (its format:
+mmfuse.datasets).
 
 Training a bundle on a manifest first trains the towers (open_clip image and text
 towers, the audio tower), each alone through its own classification head, optionally
@@ -18,7 +14,6 @@ import hashlib
 import json
 import sys
 import wave
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,82 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mmfuse import MODALITIES
 from mmfuse.bundle import Bundle, sha256_file
-from mmfuse.media import MediaError, rgb_image, split_segments
+from mmfuse.datasets import (MEDIA_KEYS, DataError, FeatureSet, MediaRow, manifest_modalities, read_image, read_manifest,
+                             read_wav)
+from mmfuse.media import split_segments
 from mmfuse.towers import TowerError, build_towers, clip_config, preprocess_config, resolve_pretrained
-from mmfuse.training.data import DataError, FeatureSet
 from mmfuse.training.loop import fit
-
-MEDIA_KEYS = {"visual": "image", "text": "text", "audio": "audio"}
-
-
-@dataclass
-class MediaRow:
-    uid: str             # <session>_<turn>, as in the npz schema
-    label: str
-    image: Path | None
-    text: str | None
-    audio: Path | None
-
-
-def read_manifest(path: str | Path) -> list[MediaRow]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not a JSON object ({exc})") from None
-        ident = record.get("id", record.get("utterance_id"))
-        if ident is None or "label" not in record:
-            raise DataError(f"{path}:{number}: every row needs `id` (or `utterance_id`) and `label`")
-        session = record.get("dialogue_id", record.get("session"))
-        uid = f"{session}_{record.get('turn', number)}" if session is not None else f"{ident}_0"
-        image = path.parent / record["image"] if record.get("image") else None
-        audio = path.parent / record["audio"] if record.get("audio") else None
-        text = record.get("text")
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"{path}:{number}: `text` must be a string")
-        rows.append(MediaRow(uid, str(record["label"]), image, text, audio))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
-
-def manifest_modalities(rows: list[MediaRow]) -> list[str]:
-    """Modalities every row of the manifest has."""
-    present = {"visual": all(r.image for r in rows), "text": all(r.text is not None for r in rows),
-               "audio": all(r.audio for r in rows)}
-    return [m for m in MODALITIES if present[m]]
-
-
-def read_wav(path: Path, rate: int) -> np.ndarray:
-    try:
-        with wave.open(str(path), "rb") as handle:
-            if handle.getsampwidth() != 2:
-                raise DataError(f"{path}: only 16-bit PCM WAV is read")
-            frames = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2")
-            channels, source_rate = handle.getnchannels(), handle.getframerate()
-    except (wave.Error, EOFError, FileNotFoundError) as exc:
-        raise DataError(f"{path}: not a readable WAV file ({exc})") from None
-    samples = frames.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0
-    if source_rate != rate:
-        n = max(1, round(len(samples) * rate / source_rate))
-        samples = np.interp(np.arange(n) * source_rate / rate, np.arange(len(samples)), samples)
-    return samples.astype(np.float32)
-
-
-def read_image(path: Path) -> np.ndarray:
-    try:
-        with open(path, "rb") as handle:
-            return rgb_image(handle)
-    except (MediaError, OSError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
 class TowerInputs:

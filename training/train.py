@@ -30,7 +30,8 @@ from mmfuse.diffusion import DiffusionDenoiser
 from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DiffusionRestorer, DropoutRestorer, MeanRestorer,
                               RetrievalRestorer, ZeroRestorer)
 from mmfuse.training.diffusion import train_diffusion
-from mmfuse.training.data import DataError, FeatureSet, load_features, split_by_video
+from mmfuse.datasets import DataError, FeatureSet, load_features
+from mmfuse.training.data import split_by_video
 from mmfuse.training.loop import fit
 from mmfuse.training.metrics import headline, score
 

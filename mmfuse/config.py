@@ -1,4 +1,5 @@
-"""Daemon configuration: YAML validated by pydantic, errors that name the key and the fix."""
+"""The daemon's configuration (also read by record, replay and `mmfuse-eval --log`): YAML validated by
+pydantic, errors that name the key and the fix."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mmfuse.restorers import RESTORERS
+from mmfuse import RESTORER_NAMES
 
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
@@ -111,8 +112,8 @@ class RestorerConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in RESTORERS:
-            raise ValueError(f"unknown restorer {value!r}; choose one of {', '.join(sorted(RESTORERS))}")
+        if value not in RESTORER_NAMES:
+            raise ValueError(f"unknown restorer {value!r}; choose one of {', '.join(sorted(RESTORER_NAMES))}")
         return value
 
 

@@ -1,0 +1,500 @@
+"""The aligner stage's core: groups each session's streams into event-time windows, tracks
+which streams are alive, and closes every window exactly once. No I/O, no Ray: `now` is
+passed in (mmfuse.actors.aligner wraps it)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from mmfuse.clocks import LEARNING_S
+from mmfuse.frames import ClosedWindow, SensorBatch, SessionEnd, Span, StreamProgress, WindowDelta
+
+
+SLIVER_WEIGHT = 0.1  # of one message's span
+REAL_TIME_DRIFT = 1e-3  # crystal clocks drift by tens of ppm; a stream seeming to drift more is not sent live
+
+
+@dataclass
+class OpenWindow:
+    totals: dict[str, np.ndarray] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    frames: dict[str, float] = field(default_factory=dict)  # fractional where a clock shift split a stream window
+
+    def add(self, modality: str, total: np.ndarray, weight: float, frames: float) -> None:
+        if modality in self.totals:
+            self.totals[modality] = self.totals[modality] + total
+            self.weights[modality] += weight
+            self.frames[modality] += frames
+        else:
+            self.totals[modality] = total.astype(np.float32, copy=True)
+            self.weights[modality] = weight
+            self.frames[modality] = frames
+
+
+@dataclass
+class KeptWindow:
+    """A closed window kept open for late data (allowed lateness)."""
+    window: OpenWindow
+    seq: int  # of its first closing
+    revision: int = 0
+    late: bool = False  # late data arrived since it was last closed
+
+
+@dataclass
+class Session:
+    epoch: int  # unique to this life of the session: a session forgotten and heard again starts a new one
+    streams: dict[str, StreamProgress] = field(default_factory=dict)
+    windows: dict[int, OpenWindow] = field(default_factory=dict)
+    kept: dict[int, KeptWindow] = field(default_factory=dict)
+    next_window: int | None = None
+    dropped: set[str] = field(default_factory=set)
+    first_seen: float = math.inf
+    closed: int = 0
+    revised: int = 0
+    reference: str | None = None    # the source whose clock is session time: the first heard
+    first_offset: float | None = None  # its lowest delay, to tell other clocks before they are known
+    shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
+    unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
+    utterances: list[tuple[float, float]] = field(default_factory=list)  # utterance windows: spans not closed yet
+    held_spans: dict[str, list[Span]] = field(default_factory=dict)  # of text streams on a clock not known yet
+    decided_until: float | None = None  # utterance windows: where windows closed so far end, at the latest
+    tiled_until: float = -math.inf  # utterance windows: where the time tiles end
+    next_id: int = 0
+
+    def progress(self, source: str) -> float:
+        """How far a stream has delivered, in session time."""
+        if source in self.unmapped:
+            return -math.inf
+        return self.streams[source].progress + self.shifts.get(source, 0.0)
+
+    def reach(self) -> float:
+        return max((self.progress(source) for source in self.streams), default=-math.inf)
+
+    def last_arrival(self) -> float:
+        return max((s.arrived_at for s in self.streams.values()), default=0.0)
+
+
+class Aligner:
+    """Event-time windowing over all sessions. No I/O, no Ray: `now` is passed in.
+
+    Session time is the clock of the session's first stream; a stream whose clock
+    disagrees with it by more than the clock tolerance (an offset, a drift that has
+    added up, a reset) is mapped onto it through the offsets its sensor actor learns.
+    A stream is live unless it sent `end` or has been silent longer than its silence
+    limit. Window k of a session covers [k*hop, k*hop + length) of session time and
+    closes when the watermark, the least progress of the live streams minus the
+    bound, has passed its end, or when each stream that has not is later than its
+    clock's reading of end + bound, plus the drop timeout. A configured sensor not
+    yet heard from in a session is waited for until the drop timeout has passed since
+    the session's first message; after that it counts as dropped. (A configured sensor
+    whose modality arrives from other sources is not waited for.) Data for a window
+    that has closed is late: counted, and with an allowed lateness merged into the
+    window, which is closed again as its next revision.
+    """
+
+    def __init__(self, modalities: list[str], sensors: dict[str, str], length_s: float, hop_s: float,
+                 timeout_s: float, session_idle_s: float = 60.0, log=None, period_factor: float = 0.0,
+                 flush_s: float = 0.0, min_share: float = 0.0, bound_s: float = 0.0, lateness_s: float = 0.0,
+                 clock_tolerance_s: float = 0.1, clock_jump_s: float = 1.0):
+        self.modalities = sorted(modalities)
+        self.sensors = dict(sorted(sensors.items()))  # configured sensor name -> modality
+        self.length, self.hop, self.timeout = length_s, hop_s, timeout_s
+        self.period_factor, self.flush, self.min_share = period_factor, flush_s, min_share
+        self.bound, self.lateness, self.clock_tolerance = bound_s, lateness_s, clock_tolerance_s
+        self.clock_jump = clock_jump_s
+        self.session_idle = session_idle_s
+        self.sessions: dict[str, Session] = {}
+        self.log = log or structlog.get_logger()
+        self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0, "revised": 0}
+        self.epochs = 0
+        self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
+
+    def __getstate__(self) -> dict:
+        """Everything but the logger: the aligner actor's snapshots pickle it."""
+        return {k: v for k, v in vars(self).items() if k != "log"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.log = structlog.get_logger()
+
+    def push(self, batch: SensorBatch) -> None:
+        for progress in batch.progress:
+            session = self._session(progress.session)
+            session.streams[progress.source] = progress
+            session.first_seen = min(session.first_seen, progress.arrived_at)
+            self._follow_clock(progress.session, session, progress)
+        for delta in batch.deltas:
+            session = self._session(delta.session)
+            if delta.source in session.unmapped:
+                session.unmapped[delta.source].append(delta)
+            else:
+                self._place(session, delta)
+
+    def _session(self, name: str) -> Session:
+        if name not in self.sessions:
+            self.sessions[name] = Session(self.epochs)
+            self.epochs += 1
+        return self.sessions[name]
+
+    def take_finished(self) -> list[SessionEnd]:
+        """Sessions forgotten (idle, or drained) since the last call: fusion may forget them too."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    def _release_held(self, session: Session) -> None:
+        """Place the data of streams still held for their clock by their lowest delays, rather than lose it."""
+        for source in list(session.unmapped):
+            self._map(session, source, session.streams[source].offset - session.first_offset)
+
+    def _forget(self, name: str) -> None:
+        session = self.sessions.pop(name)
+        self.finished.append(SessionEnd(name, session.epoch, session.closed, session.revised))
+
+    def _place(self, session: Session, delta: WindowDelta) -> None:
+        for k, share in self._session_windows(session, delta):
+            self._add(session, k, delta, share)
+
+    def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
+        if session.first_offset is None:
+            session.first_offset, session.reference = stream.offset, stream.source
+        held = stream.source in session.unmapped
+        if stream.line is None:
+            if stream.source not in session.shifts and not held:
+                # its first word: a stream plainly on another clock is held until its clock is known. Lesser
+                # disagreements wait for that too: streams sent faster than real time drift apart as well
+                if abs(stream.offset - session.first_offset) > self.clock_jump:
+                    session.unmapped[stream.source] = []
+                else:
+                    self._map(session, stream.source, 0.0)
+            return
+        if stream.source == session.reference:
+            return
+        if not held and abs(stream.line.drift) > REAL_TIME_DRIFT:
+            # not sent in real time (a replay faster than real time, a backlog): its clock cannot be learned
+            # from arrivals, so its times are taken as they are
+            self._map(session, stream.source, 0.0)
+            return
+        reference = session.streams[session.reference]
+        if reference.line is None and stream.arrived_at < session.first_seen + self.timeout + LEARNING_S:
+            return  # the reference's lowest delay is not settled yet: the stream stays as it was classified
+        # both offsets are the lowest recent delays, so comparing them now already follows any drift
+        disagreement = stream.offset - reference.offset
+        shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0
+        before = session.shifts.get(stream.source, 0.0)
+        if abs(shift - before) > self.clock_tolerance or (shift == 0.0) != (before == 0.0):
+            self.log.info("stream clock mapped", session=name, source=stream.source, shift_s=round(shift, 4),
+                          drift_ppm=round(stream.drift * 1e6, 1), resets=stream.resets)
+        self._map(session, stream.source, shift)
+
+    def _map(self, session: Session, source: str, shift: float) -> None:
+        """Set a stream's clock shift; data held until its clock was known goes to its windows now."""
+        session.shifts[source] = shift
+        for delta in session.unmapped.pop(source, []):
+            self._place(session, delta)
+
+    def _session_windows(self, session: Session, delta: WindowDelta) -> list[tuple[int, float]]:
+        """The session windows a stream window's sum belongs to, with the share of it each gets: the stream
+        window moved by the stream's clock shift, split between the two windows it then straddles."""
+        shift = session.shifts.get(delta.source, 0.0)
+        if not shift:
+            return [(delta.window_id, 1.0)]
+        steps = shift / self.hop
+        whole = math.floor(steps)
+        part = steps - whole
+        k = delta.window_id + whole
+        if part * self.hop <= self.clock_tolerance:  # within the tolerance the session accepts anyway: no sliver
+            return [(k, 1.0)]
+        if (1 - part) * self.hop <= self.clock_tolerance:
+            return [(k + 1, 1.0)]
+        return [(k, 1.0 - part), (k + 1, part)]
+
+    def _add(self, session: Session, k: int, delta: WindowDelta, share: float) -> None:
+        total, weight, frames = delta.total * share, delta.weight * share, delta.frames * share
+        if session.next_window is None:
+            session.next_window = k
+        if k >= session.next_window:
+            session.windows.setdefault(k, OpenWindow()).add(delta.modality, total, weight, frames)
+            return
+        self.counts["late"] += 1
+        kept = session.kept.get(k)
+        if kept is not None:
+            kept.window.add(delta.modality, total, weight, frames)
+            kept.late = True
+
+    def poll(self, now: float) -> list[ClosedWindow]:
+        closed = []
+        for name in list(self.sessions):
+            session = self.sessions[name]
+            self._track_liveness(name, session, now)
+            idle = now - session.last_arrival() > self.session_idle
+            if idle:
+                self._release_held(session)
+            closed.extend(self._close_ready(name, session, now, draining=idle))
+            closed.extend(self._revise(name, session, now, draining=idle))
+            if idle:
+                self.log.info("session forgotten", session=name, idle_s=round(now - session.last_arrival(), 1))
+                self._forget(name)
+        return closed
+
+    def drain(self, now: float) -> list[ClosedWindow]:
+        closed = []
+        for name, session in self.sessions.items():
+            self._track_liveness(name, session, now)
+            self._release_held(session)
+            closed.extend(self._close_ready(name, session, now, draining=True))
+            closed.extend(self._revise(name, session, now, draining=True))
+        for name in list(self.sessions):
+            self._forget(name)
+        return closed
+
+    def silence_limit(self, stream: StreamProgress) -> float:
+        """How long a stream may stay silent: k of its own periods, plus the spread of its delivery
+        delays and the sensor actor's flush interval (the most its news can lag), at most the timeout."""
+        if self.period_factor and math.isfinite(stream.period):
+            return min(self.timeout, self.flush + self.period_factor * stream.period + stream.jitter)
+        return self.timeout
+
+    def _live(self, stream: StreamProgress, now: float) -> bool:
+        return not stream.ended and now - stream.arrived_at <= self.silence_limit(stream)
+
+    def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
+        """Fewer frames than min_share of what the periods of the modality's streams that delivered the
+        window promise for it (a stream that dropped or ended before the window's end promises nothing)."""
+        if not self.min_share:
+            return False
+        rates = [1 / s.period for source, s in session.streams.items()
+                 if s.modality == modality and math.isfinite(s.period) and session.progress(source) >= end]
+        expected = (end - start) * sum(rates)
+        return expected > 0 and frames < self.min_share * expected
+
+    def _track_liveness(self, name: str, session: Session, now: float) -> None:
+        for source, stream in session.streams.items():
+            live = self._live(stream, now)
+            if not live and source not in session.dropped:
+                session.dropped.add(source)
+                if stream.ended:
+                    self.log.info("stream ended", session=name, source=source)
+                else:
+                    self.log.info("stream dropped", session=name, source=source,
+                                  silent_s=round(now - stream.arrived_at, 3))
+            elif live and source in session.dropped:
+                session.dropped.discard(source)
+                self.log.info("stream back", session=name, source=source)
+
+    def _unheard(self, session: Session) -> list[str]:
+        """Configured sensors with no stream in this session, and none of their modality either."""
+        heard = {s.modality for s in session.streams.values()}
+        return [name for name, modality in self.sensors.items()
+                if name not in session.streams and modality not in heard]
+
+    def _closable(self, session: Session, end: float, now: float) -> bool:
+        """Whether the watermark has passed `end` (session time), or every stream behind it is overdue."""
+        if now < session.first_seen + self.timeout and self._unheard(session):
+            return False
+        due = end + self.bound
+        for source, stream in session.streams.items():
+            if session.progress(source) >= due or not self._live(stream, now):
+                continue
+            if source in session.unmapped:  # on another clock, not known yet: wait until it can be learned
+                deadline = due + session.first_offset + self.timeout + LEARNING_S
+            else:
+                deadline = due - session.shifts.get(source, 0.0) + stream.offset + self.timeout
+            if now < deadline:
+                return False
+        return True
+
+    def _close_ready(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
+        closed = []
+        if session.next_window is None:
+            return closed
+        reach = session.reach()
+        last_open = max(session.windows, default=-1)
+        while True:
+            k = session.next_window
+            start = k * self.hop
+            end = start + self.length
+            if draining:
+                if k > last_open:
+                    break
+            elif start >= reach or not self._closable(session, end, now):
+                break
+            if k not in session.windows:
+                session.next_window = self._past_empty(session, k, reach, now, draining)
+                self.counts["empty"] += session.next_window - k
+                continue
+            window = session.windows.pop(k)
+            session.next_window = k + 1
+            result = self._closed(name, session, k, start, end, window, now)
+            if self.lateness and not draining and result is not None:
+                session.kept[k] = KeptWindow(window, session.closed)
+            if result is None:
+                self.counts["empty"] += 1
+                continue
+            result.seq = session.closed
+            closed.append(result)
+            session.closed += 1
+            self.counts["closed"] += 1
+            self.counts["incomplete" if result.missing else "complete"] += 1
+        return closed
+
+    def _past_empty(self, session: Session, k: int, reach: float, now: float, draining: bool) -> int:
+        """The first window from k on that holds data or cannot close yet: a stream's pause or a clock jump
+        can leave millions of empty windows, so this searches instead of stepping."""
+        later = [j for j in session.windows if j > k]
+        stop = min(later) if later else k + 1
+        if draining:
+            return stop
+        stop = min(stop, math.ceil(reach / self.hop)) if later else math.ceil(reach / self.hop)
+        low, high = k + 1, max(stop, k + 1)  # window k itself is closable
+        while low < high:
+            middle = (low + high) // 2
+            if self._closable(session, middle * self.hop + self.length, now):
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    @staticmethod
+    def _sliver(window: OpenWindow, modality: str) -> bool:
+        """Whether a modality holds only a sliver here: under a tenth of a message's span (a stream whose
+        clock runs a little off the session's grazes the next window), or under half a message's share of a
+        stream window moved by a clock shift."""
+        return window.weights[modality] < SLIVER_WEIGHT or window.frames[modality] < 0.5
+
+    def _slack(self, session: Session, source: str) -> float:
+        """How far short of a window's end a stream may stop and still count as having delivered it: a mapped
+        clock is only good to the tolerance."""
+        return self.clock_tolerance if session.shifts.get(source) else 1e-9  # and float rounding
+
+    def _revise(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
+        """Close again, as a new revision, every kept window that late data reached; forget those whose
+        allowed lateness is over."""
+        revised = []
+        for k in sorted(session.kept):
+            kept = session.kept[k]
+            if kept.late:
+                result = self._closed(name, session, k, k * self.hop, k * self.hop + self.length, kept.window, now)
+                kept.late = False
+                if result is not None:
+                    kept.revision += 1
+                    result.revision, result.seq = kept.revision, kept.seq
+                    revised.append(result)
+                    session.revised += 1
+                    self.counts["revised"] += 1
+            end = k * self.hop + self.length
+            if draining or self._closable(session, end + self.lateness, now):
+                del session.kept[k]
+        return revised
+
+    def _closed(self, name: str, session: Session, k: int, start: float, end: float, window: OpenWindow | None,
+                now: float) -> ClosedWindow | None:
+        """The closed form of window k over [start, end); None when it holds no data."""
+        observed = [m for m in window.totals if not self._sliver(window, m)] if window is not None else []
+        if not observed:
+            return None
+        reliable = [m for m in observed if not self._too_sparse(session, m, window.frames[m], start, end)] or observed
+        features = {m: (window.totals[m] / window.weights[m]).astype(np.float32) for m in reliable}
+        present = sorted(features)
+        missing = [m for m in self.modalities if m not in features]
+        dropped = sorted({source for source in session.streams if session.progress(source) < end - self._slack(
+            session, source)} | set(self._unheard(session)))
+        return ClosedWindow(name, k, start, end, features, present, missing, dropped, now, epoch=session.epoch)
+
+    def stats(self) -> dict:
+        return {**self.counts, "sessions": len(self.sessions),
+                "open_windows": sum(len(s.windows) for s in self.sessions.values())}
+
+
+class UtteranceAligner(Aligner):
+    """Utterance windows: each window is the span of one text segment (what emotion data sets label), the
+    other modalities' data within it weighted by overlap. Sensor actors sum into slots of slot_s; a window
+    takes the slots it overlaps. While no text stream is live (the speech recogniser died, or there is
+    none), windows of fallback_s tile the time after the last utterance instead, so the session still gets
+    decisions. Window ids count a session's windows: 0, 1, 2, ...
+    """
+
+    MAX_UTTERANCE_S = 60.0  # slots are kept this long behind the latest data, for utterances still to come
+
+    def __init__(self, modalities: list[str], sensors: dict[str, str], slot_s: float, fallback_s: float,
+                 timeout_s: float, **rules):
+        super().__init__(modalities, sensors, slot_s, slot_s, timeout_s, **rules)
+        self.fallback = fallback_s
+
+    def push(self, batch: SensorBatch) -> None:
+        super().push(batch)
+        for span in batch.spans:
+            session = self.sessions[span.session]
+            if span.source in session.unmapped:
+                session.held_spans.setdefault(span.source, []).append(span)
+            else:
+                self._add_utterance(session, span)
+
+    def _map(self, session: Session, source: str, shift: float) -> None:
+        super()._map(session, source, shift)
+        for span in session.held_spans.pop(source, []):
+            self._add_utterance(session, span)
+
+    def _add_utterance(self, session: Session, span: Span) -> None:
+        shift = session.shifts.get(span.source, 0.0)
+        bisect.insort(session.utterances, (span.start + shift, span.end + shift))
+
+    def _close_ready(self, name: str, session: Session, now: float, draining: bool) -> list[ClosedWindow]:
+        if session.next_window is None:
+            return []
+        if session.decided_until is None:
+            session.decided_until = session.next_window * self.hop
+        closed = []
+        while session.utterances and (draining or self._closable(session, session.utterances[0][1], now)):
+            start, end = session.utterances.pop(0)
+            start = max(start, session.tiled_until)  # what the time tiles already decided is not decided twice
+            if end > start:
+                closed += self._close_span(name, session, start, end, now)
+            session.decided_until = max(session.decided_until, end)
+        text_live = any(s.modality == "text" and self._live(s, now) for s in session.streams.values())
+        if not session.utterances and (draining or not text_live):
+            reach = session.reach()
+            while session.decided_until < reach and (draining or self._closable(
+                    session, session.decided_until + self.fallback, now)):
+                start = session.decided_until
+                session.decided_until = session.tiled_until = start + self.fallback
+                closed += self._close_span(name, session, start, session.tiled_until, now)
+        self._forget_slots(session)
+        return closed
+
+    def _close_span(self, name: str, session: Session, start: float, end: float, now: float) -> list[ClosedWindow]:
+        window = OpenWindow()
+        for k in range(math.floor(start / self.hop), math.ceil(end / self.hop)):
+            slot = session.windows.get(k)
+            share = (min(end, (k + 1) * self.hop) - max(start, k * self.hop)) / self.hop
+            if slot is None or share <= 0:
+                continue
+            for modality, total in slot.totals.items():
+                window.add(modality, total * share, slot.weights[modality] * share, slot.frames[modality] * share)
+        result = self._closed(name, session, session.next_id, start, end, window, now)
+        session.next_id += 1
+        if result is None:
+            self.counts["empty"] += 1
+            return []
+        result.seq = session.closed
+        session.closed += 1
+        self.counts["closed"] += 1
+        self.counts["incomplete" if result.missing else "complete"] += 1
+        return [result]
+
+    def _forget_slots(self, session: Session) -> None:
+        """Drop slots no window can need any more: before every pending utterance, the time already tiled,
+        and MAX_UTTERANCE_S behind the latest data (data for them later counts as late)."""
+        keep_from = min([start for start, _ in session.utterances]
+                        + [max(session.tiled_until, session.reach() - self.MAX_UTTERANCE_S)])
+        if not math.isfinite(keep_from):
+            return
+        first = math.floor(keep_from / self.hop)
+        if first > session.next_window:
+            for k in [k for k in session.windows if k < first]:
+                del session.windows[k]
+            session.next_window = first

@@ -1,0 +1,84 @@
+"""Delivery guarantees across actor restarts: every closed window is published exactly once.
+
+The aligner keeps each window it hands on in its Outbox until the publisher has
+acknowledged it; when a stage downstream of it restarts (or one stands in for
+another), the aligner hands every unacknowledged window on again, marked
+`redelivered`. Stages drop what they already did: fusion by the session's close
+order, the publisher by window key in its Published set. No I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from mmfuse.frames import ClosedWindow, SessionEnd, WindowKey
+
+PUBLISHED_KEPT = 200_000  # window keys the publisher remembers (minutes of windows at thousands per second)
+
+
+class Outbox:
+    """Windows the aligner handed on that the publisher has not acknowledged yet, and the ends of their sessions."""
+
+    def __init__(self):
+        self.windows: dict[WindowKey, ClosedWindow] = {}
+        self.ends: dict[tuple[str, int], SessionEnd] = {}
+
+    def add(self, windows: list[ClosedWindow]) -> None:
+        for window in windows:
+            self.windows[window.key] = window
+
+    def add_ends(self, ends: list[SessionEnd]) -> None:
+        for end in ends:
+            self.ends[(end.session, end.epoch)] = end
+        self._drop_finished_ends()
+
+    def ack(self, keys: list[WindowKey]) -> None:
+        for key in keys:
+            self.windows.pop(key, None)
+        if self.ends:
+            self._drop_finished_ends()
+
+    def _drop_finished_ends(self) -> None:
+        waiting = {(session, epoch) for session, epoch, _, _ in self.windows}
+        for key in [k for k in self.ends if k not in waiting]:
+            del self.ends[key]
+
+    def pending(self) -> list[ClosedWindow]:
+        """The unacknowledged windows in close order per session, marked for re-delivery."""
+        windows = [self.windows[key] for key in sorted(self.windows)]
+        for window in windows:
+            window.redelivered = True
+        return windows
+
+    def floors(self, closed: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """Per session life: the close order (seq) from which its windows may still be unpublished. `closed`
+        gives, for the sessions the aligner still knows, how many windows it has closed so far."""
+        floors = dict(closed)
+        for end in self.ends.values():
+            floors.setdefault((end.session, end.epoch), end.windows)
+        for session, epoch, seq, revision in self.windows:
+            if not revision:
+                floors[(session, epoch)] = min(floors.get((session, epoch), seq), seq)
+        return floors
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
+class Published:
+    """The keys of the windows a publisher has sent, the most recent PUBLISHED_KEPT of them."""
+
+    def __init__(self, kept: int = PUBLISHED_KEPT):
+        self.kept = kept
+        self.keys: OrderedDict[WindowKey, None] = OrderedDict()
+        self.duplicates = 0
+
+    def first_time(self, key: WindowKey) -> bool:
+        """Whether `key` is new (and remember it); a key seen before counts as a duplicate."""
+        if key in self.keys:
+            self.duplicates += 1
+            return False
+        self.keys[key] = None
+        if len(self.keys) > self.kept:
+            self.keys.popitem(last=False)
+        return True

@@ -1,0 +1,278 @@
+"""The sensor stage's core: decoded messages of one sensor in, window sums and stream
+progress out (SensorBatch), media encoded by the bundle's tower in one batch per push.
+No I/O: the sensor actor (mmfuse.actors.sensor) owns the socket."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from mmfuse import wire
+from mmfuse.clocks import ClockTracker
+from mmfuse.frames import SensorBatch, Span, StreamProgress, WindowDelta
+from mmfuse.logs import Tally
+from mmfuse.media import MediaEncoder, MediaError
+
+DELAY_MEMORY = 64  # arrivals over which the delay jitter is taken
+PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
+SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
+
+
+@dataclass
+class StreamState:
+    session: str
+    source: str
+    modality: str
+    last_seq: int = -1
+    progress: float = -math.inf
+    arrived_at: float = 0.0
+    ended: bool = False
+    seq_gaps: int = 0
+    clock: ClockTracker = field(default_factory=ClockTracker)
+    delays: deque = field(default_factory=lambda: deque(maxlen=DELAY_MEMORY))
+    last_t: float = math.nan
+    intervals: deque = field(default_factory=lambda: deque(maxlen=PERIOD_MEMORY))
+
+    def sent_at(self, t: float) -> None:
+        """Learn the period from origin times: the sensor's clock carries no network jitter."""
+        if t > self.last_t:
+            self.intervals.append(t - self.last_t)
+        self.last_t = t
+
+    @property
+    def period(self) -> float:
+        """Median interval between recent messages; unknown (inf) until a few have been seen."""
+        return float(np.median(self.intervals)) if len(self.intervals) >= 4 else math.inf
+
+    def snapshot(self) -> StreamProgress:
+        return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
+                              self.clock.offset(self.clock.last_t), self.ended, self.seq_gaps, self.period,
+                              max(self.delays) - min(self.delays), self.clock.drift, self.clock.resets,
+                              self.clock.line)
+
+    def restart(self) -> None:
+        """The source restarted (its seq began again at 0): forget what its clock and periods taught."""
+        self.last_seq, self.last_t = -1, math.nan
+        self.intervals.clear()
+
+
+def windows_overlapping(start: float, end: float, length: float, hop: float) -> range:
+    """Ids k of windows [k*hop, k*hop+length) that overlap [start, end] (a point when start == end)."""
+    if end - start > SLIVER_S:
+        start, end = start + SLIVER_S, end - SLIVER_S
+    first = math.floor((start - length) / hop) + 1
+    last = math.floor(end / hop) if end > start else math.floor(start / hop)
+    if end > start and last * hop >= end:
+        last -= 1
+    return range(first, last + 1)
+
+
+class SensorIngest:
+    """Turns decoded messages of one sensor into window sums and stream progress. No I/O."""
+
+    def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
+                 max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
+                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0, max_span_s: float = 60.0):
+        self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.idle_s, self.max_span = idle_s, max_span_s
+        self.clock_jump_s = clock_jump_s
+        self.keep_spans = spans and modality == "text"  # utterance windows: text segments are the windows
+        self.spans: list[Span] = []
+        self.media = media
+        self.length, self.hop = length_s, hop_s
+        self.max_payload = max_payload
+        self.log = log or structlog.get_logger().bind(sensor=sensor)
+        self.streams: dict[tuple[str, str], StreamState] = {}
+        self.touched: dict[tuple[str, str], None] = {}  # ordered: batches must not depend on hashing
+        self.deltas: dict[tuple[str, str, int], WindowDelta] = {}
+        self.arrivals: dict[tuple[str, str, int], int] = {}  # data messages per window since the last batch
+        self.rejected = Tally()
+        self.unsupported = Tally()
+        self.accepted = 0
+        self.due = False  # a window may close once the aligner hears what we hold: send soon
+
+    def _window_ends_before(self, t: float) -> float:
+        """How many window ends lie at or before event time t (a step function of t)."""
+        return math.floor((t - self.length) / self.hop) if math.isfinite(t) else -math.inf
+
+    def ingest(self, frames: list[bytes], arrived_at: float) -> None:
+        try:
+            message = wire.decode(frames, self.max_payload)
+        except wire.WireError as exc:
+            self.reject(exc.reason, exc.detail)
+            return
+        if message.modality != self.modality:
+            self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
+            return
+        key = (message.session, message.source)
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
+                                                     clock=ClockTracker(self.clock_jump_s))
+            self.log.info("stream started", session=message.session, source=message.source)
+        restarted = message.seq == 0 and stream.last_seq > 0
+        if restarted:
+            self.log.info("stream restarted", session=message.session, source=message.source,
+                          after_seq=stream.last_seq)
+            stream.restart()
+        if message.seq <= stream.last_seq:
+            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
+                         f"({message.session}/{message.source})")
+            return
+        if message.kind == "data" and message.duration > self.max_span:
+            self.reject("too_long", f"{message.session}/{message.source} seq {message.seq} spans {message.duration:g} s; "
+                        f"at most {self.max_span:g} s (seconds, not milliseconds?)")
+            return
+        message = self._on_stream_time(stream, message, arrived_at, restarted)
+        if message.kind == "data" and message.encoding == "features":
+            vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
+            if self.dim is not None and vectors.shape[1] != self.dim:
+                self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
+                return
+            if not np.isfinite(vectors).all():
+                self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
+                return
+            self._count_arrival(message)
+            step = message.duration / len(vectors)
+            for i, vector in enumerate(vectors):
+                self._add_span(message.session, message.source, message.t + i * step, message.t + (i + 1) * step,
+                               vector)
+        elif message.kind == "data" and self.media is not None and self.media.accepts(message.encoding):
+            try:
+                self.media.add(message)
+            except MediaError as exc:
+                self.reject(exc.reason, exc.detail)
+                return
+            self._count_arrival(message)
+        elif message.kind == "data" and self.unsupported.add(message.encoding):
+            self.log.warning("frames this sensor cannot encode", encoding=message.encoding,
+                             count=self.unsupported.counts[message.encoding],
+                             hint="send 'features', or use a bundle trained on this modality's raw media"
+                             if self.media is None else f"a {self.modality} sensor takes "
+                             f"{', '.join(e for e in wire.ENCODINGS if self.media.accepts(e))} or features")
+
+        if self.keep_spans and message.kind == "data" and message.duration > 0:
+            self.spans.append(Span(message.session, message.source, message.t, message.t + message.duration))
+        if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
+            stream.seq_gaps += message.seq - stream.last_seq - 1
+        stream.last_seq = message.seq
+        delivered = message.t + message.duration
+        reached = delivered
+        if self.media is not None:
+            if message.kind == "end":
+                self.media.end(key)
+            elif message.kind == "heartbeat":
+                self.media.heartbeat(key, message.t)
+            reached = self.media.complete_until(key, delivered)
+        if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
+            self.due = True
+        stream.progress = max(stream.progress, reached)
+        stream.arrived_at = arrived_at
+        stream.sent_at(message.t)
+        stream.delays.append(arrived_at - delivered)  # not the held-back `reached`: that is no network delay
+        if message.kind == "end":
+            stream.ended = True
+            self.log.info("stream ended", session=message.session, source=message.source,
+                          **self._clock_fields(stream))
+        elif stream.ended:
+            stream.ended = False
+            self.log.info("stream resumed after end", session=message.session, source=message.source)
+        self.touched[key] = None
+        self.accepted += 1
+
+    def _on_stream_time(self, stream: StreamState, message: wire.SensorMessage, arrived_at: float,
+                        restarted: bool) -> wire.SensorMessage:
+        """Feed the stream's clock tracker; the message with its time on the stream's continuous timeline."""
+        jump = stream.clock.observe(message.t + message.duration, arrived_at, restarted)
+        if jump is not None:
+            self.log.warning("clock reset", session=message.session, source=message.source,
+                             jump_s=round(jump.jump_s, 3), **self._clock_fields(stream))
+        elif stream.clock.seen == stream.clock.settle and not stream.clock.resets:
+            self.log.info("clock learned", session=message.session, source=message.source,
+                          **self._clock_fields(stream))
+        if stream.clock.correction:
+            message = dataclasses.replace(message, t=message.t + stream.clock.correction)
+        return message
+
+    @staticmethod
+    def _clock_fields(stream: StreamState) -> dict:
+        return {key: round(value, 4) for key, value in stream.clock.estimate().items()}
+
+    def _count_arrival(self, message: wire.SensorMessage) -> None:
+        for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):
+            key = (message.session, message.source, k)
+            self.arrivals[key] = self.arrivals.get(key, 0) + 1
+
+    def _add_span(self, session: str, source: str, start: float, end: float, vector: np.ndarray) -> None:
+        """Add a vector covering [start, end] to every window it overlaps, weighted by the overlap."""
+        for k in windows_overlapping(start, end, self.length, self.hop):
+            if end > start:
+                w_start = k * self.hop
+                weight = (min(end, w_start + self.length) - max(start, w_start)) / (end - start)
+            else:
+                weight = 1.0
+            key = (session, source, k)
+            delta = self.deltas.get(key)
+            if delta is None:
+                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 0)
+            else:
+                delta.total += vector * weight
+                delta.weight += weight
+
+    def reject(self, reason: str, detail: str) -> None:
+        if self.rejected.add(reason):
+            self.log.warning("malformed message rejected", reason=reason, detail=detail,
+                             count=self.rejected.counts[reason])
+
+    def forget_idle(self, now: float) -> None:
+        """Forget streams silent for idle_s (as the aligner forgets sessions), so a daemon that runs for weeks
+        keeps no state for sessions long gone; a stream heard again starts afresh."""
+        for key in [k for k, s in self.streams.items() if now - s.arrived_at > self.idle_s and k not in self.touched]:
+            del self.streams[key]
+            if self.media is not None:
+                self.media.forget(key)
+            self.log.debug("stream forgotten", session=key[0], source=key[1])
+
+    def push_due(self, waited: float, batch_interval: float, flush_interval: float) -> bool:
+        """Whether to hand the aligner a batch, `waited` seconds after the last one: as soon as a
+        stream has passed a window end (at most one per batch interval), else after the flush interval."""
+        return (self.due and waited >= batch_interval) or waited >= flush_interval
+
+    def take_batch(self) -> SensorBatch | None:
+        if self.media is not None:
+            failed = self.media.failed
+            spans = self.media.encode()
+            if self.media.failed > failed:
+                self.log.warning("media the tower could not encode", count=self.media.failed - failed,
+                                 total=self.media.failed)
+            for span in spans:
+                self._add_span(span.session, span.source, span.start, span.end, span.vector.astype(np.float32))
+        for key, count in self.arrivals.items():
+            delta = self.deltas.get(key)
+            if delta is None and self.dim is not None:  # frames that arrived but were not (yet) encoded
+                delta = self.deltas[key] = WindowDelta(*key[:2], self.modality, key[2],
+                                                       np.zeros(self.dim, np.float32), 0.0, 0)
+            if delta is not None:
+                delta.frames = count
+        self.arrivals = {}
+        if not self.touched and not self.deltas:
+            return None
+        batch = SensorBatch(self.sensor, list(self.deltas.values()),
+                            [self.streams[key].snapshot() for key in self.touched], self.spans)
+        self.deltas, self.spans = {}, []
+        self.touched = {}
+        self.due = False
+        return batch
+
+    def stats(self) -> dict:
+        media = {} if self.media is None else {"encoded": self.media.encoded, "encode_failed": self.media.failed,
+                                               "frames_skipped": self.media.skipped_frames}
+        return {"sensor": self.sensor, "accepted": self.accepted, "rejected": dict(self.rejected.counts), **media,
+                "unsupported": dict(self.unsupported.counts), "streams": len(self.streams),
+                "seq_gaps": sum(s.seq_gaps for s in self.streams.values()),
+                "clock_resets": sum(s.clock.resets for s in self.streams.values())}
