@@ -213,7 +213,8 @@ def main() -> int:
         time.sleep(0.2)
         (workdir / "daemon.log").write_text("".join(log_lines))
         final = next((json.loads(line) for line in log_lines if line.startswith("{") and '"stopped"' in line), {})
-        calls = (sum(s.get("pushes", 0) for s in final.get("sensors", [])) + final.get("aligner", {}).get("calls_out", 0)
+        sensors = [v for k, v in final.items() if k.startswith("sensor-") and isinstance(v, dict)]
+        calls = (sum(s.get("pushes", 0) for s in sensors) + final.get("aligner", {}).get("calls_out", 0)
                  + final.get("restorer", {}).get("batches", 0) + final.get("fusion", {}).get("batches", 0))
         closed = final.get("aligner", {}).get("closed", 0)
 
