@@ -116,17 +116,26 @@ def main() -> int:
         sent: dict[tuple[str, int], list[str]] = {}
         kills: dict[str, float] = {}
         start = time.monotonic()
+        seq = dict.fromkeys(((s, n) for s in sessions for n in SENSORS), 0)
         for k in range(windows):
+            listen(start + (k + 0.5) * 1.0)
+            for session in sessions:  # sensors heartbeat at least every drop.timeout_s / 2 (docs/protocol.md)
+                for name, modality in SENSORS.items():
+                    beat = wire.SensorMessage(session, name, modality, seq[session, name], float(k), kind="heartbeat")
+                    sockets[name].send_multipart(wire.encode(beat))
+                    seq[session, name] += 1
             listen(start + (k + 1) * 1.0)
             for session in sessions:
                 leave_out = rng.choice(list(SENSORS)) if rng.random() < args.incomplete else None
                 for name, modality in SENSORS.items():
                     if name == leave_out:
-                        message = wire.SensorMessage(session, name, modality, k, k + 1.0, kind="heartbeat")
+                        message = wire.SensorMessage(session, name, modality, seq[session, name], k + 1.0,
+                                                     kind="heartbeat")
                     else:
-                        message = wire.features_message(session, name, modality, k, float(k),
+                        message = wire.features_message(session, name, modality, seq[session, name], float(k),
                                                         rng.normal(size=dims[modality]), duration=1.0)
                     sockets[name].send_multipart(wire.encode(message))
+                    seq[session, name] += 1
                 sent[(session, k)] = sorted(SENSORS[n] for n in SENSORS if n != leave_out)
             phase, into = divmod(k + 1, args.phase)
             if into == 0 and 1 <= phase <= len(KILLS):
@@ -137,7 +146,7 @@ def main() -> int:
                 print(f"window {k}: killed {actor} (pid {pid})", file=sys.stderr)
         for session in sessions:
             for name, modality in SENSORS.items():
-                end = wire.SensorMessage(session, name, modality, windows, float(windows), kind="end")
+                end = wire.SensorMessage(session, name, modality, seq[session, name], float(windows), kind="end")
                 sockets[name].send_multipart(wire.encode(end))
         listen(time.monotonic() + 5.0)
         daemon.process.send_signal(signal.SIGTERM)
