@@ -35,7 +35,7 @@ class AlignerActor:
         sensors = [s.name for s in config.sensors]
         self.ticks = AlignerTicks(self.aligner, sensors) if virtual_clock else None
         self.outbox = Outbox()
-        self.applied: dict[str, tuple[str, int]] = {}  # sensor -> (incarnation, number) of its last batch applied
+        self.applied: dict[tuple[str, str], int] = {}  # (sensor, incarnation) -> number of its last batch applied
         self.down: frozenset[str] = frozenset()        # stages the supervisor reports down
         self.stages: dict = {}
         self.lock = threading.RLock()  # restore() replays held calls, which take it too
@@ -63,9 +63,9 @@ class AlignerActor:
                     self.ticks = state["ticks"]
             self.down = down
             replayed = 0
-            for sensor in sorted(retained):
-                for batch in retained[sensor]:
-                    replayed += self._apply(batch)
+            kept = [batch for batches in retained.values() for batch in batches]
+            for batch in sorted(kept, key=lambda b: (max((p.arrived_at for p in b.progress), default=0.0), b.sensor)):
+                replayed += self._apply(batch)  # in the order they arrived, as the first life saw them
             self.restored = True
             held, self.held = self.held, []
             for method, args in held:
@@ -75,9 +75,9 @@ class AlignerActor:
                 self._dispatch(self.aligner.poll(time.time()))
             return {"replayed_batches": replayed, "held_calls": len(held), "unacknowledged": len(self.outbox)}
 
-    def snapshot(self) -> tuple[bytes, dict[str, tuple[str, int]], int] | None:
-        """(the pickled state, the batches it holds per sensor, windows not acknowledged yet); None before
-        restore()."""
+    def snapshot(self) -> tuple[bytes, dict[tuple[str, str], int], int] | None:
+        """(the pickled state, the last batch it holds per sensor incarnation, windows not acknowledged yet); None
+        before restore()."""
         with self.lock:
             if not self.restored:
                 return None
@@ -95,11 +95,11 @@ class AlignerActor:
     def _apply(self, batch: SensorBatch) -> bool:
         """Apply a sensor batch once: a batch at or below the last one applied from that sensor's incarnation is
         a copy (re-sent after a restart) and skipped."""
-        last = self.applied.get(batch.sensor)
-        if last is not None and last[0] == batch.incarnation and batch.number <= last[1]:
+        key = (batch.sensor, batch.incarnation)
+        if batch.number <= self.applied.get(key, -1):
             self.skipped += 1
             return False
-        self.applied[batch.sensor] = (batch.incarnation, batch.number)
+        self.applied[key] = batch.number
         self.aligner.push(batch)
         return True
 
@@ -114,7 +114,10 @@ class AlignerActor:
     def set_down(self, down: frozenset[str]) -> None:
         """The stages now down; windows go to those standing in for them, and every unacknowledged one again."""
         with self.lock:
+            standing_in = self._decider() == "restorer"
             self.down = down
+            if standing_in and self._decider() == "fusion":
+                self._call("restorer", "stand_down")
             if self.restored:
                 self._redeliver()
 

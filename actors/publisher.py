@@ -53,8 +53,13 @@ class PublisherActor:
             wait_s = 0.0
 
     def publish(self, decisions: list[wire.Decision]) -> None:
+        """Send each decision not sent before, then acknowledge them all (copies too: their first
+        acknowledgement may have been lost with an aligner). Without a socket nothing is acknowledged, so the
+        aligner keeps the windows."""
         import ray
 
+        if self.error:
+            return
         self._read_subscriptions()
         wait = RECONNECT_WAIT_S - (time.monotonic() - self.bound_at)
         if not self.subscribed and wait > 0:

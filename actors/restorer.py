@@ -63,6 +63,11 @@ class RestorerActor:
             self.fusion = build_fusion(self.config, self.bundle, stand_in=self.restorer)
             self._publish(self.fusion.resume(floors))
 
+    def stand_down(self) -> None:
+        """Fusion is back: hand windows on to it again, those queued to be decided here too."""
+        with self.condition:
+            self.fusion = None
+
     def finish(self, ends: list[SessionEnd]) -> None:
         with self.condition:
             if self.fusion is not None:

@@ -71,6 +71,7 @@ class Supervisor:
         self.snapshot: bytes | None = None
         self.snapshot_call = None
         self.unacknowledged = 0
+        self.fresh = False  # a snapshot was read since the aligner last died or was told to drain
         self.pending: list[tuple[str, str, object]] = []  # (actor, what, call) to check later
         self.restoring = False
 
@@ -78,9 +79,9 @@ class Supervisor:
         """(actor name, constructor arguments, Ray options) of each actor of a stage."""
         config = self.config
         one_at_a_time = {"max_concurrency": 1}  # calls from one caller run in order; one thread owns each socket
-        if stage.name == "sensor":
+        if stage.name == "sensor":  # two at a time: it answers pings and hands its kept batches over while stop() waits
             return [(f"sensor-{s.name}", (config, s.name, bundle.modalities[s.modality]["dim"], log_format,
-                                          virtual_clock), one_at_a_time) for s in config.sensors]
+                                          virtual_clock), {"max_concurrency": 2}) for s in config.sensors]
         if stage.name == "aligner":
             return [("aligner", (config, sorted(bundle.modalities), log_format, virtual_clock), one_at_a_time)]
         if stage.name == "restorer":
@@ -144,6 +145,8 @@ class Supervisor:
                 if watched.incarnation is not None and incarnation.token != watched.incarnation.token:
                     watched.incarnation = incarnation
                     self._restarted(watched)
+                elif watched.down_since is not None:  # it was only slow: the same life answers again
+                    self._back(watched)
                 watched.incarnation = incarnation
             elif self._gone(watched, now):
                 self._died(watched, "its process is gone" if self._local(watched) else
@@ -175,6 +178,13 @@ class Supervisor:
             self._tell_aligner("set_down", self.down())
         if watched is self.aligner:
             self.snapshot_call = None
+            self.fresh = False
+
+    def _back(self, watched: Watched) -> None:
+        watched.down_since = None
+        self.log.info("actor answers again", actor=watched.name, pid=watched.incarnation.pid)
+        if watched.stage.model:
+            self._tell_aligner("set_down", self.down())
 
     def _restarted(self, watched: Watched) -> None:
         import ray
@@ -200,6 +210,7 @@ class Supervisor:
         elif watched.stage.model:
             self._tell_aligner("set_down", self.down())
         else:
+            self.pending.append((watched.name, "ready", watched.handle.ready.remote()))
             self._tell_aligner("redeliver")
 
     def _tell_aligner(self, method: str, *args) -> None:
@@ -225,9 +236,11 @@ class Supervisor:
         if state is None or incarnation != self.aligner.incarnation:
             return  # not restored yet, or from a life of the aligner that has ended
         self.snapshot, applied, self.unacknowledged = state
+        self.fresh = True
         for sensor in self.sensors:
-            if sensor.name.removeprefix("sensor-") in applied and sensor.down_since is None:
-                sensor.handle.confirm.remote(*applied[sensor.name.removeprefix("sensor-")])
+            key = (sensor.name.removeprefix("sensor-"), sensor.incarnation.token if sensor.incarnation else None)
+            if key in applied and sensor.down_since is None:
+                sensor.handle.confirm.remote(key[1], applied[key])
 
     def _check_pending(self) -> None:
         import ray
@@ -242,8 +255,8 @@ class Supervisor:
             except ray.exceptions.RayError as exc:
                 self.log.warning("recovery call failed", actor=actor, call=what, error=type(exc).__name__)
                 continue
-            if what == "start" and result:
-                self.log.error("a restarted sensor could not open its socket", actor=actor, problem=result)
+            if what in ("start", "ready") and result:
+                self.log.error("a restarted actor could not open its socket", actor=actor, problem=result)
             elif what == "restore":
                 self.log.info("aligner restored", **result)
         self.pending = still
@@ -281,8 +294,9 @@ class Supervisor:
             if aligner.down_since is None and drained != aligner.incarnation.token and not self.pending:
                 ray.wait([aligner.handle.drain.remote()], timeout=CALL_TIMEOUT_S)
                 drained = aligner.incarnation.token
-                self.snapshot_call = None
-            elif drained == aligner.incarnation.token and self.snapshot_call is None and not self.unacknowledged:
+                self.snapshot_call, self.fresh = None, False  # the next snapshot read comes after the drain
+            elif (aligner.down_since is None and drained == aligner.incarnation.token and self.fresh
+                  and not self.unacknowledged):
                 break
             time.sleep(PING_S)
         if self.unacknowledged:

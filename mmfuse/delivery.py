@@ -2,9 +2,10 @@
 
 The aligner keeps each window it hands on in its Outbox until the publisher has
 acknowledged it; when a stage downstream of it restarts (or one stands in for
-another), the aligner hands every unacknowledged window on again, marked
-`redelivered`. Stages drop what they already did: fusion by the session's close
-order, the publisher by window key in its Published set. No I/O.
+another), the aligner hands every unacknowledged window on again. Fusion decides a
+copy of a window it decided already again, with the context it had, and the publisher
+drops (and acknowledges) what its Published set holds, so each window goes out once.
+No I/O.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ class Outbox:
         self._drop_finished_ends()
 
     def ack(self, keys: list[WindowKey]) -> None:
+        """A published revision also settles the earlier revisions of its window: overtaken, they never go out."""
         for key in keys:
             self.windows.pop(key, None)
+            session, epoch, seq, revision = key
+            for earlier in range(revision):
+                self.windows.pop((session, epoch, seq, earlier), None)
         if self.ends:
             self._drop_finished_ends()
 
@@ -44,11 +49,8 @@ class Outbox:
             del self.ends[key]
 
     def pending(self) -> list[ClosedWindow]:
-        """The unacknowledged windows in close order per session, marked for re-delivery."""
-        windows = [self.windows[key] for key in sorted(self.windows)]
-        for window in windows:
-            window.redelivered = True
-        return windows
+        """The unacknowledged windows in close order per session."""
+        return [self.windows[key] for key in sorted(self.windows)]
 
     def floors(self, closed: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
         """Per session life: the close order (seq) from which its windows may still be unpublished. `closed`

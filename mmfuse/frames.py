@@ -102,7 +102,6 @@ class ClosedWindow:
     spread: float | None = None         # diffusion with K samples: their mean standard deviation
     abstain: bool = False               # the spread is above restorer.abstain_spread
     restoration_failed: bool = False    # restoring raised: the missing modalities were left at zero
-    redelivered: bool = False           # handed on again after a restart downstream (mmfuse.delivery)
 
     @property
     def complete(self) -> bool:

@@ -41,9 +41,10 @@ class FusionHead:
     A session's state lives until the aligner says it has forgotten the session (SessionEnd) and every
     window it closed has been decided. Windows come restored, or not: those without embeddings are encoded
     here, and incomplete ones restored by `stand_in` when given (this stage stands in for the restorer while
-    it is down), else left at zero where missing. A window handed on again after a restart (`redelivered`) that was decided already is decided
-    again with the context it had; the publisher drops it if it went out. `resume` says from where in each
-    session's close order a restarted fusion stage carries on."""
+    it is down), else left at zero where missing. A copy of a window decided already (handed on again after
+    a restart, or by a stage that stood in) is decided again with the context it had: the publisher drops it
+    if the first went out, and acknowledges it either way. `resume` says from where in each session's close
+    order a restarted fusion stage carries on."""
 
     def __init__(self, bundle: Bundle, restorer: str, stand_in: WindowRestorer | None = None):
         self.bundle = bundle
@@ -64,7 +65,7 @@ class FusionHead:
             decided = window.seq < state.next_seq and (
                 not window.revision or window.revision <= state.published.get(window.seq, 0))
             if decided:
-                if window.redelivered:
+                if window.revision >= state.published.get(window.seq, 0):  # not overtaken by a later revision
                     again.append(window)
             elif window.revision:
                 state.revisions.append(window)

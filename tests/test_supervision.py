@@ -20,6 +20,10 @@ KILL_AFTER = 6             # windows sent before the kill
 SESSIONS = ("alpha", "beta")
 GAPS = {("alpha", "asr0"): {2, 5, 9}, ("beta", "mic0"): {4, 8, 11}}  # windows a sensor sends only a heartbeat for
 MODALITY = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
+# Decisions resume in 0.03-1.5 s on an idle 2-core machine (bench/fault_recovery.py checks the 2 s target); under
+# a test suite's load a Ray restart alone has taken 2 s. Restorer and fusion take 3-4 s to restart, so this bound
+# still fails a daemon that waits for them instead of standing in.
+RESUME_BOUND_S = 3.0
 
 
 def message(session, source, seq, t, kind="data", rng=None):
@@ -127,7 +131,37 @@ def test_a_killed_actor_loses_no_window_and_decides_none_twice(tmp_path, bundle_
         assert decision["present"] == sent, (shown, log)
         assert decision["restored"] == [m for m in ("audio", "text", "visual") if m not in sent], (shown, log)
         assert decision["dropped"] == [], (shown, log)
-    assert camera_down <= 2 * 8  # the camera's windows while its actor restarted (torch and the bundle load)
+    assert camera_down <= 2 * 4  # the camera's windows while its actor restarted
+    assert "windows not published" not in log, log  # the drain saw every window acknowledged
     after = [at - killed_at for at, _ in received if at > killed_at]
-    supervision = "".join(line for line in log.splitlines(True) if re.search("actor died|actor restarted|restored", line))
-    assert after and after[0] <= 2.0, f"first decision {after[0] if after else None:.2f} s after the kill\n{supervision}"
+    supervision = "".join(line for line in log.splitlines(True)
+                          if re.search("actor died|actor restarted|restored", line))
+    assert after and after[0] <= RESUME_BOUND_S, \
+        f"first decision {after[0] if after else None:.2f} s after the kill\n{supervision}"
+
+
+@pytest.mark.parametrize("kill", ["aligner", "restorer"])
+def test_sigterm_while_an_actor_is_down_still_publishes_every_open_window(tmp_path, bundle_dir, kill):
+    lab = Lab(tmp_path, bundle_dir, {"method": "mean"}, window=WINDOW)
+    try:
+        lab.wait_ready()
+        listener = Listener(lab.decisions)
+        rng = np.random.default_rng(3)
+        for k in range(3):  # windows 0-2 close
+            for name in SENSORS:
+                lab.sockets[name].send_multipart(message("gamma", name, k, k * WINDOW, rng=rng))
+        for name in ("cam0", "mic0"):  # window 3 lacks text and stays open until the drain (or the drop timeout)
+            lab.sockets[name].send_multipart(message("gamma", name, 3, 3 * WINDOW, rng=rng))
+        time.sleep(0.3)
+        os.kill(actor_pid(lab.daemon.log(), kill), signal.SIGKILL)
+        time.sleep(0.3)
+        lab.daemon.process.send_signal(signal.SIGTERM)
+        status = lab.daemon.process.wait(timeout=90)
+        received = listener.quiet_for(1.0)
+    finally:
+        lab.close()
+    log = lab.daemon.log(lines=400)
+    assert status == 0, log
+    decided = sorted((d["window"]["id"], d["present"]) for _, d in received)
+    assert decided == [(0, ["audio", "text", "visual"]), (1, ["audio", "text", "visual"]),
+                       (2, ["audio", "text", "visual"]), (3, ["audio", "visual"])], log
