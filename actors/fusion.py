@@ -28,15 +28,19 @@ class FusionActor:
         self.head = build_fusion(config, bundle, stand_in=build_restorer(config, bundle))
         self.publisher = None
         self.in_flight: list = []
-        self.decisions = 0
-        self.batches = 0
+        self.decisions = self.batches = self.failed = 0
 
     def ping(self) -> Incarnation:
         return self.incarnation
 
     def decide(self, windows: list[ClosedWindow]) -> None:
         self.batches += 1
-        self._publish(self.head.decide(windows))
+        try:
+            self._publish(self.head.decide(windows))
+        except Exception as exc:  # the windows stay unacknowledged in the aligner's outbox
+            self.failed += len(windows)
+            self.log.exception("deciding failed; the windows stay unpublished", windows=len(windows),
+                               error=repr(exc))
 
     def resume(self, floors: dict[tuple[str, int], int]) -> None:
         self._publish(self.head.resume(floors))
@@ -64,4 +68,4 @@ class FusionActor:
 
     def stats(self) -> dict:
         return {"decisions": self.decisions, "batches": self.batches, "sessions": len(self.head.sessions),
-                "decided_again": self.head.redecided}
+                "decided_again": self.head.redecided, "failed": self.failed}

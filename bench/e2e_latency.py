@@ -106,24 +106,19 @@ def ensure_bundle(path: str | None, workdir: Path, media: bool) -> Path:
     return workdir / "bundle"
 
 
-def main() -> int:
-    args = parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="mmfuse-bench-"))
-    bundle_path = ensure_bundle(args.bundle, workdir, args.media)
-    args.json = args.json or str(ROOT / "bench" / "results" / f"e2e_latency{'_media' if args.media else ''}.json")
-    dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
+def live_lab(workdir: Path, bundle_path: Path, window_s: float, restorer: str, context: zmq.Context):
+    """A daemon configuration on free ports, written to workdir, with the sensors' XPUB sockets bound and a
+    decision subscriber connected: (configuration path, sockets by sensor, listener)."""
     ports = {name: free_port() for name in SENSORS}
     output = f"tcp://127.0.0.1:{free_port()}"
     config = {"bundle": str(bundle_path),
               "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
                           for n, m in SENSORS.items()],
-              "window": {"length_s": args.window_s, "hop_s": args.window_s}, "drop": {"timeout_s": 1.0},
-              "restorer": {"method": args.restorer}, "output": {"endpoint": output},
+              "window": {"length_s": window_s, "hop_s": window_s}, "drop": {"timeout_s": 1.0},
+              "restorer": {"method": restorer}, "output": {"endpoint": output},
               "log": {"stats_interval_s": 3600}}
     config_path = workdir / "bench.yaml"
     config_path.write_text(yaml.safe_dump(config))
-
-    context = zmq.Context()
     sockets = {}
     for name, port in ports.items():
         sockets[name] = context.socket(zmq.XPUB)
@@ -132,6 +127,17 @@ def main() -> int:
     listener = context.socket(zmq.SUB)
     listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
     listener.connect(output)
+    return config_path, sockets, listener
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mmfuse-bench-"))
+    bundle_path = ensure_bundle(args.bundle, workdir, args.media)
+    args.json = args.json or str(ROOT / "bench" / "results" / f"e2e_latency{'_media' if args.media else ''}.json")
+    dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
+    context = zmq.Context()
+    config_path, sockets, listener = live_lab(workdir, bundle_path, args.window_s, args.restorer, context)
 
     daemon = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
                                "--log-json"],

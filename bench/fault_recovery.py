@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 import zmq
 
-from e2e_latency import SENSORS, ensure_bundle, free_port
+from e2e_latency import SENSORS, ensure_bundle, live_lab
 from mmfuse import wire
 from mmfuse.bundle import load_bundle
 
@@ -78,24 +77,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mmfuse-faults-"))
     bundle_path = ensure_bundle(args.bundle, workdir, media=False)
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
-    ports = {name: free_port() for name in SENSORS}
-    output = f"tcp://127.0.0.1:{free_port()}"
-    config = {"bundle": str(bundle_path),
-              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
-                          for n, m in SENSORS.items()],
-              "window": {"length_s": 1.0, "hop_s": 1.0}, "drop": {"timeout_s": 1.0},
-              "restorer": {"method": args.restorer}, "output": {"endpoint": output}, "log": {"stats_interval_s": 3600}}
-    config_path = workdir / "faults.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     context = zmq.Context()
-    sockets = {}
-    for name, port in ports.items():
-        sockets[name] = context.socket(zmq.XPUB)
-        sockets[name].setsockopt(zmq.SNDHWM, 0)
-        sockets[name].bind(f"tcp://127.0.0.1:{port}")
-    listener = context.socket(zmq.SUB)
-    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
-    listener.connect(output)
+    config_path, sockets, listener = live_lab(workdir, bundle_path, 1.0, args.restorer, context)
     daemon = Daemon(config_path)
     received: list[tuple[float, dict]] = []
     try:

@@ -93,12 +93,12 @@ def lab(tmp_path_factory, bundle_dir):
         lab.close()
 
 
-def message(session, source, seq, t, kind="data", rng=None):
+def message(session, source, seq, t, kind="data", rng=None, duration=WINDOW):
     body = {"v": 1, "session": session, "source": source, "modality": SENSORS[source], "seq": seq, "t": t,
             "kind": kind}
     if kind == "data":
         vector = rng.normal(size=DIMS[SENSORS[source]]).astype("<f4")
-        body.update(encoding="features", data=vector.tobytes(), shape=[len(vector)], dtype="<f4", duration=WINDOW)
+        body.update(encoding="features", data=vector.tobytes(), shape=[len(vector)], dtype="<f4", duration=duration)
     return [f"{SENSORS[source]}/{session}".encode(), msgpack.packb(body, use_bin_type=True)]
 
 

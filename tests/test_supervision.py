@@ -8,11 +8,10 @@ import signal
 import threading
 import time
 
-import msgpack
 import numpy as np
 import pytest
 
-from test_end_to_end import DIMS, SENSORS, Lab, decode
+from test_end_to_end import SENSORS, Lab, decode, message
 
 WINDOW = 1.0
 WINDOWS = 14
@@ -24,15 +23,6 @@ MODALITY = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
 # a test suite's load a Ray restart alone has taken 2 s. Restorer and fusion take 3-4 s to restart, so this bound
 # still fails a daemon that waits for them instead of standing in.
 RESUME_BOUND_S = 3.0
-
-
-def message(session, source, seq, t, kind="data", rng=None):
-    body = {"v": 1, "session": session, "source": source, "modality": MODALITY[source], "seq": seq, "t": t,
-            "kind": kind}
-    if kind == "data":
-        vector = rng.normal(size=DIMS[MODALITY[source]]).astype("<f4")
-        body.update(encoding="features", data=vector.tobytes(), shape=[len(vector)], dtype="<f4", duration=WINDOW)
-    return [f"{MODALITY[source]}/{session}".encode(), msgpack.packb(body, use_bin_type=True)]
 
 
 def sent_modalities(session, k):
@@ -85,7 +75,7 @@ def run_session(lab, kill: str | None):
                 if k in GAPS.get((session, name), ()):
                     frames = message(session, name, seq, (k + 1) * WINDOW, "heartbeat")
                 else:
-                    frames = message(session, name, seq, k * WINDOW, rng=rng)
+                    frames = message(session, name, seq, k * WINDOW, rng=rng, duration=WINDOW)
                 lab.sockets[name].send_multipart(frames)
         if k == KILL_AFTER - 1 and pid:
             os.kill(pid, signal.SIGKILL)
@@ -149,9 +139,9 @@ def test_sigterm_while_an_actor_is_down_still_publishes_every_open_window(tmp_pa
         rng = np.random.default_rng(3)
         for k in range(3):  # windows 0-2 close
             for name in SENSORS:
-                lab.sockets[name].send_multipart(message("gamma", name, k, k * WINDOW, rng=rng))
+                lab.sockets[name].send_multipart(message("gamma", name, k, k * WINDOW, rng=rng, duration=WINDOW))
         for name in ("cam0", "mic0"):  # window 3 lacks text and stays open until the drain (or the drop timeout)
-            lab.sockets[name].send_multipart(message("gamma", name, 3, 3 * WINDOW, rng=rng))
+            lab.sockets[name].send_multipart(message("gamma", name, 3, 3 * WINDOW, rng=rng, duration=WINDOW))
         time.sleep(0.3)
         os.kill(actor_pid(lab.daemon.log(), kill), signal.SIGKILL)
         time.sleep(0.3)

@@ -1,0 +1,28 @@
+"""The import rules of the layout: each actor module wraps its stage alone, and the daemon and
+training sides share only the package root."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder, forbidden", [("actors", "mmfuse.actors"), ("daemon", "mmfuse.training"),
+                                               ("training", "mmfuse.daemon"), ("mmfuse", "mmfuse.daemon"),
+                                               ("mmfuse", "mmfuse.training"), ("mmfuse", "mmfuse.actors")])
+def test_modules_do_not_import_across_the_layout(folder, forbidden):
+    offending = {path.name: sorted(n for n in imported(path) if n == forbidden or n.startswith(forbidden + "."))
+                 for path in sorted((ROOT / folder).glob("*.py"))}
+    assert not {name: found for name, found in offending.items() if found}
