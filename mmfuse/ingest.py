@@ -109,27 +109,12 @@ class SensorIngest:
         if message.modality != self.modality:
             self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
             return
-        key = (message.session, message.source)
-        stream = self.streams.get(key)
-        if stream is None:
-            stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
-                                                     clock=ClockTracker(self.clock_jump_s))
-            self.log.info("stream started", session=message.session, source=message.source)
-        restarted = message.seq == 0 and stream.last_seq > 0
-        if restarted:
-            self.log.info("stream restarted", session=message.session, source=message.source,
-                          after_seq=stream.last_seq)
-            stream.restart()
-        if message.seq <= stream.last_seq:
-            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
-                         f"({message.session}/{message.source})")
-            return
         if message.kind == "data" and message.duration > self.max_span:
             self.reject("too_long", f"{message.session}/{message.source} seq {message.seq} spans {message.duration:g} s; "
                         f"at most {self.max_span:g} s (seconds, not milliseconds?)")
             return
-        message = self._on_stream_time(stream, message, arrived_at, restarted)
-        if message.kind == "data" and message.encoding == "features":
+        vectors = None
+        if message.kind == "data" and message.encoding == "features":  # checked whole before any state changes
             vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
             if self.dim is not None and vectors.shape[1] != self.dim:
                 self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
@@ -137,6 +122,23 @@ class SensorIngest:
             if not np.isfinite(vectors).all():
                 self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
                 return
+        key = (message.session, message.source)
+        stream = self.streams.get(key)
+        restarted = stream is not None and message.seq == 0 and stream.last_seq > 0
+        if stream is not None and not restarted and message.seq <= stream.last_seq:
+            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
+                         f"({message.session}/{message.source})")
+            return
+        if stream is None:
+            stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
+                                                     clock=ClockTracker(self.clock_jump_s))
+            self.log.info("stream started", session=message.session, source=message.source)
+        if restarted:
+            self.log.info("stream restarted", session=message.session, source=message.source,
+                          after_seq=stream.last_seq)
+            stream.restart()
+        message = self._on_stream_time(stream, message, arrived_at, restarted)
+        if vectors is not None:
             self._count_arrival(message)
             step = message.duration / len(vectors)
             for i, vector in enumerate(vectors):

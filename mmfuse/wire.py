@@ -153,7 +153,7 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
     if not isinstance(body, dict):
         raise WireError("not_a_map", f"payload is a msgpack {type(body).__name__}, not a map")
     version = body.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # True == 1.0 == 1 in Python; the protocol says integer 1
         raise WireError("version", f"unsupported protocol version {version!r} (this daemon speaks {VERSION})")
 
     session = _text(body, "session")
@@ -241,7 +241,7 @@ def _array_header(body: dict, encoding: str, nbytes: int) -> tuple[tuple[int, ..
             raise WireError("bad_value:dtype", f"rgb8 dtype must be '|u1', got {dtype!r:.40}")
         if len(shape) != 3 or shape[2] != 3:
             raise WireError("shape", f"rgb8 shape must be [height, width, 3], got {shape}")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # exact: numpy's product wraps around at 2**63
     if expected != nbytes:
         raise WireError("shape", f"shape {shape} of {dtype} needs {expected} bytes, data has {nbytes}")
     return tuple(shape), dtype

@@ -109,3 +109,16 @@ def test_a_message_spanning_more_than_a_minute_is_rejected():
     sensor = SensorIngest("cam0", "visual", 2.0, 2.0, 4, max_span_s=60.0)
     send(sensor, 0, 0.0, [1, 1, 1, 1], duration=3600.0)  # milliseconds sent as seconds
     assert sensor.rejected.counts == {"too_long": 1} and sensor.take_batch() is None
+
+
+@pytest.mark.parametrize("bad", [np.ones(5), np.array([1.0, np.nan, 0.0, 0.0])])
+def test_a_rejected_frame_far_ahead_touches_no_stream_state(bad):
+    sensor = ingest()
+    send(sensor, 0, 0.0, np.ones(4), at=100.0)
+    before = (sensor.streams[("s1", "cam0")].last_seq, sensor.streams[("s1", "cam0")].clock.estimate())
+    send(sensor, 10**12, 1e9, bad, at=100.1)  # wrong dimension, or not finite: rejected
+    send(sensor, 10**12, 1e9, bad, session="never", at=100.2)
+    stream = sensor.streams[("s1", "cam0")]
+    assert (stream.last_seq, stream.clock.estimate()) == before and ("s1", "never") not in sensor.streams
+    send(sensor, 1, 2.0, np.ones(4), at=102.0)  # the genuine next frame is no duplicate
+    assert stream.last_seq == 1 and sensor.rejected.total() == 2

@@ -103,3 +103,20 @@ def test_decision_round_trip():
                        "task": "sentiment", "label": "positive", "scores": {"negative": 0.2, "positive": 0.8},
                        "present": ["audio", "text"], "restored": ["visual"], "dropped": ["cam0"],
                        "restorer": "mean", "latency_ms": 3.5, "bundle": "demo-1"}
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_a_version_that_only_equals_1_is_refused(version):
+    body = {"v": version, "session": "s", "source": "cam0", "modality": "visual", "seq": 0, "t": 0.0,
+            "kind": "heartbeat"}
+    with pytest.raises(wire.WireError) as raised:
+        wire.decode([b"visual/s", msgpack.packb(body)])
+    assert raised.value.reason == "version"
+
+
+def test_a_shape_whose_product_overflows_is_a_shape_error():
+    body = {"v": 1, "session": "s", "source": "cam0", "modality": "visual", "seq": 0, "t": 0.0, "kind": "data",
+            "encoding": "features", "data": bytes(400), "shape": [2**62 + 1, 100], "dtype": "<f4"}
+    with pytest.raises(wire.WireError) as raised:
+        wire.decode([b"visual/s", msgpack.packb(body, use_bin_type=True)])
+    assert raised.value.reason == "shape"
