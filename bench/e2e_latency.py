@@ -106,6 +106,13 @@ def ensure_bundle(path: str | None, workdir: Path, media: bool) -> Path:
     return workdir / "bundle"
 
 
+def report(result: dict, path: str) -> None:
+    """Print the figures and write them as JSON."""
+    print(json.dumps(result, indent=2))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def live_lab(workdir: Path, bundle_path: Path, window_s: float, restorer: str, context: zmq.Context):
     """A daemon configuration on free ports, written to workdir, with the sensors' XPUB sockets bound and a
     decision subscriber connected: (configuration path, sockets by sensor, listener)."""
@@ -249,9 +256,7 @@ def main() -> int:
     finally:
         if daemon.poll() is None:
             daemon.kill()
-    print(json.dumps(result, indent=2))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
     context.destroy(linger=0)
     return 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from e2e_latency import SENSORS, ensure_bundle, live_lab
+from e2e_latency import SENSORS, ensure_bundle, live_lab, report
 from mmfuse import wire
 from mmfuse.bundle import load_bundle
 
@@ -167,9 +167,7 @@ def main() -> int:
               "lost_total": sum(key not in decided for key in sent),
               "doubled_total": sum(n - 1 for n in counts.values() if n > 1), "kills": results,
               "daemon_exit_code": exit_code, "daemon_log": str(workdir / "daemon.log"), "cpu": os.cpu_count()}
-    print(json.dumps(result, indent=2))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
     context.destroy(linger=0)
     return 0
 
