@@ -5,7 +5,7 @@ state, from which a restarted aligner carries on."""
 
 from __future__ import annotations
 
-import pickle
+import copy
 import threading
 import time
 
@@ -51,16 +51,15 @@ class AlignerActor:
     def ping(self) -> Incarnation:
         return self.incarnation
 
-    def restore(self, snapshot: bytes | None, retained: dict[str, list[SensorBatch]], down: frozenset[str]) -> dict:
+    def restore(self, snapshot: dict | None, retained: dict[str, list[SensorBatch]], down: frozenset[str]) -> dict:
         """Take up the state of `snapshot` (None: a first start), apply the batches sensors sent since, then what
         was held, and hand every unacknowledged window on again."""
         with self.lock:
             if snapshot is not None:
-                state = pickle.loads(snapshot)
-                self.aligner, self.outbox, self.applied = state["aligner"], state["outbox"], state["applied"]
+                self.aligner, self.outbox, self.applied = snapshot["aligner"], snapshot["outbox"], snapshot["applied"]
                 self.aligner.log = self.log
                 if self.ticks is not None:
-                    self.ticks = state["ticks"]
+                    self.ticks = snapshot["ticks"]
             self.down = down
             replayed = 0
             kept = [batch for batches in retained.values() for batch in batches]
@@ -75,14 +74,15 @@ class AlignerActor:
                 self._dispatch(self.aligner.poll(time.time()))
             return {"replayed_batches": replayed, "held_calls": len(held), "unacknowledged": len(self.outbox)}
 
-    def snapshot(self) -> tuple[bytes, dict[tuple[str, str], int], int] | None:
-        """(the pickled state, the last batch it holds per sensor incarnation, windows not acknowledged yet); None
-        before restore()."""
+    def snapshot(self) -> tuple[dict, dict[tuple[str, str], int], int] | None:
+        """(a copy of the state, the last batch it holds per sensor incarnation, windows not acknowledged yet);
+        None before restore(). Copied under the lock: Ray serialises the answer after the call, while the ticker
+        may be closing windows."""
         with self.lock:
             if not self.restored:
                 return None
             state = {"aligner": self.aligner, "outbox": self.outbox, "applied": self.applied, "ticks": self.ticks}
-            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), dict(self.applied), len(self.outbox)
+            return copy.deepcopy(state), dict(self.applied), len(self.outbox)
 
     def push(self, batch: SensorBatch) -> None:
         with self.lock:

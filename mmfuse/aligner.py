@@ -115,7 +115,7 @@ class Aligner:
         self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
 
     def __getstate__(self) -> dict:
-        """Everything but the logger: the aligner actor's snapshots pickle it."""
+        """Everything but the logger: the aligner actor's snapshots copy it, and Ray serialises them."""
         return {k: v for k, v in vars(self).items() if k != "log"}
 
     def __setstate__(self, state: dict) -> None:
