@@ -89,6 +89,10 @@ class ClockTracker:
         self._add(u, arrived - u)
         return None if jump is None else ClockJump(jump)
 
+    def jump_of(self, t: float, arrived: float) -> float | None:
+        """The jump that `observe(t, arrived)` would reveal, without changing anything."""
+        return self._jump(t + self.correction, arrived, False)
+
     def _refine(self, t: float, arrived: float) -> None:
         """A message after a reset that arrived sooner than the line allows: the reset was sized on a delayed
         message. Size it on this one, and forget what was learned since with the wrong size."""

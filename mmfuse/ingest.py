@@ -21,6 +21,16 @@ from mmfuse.media import MediaEncoder, MediaError
 DELAY_MEMORY = 64  # arrivals over which the delay jitter is taken
 PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
 SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
+SEQ_JUMP = 100      # a seq further ahead than this breaks with its stream: 3 s of a 30 fps camera lost at once
+
+
+@dataclass(slots=True)
+class Checked:
+    """A message that passed every check, with what it contributes; not yet applied to its stream."""
+    message: wire.SensorMessage
+    arrived_at: float
+    vectors: np.ndarray | None = None  # features
+    item: object = None                # raw media, prepared by the MediaEncoder
 
 
 @dataclass
@@ -37,6 +47,7 @@ class StreamState:
     delays: deque = field(default_factory=lambda: deque(maxlen=DELAY_MEMORY))
     last_t: float = math.nan
     intervals: deque = field(default_factory=lambda: deque(maxlen=PERIOD_MEMORY))
+    held: Checked | None = None  # a message that breaks with the stream, until the next one confirms it
 
     def sent_at(self, t: float) -> None:
         """Learn the period from origin times: the sensor's clock carries no network jitter."""
@@ -77,8 +88,11 @@ class SensorIngest:
 
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
                  max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
-                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0, max_span_s: float = 60.0):
+                 clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0, max_span_s: float = 60.0,
+                 sender_key: str | None = None, other_sensors: frozenset[str] = frozenset()):
         self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.sender_key = sender_key        # authenticated sensors: the only key this sensor's messages come from
+        self.other_sensors = other_sensors  # names this sensor must not send as
         self.idle_s, self.max_span = idle_s, max_span_s
         self.clock_jump_s = clock_jump_s
         self.keep_spans = spans and modality == "text"  # utterance windows: text segments are the windows
@@ -100,56 +114,136 @@ class SensorIngest:
         """How many window ends lie at or before event time t (a step function of t)."""
         return math.floor((t - self.length) / self.hop) if math.isfinite(t) else -math.inf
 
-    def ingest(self, frames: list[bytes], arrived_at: float) -> None:
-        try:
-            message = wire.decode(frames, self.max_payload)
-        except wire.WireError as exc:
-            self.reject(exc.reason, exc.detail)
+    def ingest(self, frames: list[bytes], arrived_at: float, sender: str | None = None) -> None:
+        """One message as received (`sender`: the CURVE key it came from, when sensors authenticate). It changes
+        its stream only once every check has passed, and not at all if it breaks with the stream (see
+        `_discontinuity`) until the stream's next message confirms it."""
+        frame = self._checked(frames, arrived_at, sender)
+        if frame is None:
             return
-        if message.modality != self.modality:
-            self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
-            return
-        if message.kind == "data" and message.duration > self.max_span:
-            self.reject("too_long", f"{message.session}/{message.source} seq {message.seq} spans {message.duration:g} s; "
-                        f"at most {self.max_span:g} s (seconds, not milliseconds?)")
-            return
-        vectors = None
-        if message.kind == "data" and message.encoding == "features":  # checked whole before any state changes
-            vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
-            if self.dim is not None and vectors.shape[1] != self.dim:
-                self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
-                return
-            if not np.isfinite(vectors).all():
-                self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
-                return
+        message = frame.message
         key = (message.session, message.source)
         stream = self.streams.get(key)
-        restarted = stream is not None and message.seq == 0 and stream.last_seq > 0
-        if stream is not None and not restarted and message.seq <= stream.last_seq:
-            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
-                         f"({message.session}/{message.source})")
-            return
         if stream is None:
             stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
                                                      clock=ClockTracker(self.clock_jump_s))
             self.log.info("stream started", session=message.session, source=message.source)
+            self._apply(stream, frame)
+            return
+        new = message.seq > stream.last_seq or (message.seq == 0 and stream.last_seq > 0)
+        breaks = self._discontinuity(stream, frame) if new else "duplicate"
+        held, stream.held = stream.held, None
+        if held is not None:
+            if breaks and self._continues(held, frame, stream.clock.correction):
+                self._apply(stream, held)  # the stream really went where the held message said
+                self._apply(stream, frame)
+                return
+            if not new:
+                stream.held = held  # a stray duplicate says nothing about the held message
+            else:
+                self.reject("outlier", f"{held.message.session}/{held.message.source} seq {held.message.seq} "
+                            f"t {held.message.t:g}: the stream's next message did not follow it")
+        if not new:
+            self.reject("duplicate_or_reordered", f"seq {message.seq} after {stream.last_seq} "
+                        f"({message.session}/{message.source})")
+        elif breaks:
+            stream.held = frame
+            self.log.debug("message held until the next confirms it", session=message.session,
+                           source=message.source, seq=message.seq, reason=breaks)
+        else:
+            self._apply(stream, frame)
+
+    def _checked(self, frames: list[bytes], arrived_at: float, sender: str | None) -> Checked | None:
+        """The message with everything it will contribute, or None (counted and logged) if any check fails."""
+        if self.sender_key is not None and sender != self.sender_key:
+            self.reject("wrong_source", f"a message from key {sender} on sensor {self.sensor}, whose key is "
+                        f"{self.sender_key}")
+            return None
+        try:
+            message = wire.decode(frames, self.max_payload)
+        except wire.WireError as exc:
+            self.reject(exc.reason, exc.detail)
+            return None
+        if message.source in self.other_sensors:
+            self.reject("wrong_source", f"{message.session}/{message.source} sent on sensor {self.sensor}")
+            return None
+        if message.modality != self.modality:
+            self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
+            return None
+        frame = Checked(message, arrived_at)
+        if message.kind != "data":
+            return frame
+        if message.duration > self.max_span:
+            self.reject("too_long", f"{message.session}/{message.source} seq {message.seq} spans {message.duration:g} s; "
+                        f"at most {self.max_span:g} s (seconds, not milliseconds?)")
+            return None
+        if message.encoding == "features":
+            vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
+            if self.dim is not None and vectors.shape[1] != self.dim:
+                self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
+                return None
+            if not np.isfinite(vectors).all():
+                self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
+                return None
+            frame.vectors = vectors
+        elif self.media is not None and self.media.accepts(message.encoding):
+            stream = self.streams.get((message.session, message.source))
+            correction = 0.0 if stream is None else stream.clock.correction
+            try:
+                frame.item = self.media.prepare(dataclasses.replace(message, t=message.t + correction))
+            except MediaError as exc:
+                self.reject(exc.reason, exc.detail)
+                return None
+        return frame
+
+    def _discontinuity(self, stream: StreamState, frame: Checked) -> str | None:
+        """How a new message breaks with its stream, if it does: its seq begins again or leaps ahead, or its time
+        leaps (a clock reset, as the stream's clock tracker would take it). One such message from a faulty or
+        hostile sender must not move the stream, so it waits for the stream's next message (`_continues`)."""
+        message = frame.message
+        if message.seq == 0 and stream.last_seq > 0:
+            return "restart"
+        clock = stream.clock
+        leap = self._leap(stream.last_seq, clock.last_t, clock.last_arrived, frame, clock.correction)
+        if leap is None and clock.jump_of(message.t + message.duration, frame.arrived_at) is not None:
+            return "clock_jump"
+        return leap
+
+    def _leap(self, seq: int, end: float, arrived: float, frame: Checked, correction: float) -> str | None:
+        """Whether a message leaps from one that ended at stream time `end` (its seq `seq`, arrived `arrived`)."""
+        message = frame.message
+        if message.seq - seq > SEQ_JUMP:
+            return "seq_jump"
+        start = message.t + correction
+        if start + message.duration < end - self.clock_jump_s:  # (a span may begin long ago: a text segment)
+            return "time_back"
+        if (start - end) - (frame.arrived_at - arrived) > self.clock_jump_s:  # a gap of more stream than wall time
+            return "time_ahead"
+        return None
+
+    def _continues(self, held: Checked, frame: Checked, correction: float) -> bool:
+        """Whether a message follows on from a held one, as a stream that went where the held one said would."""
+        before = held.message
+        return frame.message.seq > before.seq and self._leap(before.seq, before.t + before.duration + correction,
+                                                             held.arrived_at, frame, correction) is None
+
+    def _apply(self, stream: StreamState, frame: Checked) -> None:
+        message, arrived_at = frame.message, frame.arrived_at
+        key = (message.session, message.source)
+        restarted = message.seq == 0 and stream.last_seq > 0
         if restarted:
             self.log.info("stream restarted", session=message.session, source=message.source,
                           after_seq=stream.last_seq)
             stream.restart()
         message = self._on_stream_time(stream, message, arrived_at, restarted)
-        if vectors is not None:
+        if frame.vectors is not None:
             self._count_arrival(message)
-            step = message.duration / len(vectors)
-            for i, vector in enumerate(vectors):
+            step = message.duration / len(frame.vectors)
+            for i, vector in enumerate(frame.vectors):
                 self._add_span(message.session, message.source, message.t + i * step, message.t + (i + 1) * step,
                                vector)
-        elif message.kind == "data" and self.media is not None and self.media.accepts(message.encoding):
-            try:
-                self.media.add(message)
-            except MediaError as exc:
-                self.reject(exc.reason, exc.detail)
-                return
+        elif frame.item is not None:
+            self.media.add(message, frame.item)
             self._count_arrival(message)
         elif message.kind == "data" and self.unsupported.add(message.encoding):
             self.log.warning("frames this sensor cannot encode", encoding=message.encoding,
@@ -235,7 +329,8 @@ class SensorIngest:
         """Forget streams silent for idle_s (as the aligner forgets sessions), so a daemon that runs for weeks
         keeps no state for sessions long gone; a stream heard again starts afresh."""
         for key in [k for k, s in self.streams.items() if now - s.arrived_at > self.idle_s and k not in self.touched]:
-            del self.streams[key]
+            if self.streams.pop(key).held is not None:
+                self.reject("outlier", f"{key[0]}/{key[1]}: a held message no later one confirmed")
             if self.media is not None:
                 self.media.forget(key)
             self.log.debug("stream forgotten", session=key[0], source=key[1])

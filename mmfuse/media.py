@@ -28,6 +28,7 @@ MEDIA_ENCODINGS = {"visual": IMAGE_ENCODINGS, "text": ("utf8",), "audio": ("pcm1
 MIN_PARTIAL_SEGMENT_S = 0.2  # a shorter audio remainder (stream end, gap) is not worth a vector
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_ASPECT = 16  # a towers' resize of the short side to ~224 px would blow a 1 x 2000 strip up to gigabytes
+SKIPPED = object()  # a camera frame thinned out: prepared, never decoded
 
 
 class MediaError(ValueError):
@@ -38,38 +39,61 @@ class MediaError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def rgb_image(source) -> np.ndarray:
-    """RGB uint8 [H, W, 3] of an encoded image (a file object); raises MediaError for anything
-    Pillow cannot decode and for images over MAX_IMAGE_PIXELS (decompression bombs)."""
+def _opened(source):
+    """A Pillow image with only its header read; MediaError for anything Pillow cannot parse and for images
+    over MAX_IMAGE_PIXELS (decompression bombs) or MAX_ASPECT."""
     from PIL import Image
 
     try:
-        with Image.open(source) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise MediaError("too_large", f"{image.width}x{image.height} image; at most {MAX_IMAGE_PIXELS} "
-                                 f"pixels are decoded")
-            return np.asarray(image.convert("RGB"))
-    except MediaError:
-        raise
+        image = Image.open(source)
     except Exception as exc:  # Pillow raises many unrelated types (incl. DecompressionBombError) for bad input
         raise MediaError("undecodable", f"{type(exc).__name__}: {exc}") from None
+    _check_size(image.width, image.height)
+    return image
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise MediaError("too_large", f"{width}x{height} image; at most {MAX_IMAGE_PIXELS} pixels are decoded")
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise MediaError("aspect", f"{width}x{height} image: sides differ more than {MAX_ASPECT}-fold")
+
+
+def rgb_image(source) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an encoded image (a file object); raises MediaError for anything
+    Pillow cannot decode and for images too large or too narrow (see _opened)."""
+    with _opened(source) as image:
+        try:
+            return np.asarray(image.convert("RGB"))
+        except Exception as exc:
+            raise MediaError("undecodable", f"{type(exc).__name__}: {exc}") from None
+
+
+def _named(message: SensorMessage, exc: MediaError) -> MediaError:
+    return MediaError(exc.reason, f"{message.encoding} of {message.session}/{message.source} seq {message.seq}: "
+                      f"{exc.detail}")
+
+
+def probe_image(message: SensorMessage) -> None:
+    """Check a `jpeg` or `rgb8` message's header (format, size, aspect) without decoding its pixels."""
+    try:
+        if message.encoding == "rgb8":
+            _check_size(message.shape[1], message.shape[0])
+        else:
+            _opened(io.BytesIO(message.data)).close()
+    except MediaError as exc:
+        raise _named(message, exc) from None
 
 
 def decode_image(message: SensorMessage) -> np.ndarray:
     """RGB uint8 [H, W, 3] of a `jpeg` or `rgb8` message."""
-    if message.encoding == "rgb8":
-        image = message.array()
-    else:
-        try:
-            image = rgb_image(io.BytesIO(message.data))
-        except MediaError as exc:
-            raise MediaError(exc.reason, f"jpeg of {message.session}/{message.source} seq {message.seq}: "
-                             f"{exc.detail}") from None
-    height, width = image.shape[:2]
-    if max(height, width) > MAX_ASPECT * min(height, width):
-        raise MediaError("aspect", f"{width}x{height} image of {message.session}/{message.source} seq "
-                         f"{message.seq}: sides differ more than {MAX_ASPECT}-fold")
-    return image
+    try:
+        if message.encoding == "rgb8":
+            _check_size(message.shape[1], message.shape[0])
+            return message.array()
+        return rgb_image(io.BytesIO(message.data))
+    except MediaError as exc:
+        raise _named(message, exc) from None
 
 
 def pcm16_samples(message: SensorMessage) -> np.ndarray:
@@ -135,22 +159,37 @@ class MediaEncoder:
     def accepts(self, encoding: str) -> bool:
         return encoding in MEDIA_ENCODINGS[self.modality]
 
-    def add(self, message: SensorMessage) -> None:
-        """Queue what this message contributes; raises MediaError for an undecodable payload."""
+    def prepare(self, message: SensorMessage) -> object:
+        """What this message will contribute, checked whole: raises MediaError for a payload that cannot be
+        decoded, and changes nothing, so a stream's state need not change for a frame that fails. A camera
+        frame the thinning will skip is checked by its header alone (SKIPPED)."""
+        if message.encoding not in IMAGE_ENCODINGS:
+            return message.data if message.encoding == "utf8" else pcm16_samples(message)
+        if self._slot(message) is None:
+            probe_image(message)
+            return SKIPPED
+        return decode_image(message)
+
+    def _slot(self, message: SensorMessage) -> int | None:
+        """The frame slot a camera frame fills, or None if its stream has filled that slot already."""
+        slot = math.floor(message.t / self.frame_period)
+        return None if slot <= self.last_slot.get((message.session, message.source), -math.inf) else slot
+
+    def add(self, message: SensorMessage, item: object) -> None:
+        """Queue a message's prepared item (from `prepare`), at the message's time."""
         key = (message.session, message.source)
         if message.encoding in IMAGE_ENCODINGS:
-            slot = math.floor(message.t / self.frame_period)
-            if slot <= self.last_slot.get(key, -math.inf):
+            slot = None if item is SKIPPED else self._slot(message)
+            if slot is None:
                 self.skipped_frames += 1
                 return
-            image = decode_image(message)
             self.last_slot[key] = slot
-            self.pending.append(_Pending(*key, message.t, message.t, image))
+            self.pending.append(_Pending(*key, message.t, message.t, item))
         elif message.encoding == "utf8":
-            if message.data.strip():
-                self.pending.append(_Pending(*key, message.t, message.t + message.duration, message.data))
+            if item.strip():
+                self.pending.append(_Pending(*key, message.t, message.t + message.duration, item))
         else:
-            self._add_audio(key, message.t, self._resample(key, pcm16_samples(message), message.rate))
+            self._add_audio(key, message.t, self._resample(key, item, message.rate))
 
     def _resample(self, key: tuple[str, str], samples: np.ndarray, rate: int) -> np.ndarray:
         """Linear resampling to the tower's rate, carrying the phase across chunks so no drift builds up."""

@@ -24,6 +24,10 @@ from conftest import MEDIA_TRAINING
 from test_end_to_end import Lab, collect
 
 
+def queue(encoder: MediaEncoder, message: wire.SensorMessage) -> None:
+    encoder.add(message, encoder.prepare(message))
+
+
 @pytest.fixture(scope="module")
 def tiny_clip():
     torch.manual_seed(0)
@@ -113,7 +117,7 @@ def test_camera_frames_are_thinned_to_k_per_window():
     encoder = MediaEncoder("visual", CountingTower(), frame_period_s=2.0)
     frame = np.zeros((8, 8, 3), np.uint8)
     for i in range(60):  # 4 s of a 15 fps camera
-        encoder.add(wire.rgb8_message("s", "cam0", i, i / 15, frame))
+        queue(encoder, wire.rgb8_message("s", "cam0", i, i / 15, frame))
     spans = encoder.encode()
     assert [s.start for s in spans] == [0.0, 2.0] and encoder.skipped_frames == 58
 
@@ -122,7 +126,7 @@ def test_audio_is_cut_on_the_segment_grid_and_counts_only_once_complete():
     encoder = MediaEncoder("audio", LengthTower(rate=1000), frame_period_s=1.0)
     key = ("s", "mic0")
     for i in range(25):  # 2.5 s in 100 ms chunks
-        encoder.add(wire.pcm16_message("s", "mic0", i, i * 0.1, np.zeros(100), 1000))
+        queue(encoder, wire.pcm16_message("s", "mic0", i, i * 0.1, np.zeros(100), 1000))
     assert encoder.complete_until(key, 2.5) == pytest.approx(2.0)
     spans = encoder.encode()
     assert [(round(s.start, 3), round(s.end, 3)) for s in spans] == [(0.0, 1.0), (1.0, 2.0)]
@@ -268,14 +272,14 @@ def test_a_manifest_of_dialogues_gets_session_context_by_default(tmp_path):
 def test_a_heartbeat_completes_an_unfinished_audio_segment_and_resampling_does_not_drift():
     encoder = MediaEncoder("audio", LengthTower(rate=16000), frame_period_s=1.0)
     key = ("s", "mic0")
-    encoder.add(wire.pcm16_message("s", "mic0", 0, 0.0, np.zeros(8000), 16000))  # half a segment, then silence
+    queue(encoder, wire.pcm16_message("s", "mic0", 0, 0.0, np.zeros(8000), 16000))  # half a segment, then silence
     assert encoder.complete_until(key, 0.5) == 0.0
     encoder.heartbeat(key, 0.6)
     assert encoder.complete_until(key, 0.6) == 0.6 and len(encoder.encode()) == 1
     # 10 minutes of 44.1 kHz audio in 1024-sample chunks: the segment grid stays on the sensor's clock
     t, seq = 0.0, 1
     for _ in range(int(600 * 44100 / 1024)):
-        encoder.add(wire.pcm16_message("s", "mic1", seq, t, np.zeros(1024), 44100))
+        queue(encoder, wire.pcm16_message("s", "mic1", seq, t, np.zeros(1024), 44100))
         t += 1024 / 44100
         seq += 1
     spans = encoder.encode()
@@ -307,5 +311,5 @@ def test_strip_images_are_refused_and_a_failing_item_costs_only_itself():
 
     encoder = MediaEncoder("text", Tower(), 1.0)
     for seq, text in enumerate(["good", "bad", "fine"]):
-        encoder.add(wire.text_message("s", "asr0", seq, float(seq), text, 1.0))
+        queue(encoder, wire.text_message("s", "asr0", seq, float(seq), text, 1.0))
     assert [span.start for span in encoder.encode()] == [0.0, 2.0] and encoder.failed == 1

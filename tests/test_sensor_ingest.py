@@ -122,3 +122,71 @@ def test_a_rejected_frame_far_ahead_touches_no_stream_state(bad):
     assert (stream.last_seq, stream.clock.estimate()) == before and ("s1", "never") not in sensor.streams
     send(sensor, 1, 2.0, np.ones(4), at=102.0)  # the genuine next frame is no duplicate
     assert stream.last_seq == 1 and sensor.rejected.total() == 2
+
+
+def live(sensor, messages=12, period=1.0, at=100.0):
+    """A settled stream: one message per second, arriving 0.05 s after it ends."""
+    for seq in range(messages):
+        send(sensor, seq, seq * period, np.ones(4), duration=period, at=at + (seq + 1) * period + 0.05)
+
+
+def test_one_message_far_ahead_in_seq_does_not_silence_the_stream():
+    sensor = ingest()
+    live(sensor)
+    send(sensor, 10**12, 12.0, np.full(4, 9.0), duration=1.0, at=113.05)
+    for seq in range(12, 20):  # the genuine stream goes on where it was
+        send(sensor, seq, float(seq), np.ones(4), duration=1.0, at=101.05 + seq)
+    stream = sensor.streams[("s1", "cam0")]
+    assert sensor.rejected.counts == {"outlier": 1} and stream.last_seq == 19 and stream.held is None
+    assert all((d.total == d.weight).all() for d in sensor.take_batch().deltas)  # nothing of the 9s arrived
+
+
+@pytest.mark.parametrize("t", [1e6, -50.0, 14.5])
+def test_one_message_far_off_in_time_moves_no_clock(t):
+    sensor = ingest()
+    live(sensor)
+    before = sensor.streams[("s1", "cam0")].clock.estimate()
+    send(sensor, 12, t, np.full(4, 9.0), duration=1.0, at=113.05)
+    send(sensor, 13, 12.0, np.ones(4), duration=1.0, at=113.10)
+    stream = sensor.streams[("s1", "cam0")]
+    assert sensor.rejected.counts == {"outlier": 1} and stream.clock.resets == 0
+    assert stream.clock.estimate()["offset_s"] == pytest.approx(before["offset_s"], abs=0.06)
+    assert stream.progress == 13.0
+
+
+def test_a_restart_or_clock_jump_the_next_message_confirms_is_taken():
+    sensor = ingest()
+    live(sensor)
+    send(sensor, 0, 500.0, np.ones(4), duration=1.0, at=113.05)  # the source restarted on another clock
+    assert sensor.streams[("s1", "cam0")].held is not None
+    send(sensor, 1, 501.0, np.ones(4), duration=1.0, at=114.05)
+    stream = sensor.streams[("s1", "cam0")]
+    assert not sensor.rejected.counts and stream.held is None and stream.last_seq == 1
+    assert stream.clock.resets == 1 and stream.progress == pytest.approx(14.0)  # its timeline stays continuous
+
+
+def test_a_thinned_out_camera_frame_that_cannot_be_decoded_touches_no_stream_state():
+    from mmfuse.media import MediaEncoder
+
+    class Tower:
+        def encode(self, items):
+            return np.ones((len(items), 4), np.float32)
+
+    sensor = SensorIngest("cam0", "visual", 2.0, 2.0, 4, media=MediaEncoder("visual", Tower(), 2.0))
+    frame = np.zeros((8, 8, 3), np.uint8)
+    sensor.ingest(wire.encode(wire.rgb8_message("s1", "cam0", 0, 0.0, frame, 0.1)), 100.1)
+    sensor.ingest(wire.encode(wire.jpeg_message("s1", "cam0", 1, 0.1, b"\xff\xd8 junk", 0.1)), 100.2)
+    stream = sensor.streams[("s1", "cam0")]
+    assert sensor.rejected.counts == {"undecodable": 1} and stream.last_seq == 0 and stream.progress == 0.1
+    assert stream.clock.seen == 1
+
+
+def test_with_authenticated_sensors_only_the_sensors_key_may_send_and_never_as_another_sensor():
+    sensor = SensorIngest("cam0", "visual", 2.0, 2.0, 4, sender_key="CAMKEY", other_sensors=frozenset({"asr0"}))
+    frames = wire.encode(wire.features_message("s1", "cam0", "visual", 0, 0.0, np.ones(4)))
+    sensor.ingest(frames, 100.0, sender="OTHERKEY")
+    sensor.ingest(wire.encode(wire.features_message("s1", "asr0", "visual", 0, 0.0, np.ones(4))), 100.0,
+                  sender="CAMKEY")
+    assert sensor.rejected.counts == {"wrong_source": 2} and not sensor.streams
+    sensor.ingest(frames, 100.0, sender="CAMKEY")
+    assert sensor.accepted == 1
