@@ -14,6 +14,7 @@ from mmfuse.config import DaemonConfig
 from mmfuse.delivery import Published
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
+from mmfuse.security import CONSUMERS, Gatekeeper, daemon_keys, serve
 
 RECONNECT_WAIT_S = 1.0  # how long a new publisher waits for a first subscriber before it publishes
 
@@ -27,10 +28,19 @@ class PublisherActor:
         self.log = structlog.get_logger().bind(actor="publisher")
         self.incarnation = Incarnation.here()
         self.endpoint = config.output.endpoint
-        self.socket = zmq.Context.instance().socket(zmq.XPUB)
+        context = zmq.Context.instance()
+        self.socket = context.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.error: str | None = None
+        self.gate = None
+        keys = daemon_keys(config)
+        if keys is not None:
+            self.gate = Gatekeeper(context, self.log)
+            self.gate.start()
+            self.gate.admit(CONSUMERS, keys.consumers)
+            serve(self.socket, keys.certificate, CONSUMERS)
+            self.gate.watch(self.socket, CONSUMERS)
         try:
             self.socket.bind(self.endpoint)
         except zmq.ZMQError as exc:
@@ -82,4 +92,5 @@ class PublisherActor:
         return self.stats()
 
     def stats(self) -> dict:
-        return {"published": self.published, "duplicates_dropped": self.sent.duplicates}
+        refused = {} if self.gate is None else {"auth_refused": self.gate.refused_count}
+        return {"published": self.published, "duplicates_dropped": self.sent.duplicates, **refused}

@@ -42,7 +42,11 @@ class SensorActor:
 
             limit_threads()
             tower = load_bundle(config.bundle).towers([self.sensor.modality])[self.sensor.modality]
-        self.new_ingest = lambda: build_ingest(config, self.sensor, dim, tower, self.log)
+        from mmfuse.security import daemon_keys
+
+        self.keys = daemon_keys(config)
+        self.gate = None
+        self.new_ingest = lambda: build_ingest(config, self.sensor, dim, tower, self.log, self.keys)
         self.ingest = self.new_ingest()
         self.virtual_clock = virtual_clock
         self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval) if virtual_clock else None
@@ -78,6 +82,14 @@ class SensorActor:
         socket.setsockopt(zmq.SUBSCRIBE, f"{self.sensor.modality}/".encode())
         if self.virtual_clock:
             socket.setsockopt(zmq.SUBSCRIBE, TICK_TOPIC)
+        if self.keys is not None:
+            from mmfuse.security import SENSORS, Gatekeeper, serve
+
+            self.gate = Gatekeeper(context, self.log)
+            self.gate.start()
+            self.gate.admit(SENSORS, self.keys.sensors)
+            serve(socket, self.keys.certificate, SENSORS)
+            self.gate.watch(socket, SENSORS)
         try:
             if self.sensor.bind:
                 socket.bind(self.sensor.endpoint)
@@ -89,7 +101,8 @@ class SensorActor:
             self.started.set()
             return
         self.log.info("sensor listening", endpoint=self.sensor.endpoint, bind=self.sensor.bind,
-                      virtual_clock=self.virtual_clock, incarnation=self.incarnation.token)
+                      virtual_clock=self.virtual_clock, incarnation=self.incarnation.token,
+                      authenticated=self.keys is not None)
         self.started.set()
         in_flight: list = []
         last_push = time.monotonic()
@@ -97,7 +110,7 @@ class SensorActor:
             if socket.poll(self.min_interval * 1000, zmq.POLLIN):
                 for _ in range(10_000):
                     try:
-                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                        frames = socket.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
                     except zmq.Again:
                         break
                     in_flight = self._receive_safely(aligner, frames, in_flight)
@@ -107,7 +120,7 @@ class SensorActor:
                 last_push = time.monotonic()
         while True:  # drain what is already queued, then hand over the last batch
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
             except zmq.Again:
                 break
             in_flight = self._receive_safely(aligner, frames, in_flight)
@@ -115,6 +128,8 @@ class SensorActor:
             in_flight = self._push(aligner, in_flight)
         self._settle(in_flight, timeout=10)
         socket.close()
+        if self.gate is not None:
+            self.gate.stop()
 
     def _receive_safely(self, aligner, frames: list[bytes], in_flight: list) -> list:
         """One message; a fault in handling it is counted and logged, and the sensor reads on."""
@@ -126,12 +141,19 @@ class SensorActor:
                 self.ingest.rejected.add("internal_error")
             return in_flight
 
-    def _receive(self, aligner, frames: list[bytes], in_flight: list) -> list:
+    def _receive(self, aligner, frames: list, in_flight: list) -> list:
+        sender = None
+        if self.keys is not None:  # zmq.Frames: the key the connection authenticated with is their User-Id
+            sender, frames = frames[0].get("User-Id"), [frame.bytes for frame in frames]
         if not self.virtual_clock:
             with self.lock:
-                self.ingest.ingest(frames, time.time())
+                self.ingest.ingest(frames, time.time(), sender)
             return in_flight
         if frames[0] == TICK_TOPIC:
+            if self.ingest.sender_key is not None and sender != self.ingest.sender_key:
+                with self.lock:
+                    self.ingest.reject("wrong_source", f"a clock tick from key {sender} on sensor {self.sensor.name}")
+                return in_flight
             return self._tick(aligner, frames, in_flight)
         at = receive_time(frames[-1]) if len(frames) == 3 else None
         with self.lock:
@@ -139,7 +161,7 @@ class SensorActor:
                 self.ingest.reject("virtual_clock", "this daemon runs on a replay's clock (--virtual-clock): messages "
                                    "need their receive time as a third frame, as mmfuse-replay --virtual-clock sends")
             else:
-                self.ingest.ingest(frames[:2], at)
+                self.ingest.ingest(frames[:2], at, sender)
         return in_flight
 
     def _tick(self, aligner, frames: list[bytes], in_flight: list) -> list:
@@ -218,7 +240,8 @@ class SensorActor:
 
     def stats(self) -> dict:
         with self.lock:
-            return {**self.ingest.stats(), "pushes": self.pushes, "retained": len(self.retained),
+            refused = {} if self.gate is None else {"auth_refused": self.gate.refused_count}
+            return {**self.ingest.stats(), **refused, "pushes": self.pushes, "retained": len(self.retained),
                     **({"push_failures": dict(self.push_failures.counts)} if self.push_failures.counts else {})}
 
 

@@ -16,6 +16,7 @@ from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.logs import configure
 from mmfuse.media import MEDIA_ENCODINGS
+from mmfuse.security import SecurityError, daemon_keys
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
@@ -49,8 +50,10 @@ def check(config: DaemonConfig, log) -> int:
     media = bundle.manifest.get("media", {}).get("towers", {})
     towers = ("; raw media: " + ", ".join(f"{m} ({', '.join(MEDIA_ENCODINGS[m])})" for m in media) if media
               else "; no raw-media towers")
+    curve = config.security.curve
+    security = "sensors not authenticated" if curve is None else f"CURVE: sensor keys from {curve.authorized_keys}"
     print(f"configuration OK: {len(config.sensors)} sensor(s), bundle {bundle.id} ({bundle.task}: "
-          f"{', '.join(bundle.labels)}; features {dims}{towers}), restorer {config.restorer.method}",
+          f"{', '.join(bundle.labels)}; features {dims}{towers}), restorer {config.restorer.method}; {security}",
           file=sys.stderr)
     return 0
 
@@ -82,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
                   "level": args.log_level or config.log.level}
     configure(**log_format)
     log = structlog.get_logger().bind(actor="daemon")
+    try:
+        keys = daemon_keys(config)
+    except SecurityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.check:
         return check(config, log)
+    if keys is None:
+        log.warning("sensors are not authenticated", hint="anyone who reaches a sensor endpoint can publish as "
+                    "that sensor; set security.curve (README, Security)")
 
     try:
         bundle = load_bundle(config.bundle)

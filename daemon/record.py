@@ -14,12 +14,14 @@ import signal
 import sys
 import time
 
+import structlog
 import zmq
 
 from mmfuse import wire
 from mmfuse.config import ConfigError, load_config
 from mmfuse.logs import Tally
 from mmfuse.recording import RecordingWriter
+from mmfuse.security import SENSORS, DaemonKeys, Gatekeeper, SecurityError, client_keys, connect_as, daemon_keys, serve
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,27 +31,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="MCAP file to write")
     parser.add_argument("--decisions", action="store_true", help="also record decisions from output.endpoint")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: on signal)")
+    parser.add_argument("--key", action="append", default=[], metavar="NAME.key_secret",
+                        help="with security.curve and --decisions: the consumer certificate to read decisions with "
+                        "(the sensors are received as the daemon receives them, with its key)")
     return parser.parse_args(argv)
 
 
-def record_pending(socket, decisions, sensors: dict, writer: RecordingWriter, rejected: Tally, max_payload: int) -> None:
-    """Write everything queued on one socket."""
+def record_pending(socket, decisions, sensors: dict, writer: RecordingWriter, rejected: Tally, max_payload: int,
+                   keys: DaemonKeys | None) -> None:
+    """Write everything queued on one socket; with `keys`, only what a sensor's own key sent as that sensor."""
     while True:
         try:
-            frames = socket.recv_multipart(zmq.NOBLOCK)
+            frames = socket.recv_multipart(zmq.NOBLOCK, copy=keys is None or socket is decisions)
         except zmq.Again:
             return
         now = time.time()
         if socket is decisions:
             writer.decision(frames[-1], now)
             continue
+        sensor, problem = sensors[socket], None
+        if keys is not None:
+            sender, frames = frames[0].get("User-Id"), [frame.bytes for frame in frames]
+            wanted = keys.sender_key(sensor.name)
+            problem = f"wrong_source: from key {sender}, not {wanted}" if wanted not in (None, sender) else None
         try:
             message = wire.decode(frames, max_payload)
         except wire.WireError as exc:
-            if rejected.add(exc.reason):
-                print(f"rejected a malformed message ({exc})", file=sys.stderr)
+            problem = problem or str(exc)
+        else:
+            if keys is not None and message.source != sensor.name and message.source in keys.sensor_keys:
+                problem = problem or f"wrong_source: {message.source} sent on sensor {sensor.name}"
+        if problem is not None:
+            if rejected.add(problem.partition(":")[0]):
+                print(f"rejected a message ({problem})", file=sys.stderr)
             continue
-        writer.sensor_message(sensors[socket].name, message, frames[1], now)
+        writer.sensor_message(sensor.name, message, frames[1], now)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,15 +81,29 @@ def main(argv: list[str] | None = None) -> int:
               f"recorder cannot bind them too; record sensors that bind their own endpoints (the default)",
               file=sys.stderr)
         return 2
+    try:
+        keys = daemon_keys(config)
+        consumer = client_keys(config, args.key, as_sensors=False) if args.decisions else None
+    except SecurityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     context = zmq.Context.instance()
     poller = zmq.Poller()
     sensors = {}
+    gate = None
+    if keys is not None:
+        gate = Gatekeeper(context, structlog.get_logger().bind(actor="record"))
+        gate.start()
+        gate.admit(SENSORS, keys.sensors)
     try:
         for sensor in config.sensors:
             socket = context.socket(zmq.SUB)
             socket.setsockopt(zmq.RCVHWM, 100_000)
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.SUBSCRIBE, f"{sensor.modality}/".encode())
+            if keys is not None:
+                serve(socket, keys.certificate, SENSORS)
+                gate.watch(socket, SENSORS)
             socket.connect(sensor.endpoint)
             sensors[socket] = sensor
             poller.register(socket, zmq.POLLIN)
@@ -81,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.decisions:
             decisions = context.socket(zmq.SUB)
             decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
+            if consumer is not None:
+                connect_as(decisions, consumer.consumer, consumer.server)
             decisions.connect(config.output.endpoint)
             poller.register(decisions, zmq.POLLIN)
     except zmq.ZMQError as exc:
@@ -102,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stopping and time.monotonic() < deadline:
             for socket, _ in poller.poll(100):
-                record_pending(socket, decisions, sensors, writer, rejected, config.pipeline.max_payload_bytes)
+                record_pending(socket, decisions, sensors, writer, rejected, config.pipeline.max_payload_bytes, keys)
     finally:
+        if gate is not None and gate.refused_count:
+            rejected.counts["auth_refused"] = gate.refused_count
         writer.close(dict(rejected.counts))
+        if gate is not None:
+            gate.stop()
         context.destroy(linger=0)
     print(f"wrote {writer.messages} sensor message(s) on {len(writer.channels)} channel(s) to {args.out}"
           + (f"; rejected {dict(rejected.counts)}" if rejected.counts else ""), file=sys.stderr)

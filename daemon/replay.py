@@ -37,6 +37,7 @@ from mmfuse import wire
 from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.datasets import DataError, load_features
+from mmfuse.security import ClientKeys, SecurityError, client_keys, connect_as
 from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, receive_time_frame, replay_ticks, tick_frames
 
 
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "run and at any --speed")
     parser.add_argument("--listen", action="store_true", help="print decisions from the daemon as they arrive")
     parser.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the daemon to subscribe")
+    parser.add_argument("--key", action="append", default=[], metavar="NAME.key_secret",
+                        help="with security.curve in the configuration: the certificate to publish with (repeat it "
+                        "for sensors that each have their own public_key) and to --listen with; the daemon's public "
+                        "key comes from the configuration")
     args = parser.parse_args(argv)
     try:
         args.speed = float("inf") if args.speed == "max" else float(args.speed)
@@ -316,7 +321,7 @@ def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str]) -> li
 
 
 def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float,
-                 virtual_clock: bool) -> dict[str, zmq.Socket]:
+                 virtual_clock: bool, keys: ClientKeys | None = None) -> dict[str, zmq.Socket]:
     """One XPUB per sensor, so that we can wait until the daemon has subscribed (on a virtual clock: to the
     ticks as well, or the first ones would be lost)."""
     sockets = {}
@@ -324,6 +329,8 @@ def open_sockets(context: zmq.Context, config: DaemonConfig, wait_s: float,
         socket = context.socket(zmq.XPUB)
         socket.setsockopt(zmq.SNDHWM, 0)
         socket.setsockopt(zmq.LINGER, 5000)
+        if keys is not None:
+            connect_as(socket, keys.sensors[sensor.name], keys.server)
         if sensor.bind:
             socket.connect(sensor.endpoint)
         else:
@@ -408,14 +415,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, BundleError, RecordingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        keys = client_keys(config, args.key)
+    except SecurityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     context = zmq.Context.instance()
     listener = None
     if args.listen:
         listener = context.socket(zmq.SUB)
         listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+        if keys is not None:
+            connect_as(listener, keys.consumer, keys.server)
         listener.connect(config.output.endpoint)
     try:
-        sockets = open_sockets(context, config, args.wait_s, args.virtual_clock)
+        sockets = open_sockets(context, config, args.wait_s, args.virtual_clock, keys)
     except (TimeoutError, zmq.ZMQError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -56,7 +56,7 @@ class Supervisor:
     def __init__(self, config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log):
         import ray
 
-        self.config = config.model_copy(update={"bundle": config.bundle.resolve()})
+        self.config = config.resolved()
         self.log = log
         self.node = ray.get_runtime_context().get_node_id()
         self.actors: dict[str, Watched] = {}

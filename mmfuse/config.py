@@ -35,6 +35,8 @@ class SensorConfig(Section):
     endpoint: str
     bind: bool = Field(False, description="daemon binds this endpoint instead of connecting to it")
     frames_per_window: int = Field(1, ge=1, description="camera frames encoded per window and stream (jpeg, rgb8)")
+    public_key: Path | None = Field(None, description="with security.curve: this sensor's public certificate "
+                                    "(NAME.key); its messages are accepted from that key only")
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
@@ -119,8 +121,22 @@ class RestorerConfig(Section):
 
 class OutputConfig(Section):
     endpoint: str = "tcp://127.0.0.1:5560"
+    authorized_keys: Path | None = Field(None, description="with security.curve: directory of the public "
+                                         "certificates of the consumers that may read decisions; empty: any "
+                                         "consumer that knows the daemon's public key")
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
+class CurveConfig(Section):
+    secret_key: Path = Field(description="the daemon's certificate, public and secret (NAME.key_secret, "
+                             "from mmfuse-keys new)")
+    authorized_keys: Path = Field(description="directory of the sensors' public certificates (NAME.key)")
+
+
+class SecurityConfig(Section):
+    curve: CurveConfig | None = Field(None, description="CURVE authentication of sensors and consumers; "
+                                      "empty: anyone who reaches an endpoint can publish as a sensor")
 
 
 class RayConfig(Section):
@@ -151,6 +167,7 @@ class DaemonConfig(Section):
     clock: ClockConfig = ClockConfig()
     restorer: RestorerConfig = RestorerConfig()
     output: OutputConfig = OutputConfig()
+    security: SecurityConfig = SecurityConfig()
     ray: RayConfig = RayConfig()
     pipeline: PipelineConfig = PipelineConfig()
     log: LogConfig = LogConfig()
@@ -165,6 +182,12 @@ class DaemonConfig(Section):
             raise ValueError(f"pipeline.flush_interval_ms ({self.pipeline.flush_interval_ms:g}) must be below "
                              f"drop.timeout_s ({self.drop.timeout_s:g} s), or windows close without data the "
                              f"sensor actors still hold; lower it")
+        if self.security.curve is None:
+            keyed = [f"sensors[{i}].public_key" for i, s in enumerate(self.sensors) if s.public_key is not None]
+            keyed += ["output.authorized_keys"] if self.output.authorized_keys is not None else []
+            if keyed:
+                raise ValueError(f"{', '.join(keyed)} only apply with CURVE authentication; add security.curve "
+                                 f"(secret_key, authorized_keys) or remove them")
         endpoints = [s.endpoint for s in self.sensors] + [self.output.endpoint]
         shared = sorted({e for e in endpoints if endpoints.count(e) > 1})
         if shared:
@@ -174,6 +197,20 @@ class DaemonConfig(Section):
     @property
     def modalities(self) -> list[str]:
         return sorted({s.modality for s in self.sensors})
+
+    def resolved(self) -> DaemonConfig:
+        """The configuration with every path absolute (against the current directory), for processes that may
+        start elsewhere, as Ray's workers do."""
+        def absolute(path: Path | None) -> Path | None:
+            return None if path is None else path.resolve()
+
+        curve = self.security.curve
+        return self.model_copy(update={
+            "bundle": absolute(self.bundle),
+            "sensors": [s.model_copy(update={"public_key": absolute(s.public_key)}) for s in self.sensors],
+            "output": self.output.model_copy(update={"authorized_keys": absolute(self.output.authorized_keys)}),
+            "security": self.security if curve is None else SecurityConfig(curve=CurveConfig(
+                secret_key=absolute(curve.secret_key), authorized_keys=absolute(curve.authorized_keys)))})
 
 
 _FIXES = {

@@ -80,13 +80,18 @@ def sensor_grid(config: DaemonConfig) -> tuple[float, float]:
     return (window.slot_s,) * 2 if window.mode == "utterance" else (window.length_s, window.hop_s)
 
 
-def build_ingest(config: DaemonConfig, sensor: SensorConfig, dim: int | None, tower=None, log=None) -> SensorIngest:
+def build_ingest(config: DaemonConfig, sensor: SensorConfig, dim: int | None, tower=None, log=None,
+                 keys=None) -> SensorIngest:
+    """`keys` (mmfuse.security.DaemonKeys) when sensors authenticate: then a sensor takes frames from its own
+    key only, and none that name another configured sensor as their source."""
     media = None if tower is None else MediaEncoder(sensor.modality, tower,
                                                     config.window.length_s / sensor.frames_per_window)
+    others = frozenset(s.name for s in config.sensors if s.name != sensor.name) if keys is not None else frozenset()
     return SensorIngest(sensor.name, sensor.modality, *sensor_grid(config), dim, config.pipeline.max_payload_bytes,
                         log, media, config.clock.jump_s, spans=config.window.mode == "utterance",
                         idle_s=5 * config.pipeline.session_idle_s,  # streams outlive their session's idle time
-                        max_span_s=max(60.0, 10 * config.window.length_s))  # a minute, or ten long windows
+                        max_span_s=max(60.0, 10 * config.window.length_s),  # a minute, or ten long windows
+                        sender_key=None if keys is None else keys.sender_key(sensor.name), other_sensors=others)
 
 
 def build_aligner(config: DaemonConfig, modalities: list[str], log=None) -> Aligner:
