@@ -127,8 +127,28 @@ class Scheduled:
     frames: list
 
 
-class FeatureRows:
-    """An npz: one `features` message per utterance and modality."""
+class Utterances:
+    """Rows replayed one utterance per window. A sensor stays alive while an utterance lasts, heartbeating
+    every HEARTBEAT_S (the protocol's rule for sparse sources), so no window waits on a silent sensor."""
+
+    HEARTBEAT_S = 0.25
+
+    def alive(self, sensor, session: str, seq: int, t: float, hop: float):
+        """Heartbeats while an utterance lasts: delivered up to its start, and alive."""
+        for j in range(1, int(hop / self.HEARTBEAT_S)):
+            yield t + j * self.HEARTBEAT_S, wire.SensorMessage(session, sensor.name, sensor.modality, seq + j - 1, t,
+                                                               kind="heartbeat")
+
+    def lost(self, sensor, session: str, seq: int, t: float, hop: float):
+        """An utterance the sensor lost: it stays alive throughout and then says it is past it."""
+        beats = list(self.alive(sensor, session, seq, t, hop))
+        yield from beats
+        yield t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq + len(beats), t + hop,
+                                          kind="heartbeat")
+
+
+class FeatureRows(Utterances):
+    """An npz: one `features` message per utterance and modality, at the utterance's end."""
 
     def __init__(self, path: str):
         self.data = load_features(path)
@@ -137,20 +157,17 @@ class FeatureRows:
         self.uid = self.data.uid
         self.truth = [names[k] if names and k < len(names) else None for k in self.data.label]
 
-    def lost(self, sensor, session: str, seq: int, t: float, hop: float):
-        """An utterance the sensor lost: it stays alive and says so when the utterance would have ended."""
-        yield t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq, t + hop, kind="heartbeat")
-
     def messages(self, row: int, sensor, session: str, seq: int, t: float, hop: float):
-        yield t + hop, wire.features_message(session, sensor.name, sensor.modality, seq, t,
+        beats = list(self.alive(sensor, session, seq, t, hop))
+        yield from beats
+        yield t + hop, wire.features_message(session, sensor.name, sensor.modality, seq + len(beats), t,
                                              self.data.features[sensor.modality][row], duration=hop)
 
 
-class MediaRows:
+class MediaRows(Utterances):
     """A media manifest: camera frames, an ASR segment and audio chunks per utterance."""
 
     CHUNK_S = 0.1
-    HEARTBEAT_S = 0.25
 
     def __init__(self, path: str, fps: float):
         from mmfuse.datasets import manifest_modalities, read_manifest
@@ -174,19 +191,6 @@ class MediaRows:
             image.convert("RGB").save(buffer, format="JPEG", quality=90)
         return buffer.getvalue()
 
-    def _alive(self, sensor, session: str, seq: int, t: float, hop: float):
-        """Heartbeats while an utterance lasts: delivered up to its start, and alive."""
-        for j in range(1, int(hop / self.HEARTBEAT_S)):
-            yield t + j * self.HEARTBEAT_S, wire.SensorMessage(session, sensor.name, sensor.modality, seq + j - 1, t,
-                                                               kind="heartbeat")
-
-    def lost(self, sensor, session: str, seq: int, t: float, hop: float):
-        """An utterance the sensor lost: it stays alive throughout and then says it is past it."""
-        beats = list(self._alive(sensor, session, seq, t, hop))
-        yield from beats
-        yield t + hop, wire.SensorMessage(session, sensor.name, sensor.modality, seq + len(beats), t + hop,
-                                          kind="heartbeat")
-
     def messages(self, row: int, sensor, session: str, seq: int, t: float, hop: float):
         record = self.rows[row]
         if sensor.modality == "visual":
@@ -195,7 +199,7 @@ class MediaRows:
                 yield t + (j + 1) / self.fps, wire.jpeg_message(session, sensor.name, seq + j, t + j / self.fps, frame,
                                                                 duration=1 / self.fps)
         elif sensor.modality == "text":  # an ASR result comes at the utterance's end: stay alive until then
-            beats = list(self._alive(sensor, session, seq, t, hop))
+            beats = list(self.alive(sensor, session, seq, t, hop))
             yield from beats
             yield t + hop, wire.text_message(session, sensor.name, seq + len(beats), t, record.text, hop)
         else:

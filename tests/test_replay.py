@@ -36,21 +36,23 @@ def test_schedule_groups_rows_into_sessions_one_utterance_per_window(feature_fil
     sessions = {body["session"] for _, body in messages}
     assert len(sessions) == 2 and len(truth) == 24
     first = [body for sensor, body in messages if sensor == "cam0" and body["kind"] == "data"][:2]
-    assert [(b["t"], b["duration"], b["seq"]) for b in first] == [(0.0, 2.0, 0), (0.0, 2.0, 0)]
+    assert [(b["t"], b["duration"], b["seq"]) for b in first] == [(0.0, 2.0, 7), (0.0, 2.0, 7)]  # after 7 beats
     ends = [body for _, body in messages if body["kind"] == "end"]
     assert len(ends) == 6 and all(b["t"] == 24.0 for b in ends)
 
 
 def test_drop_and_kill(feature_file):
     data = FeatureRows(str(feature_file))
-    schedule, _ = build_schedule(parse_config(config()), data,
-                                 args(sessions=1, drop=[("text", 0.5)], kill=[parse_kill("visual@10s")]))
+    schedule, truth = build_schedule(parse_config(config()), data,
+                                     args(sessions=1, drop=[("text", 0.5)], kill=[parse_kill("visual@10s")]))
     messages = decoded(schedule)
     camera = [b for s, b in messages if s == "cam0"]
     assert max(b["t"] for b in camera) < 10.0 and not any(b["kind"] == "end" for b in camera)
     text = [b for s, b in messages if s == "asr0"]
+    sent = sum(b["kind"] == "data" for b in text)
     heartbeats = sum(b["kind"] == "heartbeat" for b in text)
-    assert 2 <= heartbeats <= 10 and [b["seq"] for b in text] == list(range(len(text)))
+    assert 0 < sent < len(truth) and [b["seq"] for b in text] == list(range(len(text)))
+    assert heartbeats == 7 * len(truth) + (len(truth) - sent)  # alive through every utterance, lost ones too
 
 
 def test_a_media_manifest_becomes_camera_frames_asr_segments_and_audio_chunks(media_manifest):
@@ -85,3 +87,19 @@ def test_replay_without_daemon_fails_fast(tmp_path, feature_file):
     result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.replay", "--config", str(path), "--data",
                              str(feature_file), "--wait-s", "0.5"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and "is mmfuse-daemon running" in result.stderr
+
+
+def test_a_real_time_replay_of_a_clean_file_marks_no_sensor_dropped(feature_file, bundle_dir):
+    """The replay's messages at their due times, each sensor's a few ms later than the last (as a replay at 1x
+    delivers them), through the daemon's pipeline: sensors heartbeat through each 2 s utterance, so none is
+    dropped for silence before its data arrives."""
+    from mmfuse.bundle import load_bundle
+    from mmfuse.pipeline import InProcessPipeline
+
+    daemon = parse_config({**config(), "bundle": str(bundle_dir), "window": {"length_s": 2.0, "hop_s": 2.0},
+                           "drop": {"timeout_s": 1.0}})
+    schedule, truth = build_schedule(daemon, FeatureRows(str(feature_file)), args(sessions=2))
+    delay = {"cam0": 0.002, "mic0": 0.03, "asr0": 0.06}
+    run = InProcessPipeline(daemon, load_bundle(bundle_dir)).run(
+        sorted((1_700_000_000.0 + item.due + delay[item.sensor], item.sensor, item.frames) for item in schedule))
+    assert len(run.decisions) == len(truth) and not any(d.dropped or d.restored for d in run.decisions)
