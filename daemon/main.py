@@ -20,6 +20,7 @@ from mmfuse.security import SecurityError, daemon_keys
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C); SIGTERM stops with 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,18 +35,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check(config: DaemonConfig, log) -> int:
+def check(config: DaemonConfig) -> int:
+    """What the daemon checks before it starts, without starting anything: 0 when it would start."""
     try:
         bundle = load_bundle(config.bundle)
-    except BundleError as exc:
-        log.warning("bundle not usable yet", problem=str(exc))
-        print(f"configuration OK; bundle: {exc}", file=sys.stderr)
-        return 0
-    try:
         bundle.check_fits(config.modalities, config.restorer.method)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    problems = unavailable_resources(config)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_STARTUP
     dims = ", ".join(f"{m} {spec['dim']}-d" for m, spec in bundle.modalities.items())
     media = bundle.manifest.get("media", {}).get("towers", {})
     towers = ("; raw media: " + ", ".join(f"{m} ({', '.join(MEDIA_ENCODINGS[m])})" for m in media) if media
@@ -56,6 +58,51 @@ def check(config: DaemonConfig, log) -> int:
           f"{', '.join(bundle.labels)}; features {dims}{towers}), restorer {config.restorer.method}; {security}",
           file=sys.stderr)
     return 0
+
+
+def unavailable_resources(config: DaemonConfig) -> list[str]:
+    """Resources of this machine the configuration asks for and cannot have: endpoints the daemon binds that are
+    in use, and GPUs an embedded Ray would not find. Found in a second, before Ray starts."""
+    import zmq
+
+    problems = []
+    binds = [("output.endpoint", config.output.endpoint)] + [
+        (f"sensors[{i}].endpoint ({s.name}, bind: true)", s.endpoint) for i, s in enumerate(config.sensors) if s.bind]
+    context = zmq.Context.instance()
+    for key, endpoint in binds:
+        probe = context.socket(zmq.PAIR)
+        probe.setsockopt(zmq.LINGER, 0)
+        try:
+            probe.bind(endpoint)
+        except zmq.ZMQError as exc:
+            problems.append(f"{key}: cannot bind {endpoint} ({exc}); is another daemon running on it? choose a "
+                            f"free port")
+        finally:
+            probe.close()
+    if config.restorer.num_gpus > 0 and config.ray.address is None:
+        found = local_gpus()
+        if found < config.restorer.num_gpus:
+            problems.append(f"restorer.num_gpus: {config.restorer.num_gpus:g} GPU(s) asked for the restorer actor, "
+                            f"{found} on this machine; set restorer.num_gpus: 0 to restore on the CPU")
+    return problems
+
+
+def local_gpus() -> int:
+    """CUDA devices torch can use here."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cluster_gpu_problem(config: DaemonConfig) -> str | None:
+    """A Ray cluster joined (ray.address) with fewer GPUs than the restorer asks for: it would wait for ever."""
+    import ray
+
+    found = ray.cluster_resources().get("GPU", 0)
+    if config.restorer.num_gpus > found:
+        return (f"restorer.num_gpus: {config.restorer.num_gpus:g} GPU(s) asked for the restorer actor, the Ray "
+                f"cluster at {config.ray.address} has {found:g}; add a GPU node or set restorer.num_gpus: 0")
+    return None
 
 
 def tree_rss_mb(pid: int | None = None) -> float:
@@ -91,22 +138,60 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        return check(config, log)
+        return check(config)
+    signals = Signals()
     if keys is None:
         log.warning("sensors are not authenticated", hint="anyone who reaches a sensor endpoint can publish as "
                     "that sensor; set security.curve (README, Security)")
-
     try:
         bundle = load_bundle(config.bundle)
         bundle.check_fits(config.modalities, config.restorer.method)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    problems = unavailable_resources(config)
+    if problems:
+        for problem in problems:
+            log.error("start-up failed", problem=problem)
+        return EXIT_STARTUP
+    return run(config, bundle, log_format, args.virtual_clock, log, signals)
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
 
+class Signals:
+    """SIGINT and SIGTERM at any moment. During start-up they abort it: at once, except while ray.init runs (it
+    starts Ray's processes; stopping it half-way would leave them behind), where they take effect as soon as it
+    returns. Once the daemon is ready they ask it to drain and stop."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.received: int | None = None
+        self.ready = False
+        self.deferring = False
+        self.install()
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.received = self.received or signum
+        if self.ready:
+            self.stop.set()
+        elif not self.deferring:
+            raise KeyboardInterrupt
+
+    def after_ray_init(self) -> None:
+        self.deferring = False
+        self.install()  # ray.init installs handlers of its own
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else 0
+
+
+def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log, signals: Signals) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: every actor's lines, unfolded
     # Ray waits this long for the news of an actor's death before failing calls to it, and calls to its
@@ -119,32 +204,40 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     runtime_env = {"env_vars": {"RAY_timeout_ms_task_wait_for_death_info":
                                 os.environ["RAY_timeout_ms_task_wait_for_death_info"]}} if config.ray.address else None
-    ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
-             configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
-             runtime_env=runtime_env)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # ray.init installs handlers of its own
-        signal.signal(signum, lambda *_: stop.set())
+    signals.deferring = True
     try:
-        supervisor = Supervisor(config, bundle, log_format, args.virtual_clock, log)
+        ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
+                 configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
+                 runtime_env=runtime_env)
+        signals.after_ray_init()
+        problem = cluster_gpu_problem(config) if config.ray.address else None
+        if problem:
+            log.error("start-up failed", problem=problem)
+            return EXIT_STARTUP
+        supervisor = Supervisor(config, bundle, log_format, virtual_clock, log)
         problems = supervisor.start()
         if problems:
             for problem in problems:
                 log.error("start-up failed", problem=problem)
             return EXIT_STARTUP
+        signals.ready = True
+        if signals.received is not None:
+            signals.stop.set()
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
-                 output=config.output.endpoint, restorer=config.restorer.method, virtual_clock=args.virtual_clock,
+                 output=config.output.endpoint, restorer=config.restorer.method, virtual_clock=virtual_clock,
                  startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
         next_stats = time.monotonic() + config.log.stats_interval_s
-        while not stop.wait(PING_S):
+        while not signals.stop.wait(PING_S):
             supervisor.watch()
             if time.monotonic() >= next_stats:
                 log.info("stats", **supervisor.stats(), rss_mb=tree_rss_mb())
                 next_stats = time.monotonic() + config.log.stats_interval_s
-        log.info("draining")
+        log.info("draining", signal=signal.Signals(signals.received).name)
         final = supervisor.drain()
         log.info("stopped", **final, rss_mb=tree_rss_mb())
-        return 0
+        return signals.exit_status
     finally:
+        signals.deferring, signals.ready = True, False  # a second Ctrl-C must not cut Ray's shutdown short
         ray.shutdown()
 
 

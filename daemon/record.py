@@ -121,18 +121,18 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = RecordingWriter(args.out, config.model_dump(mode="json"))
     rejected = Tally()
-    stopping = False
+    stopping = None
 
-    def stop(*_):
+    def stop(signum, _frame):
         nonlocal stopping
-        stopping = True
+        stopping = signum
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     deadline = time.monotonic() + args.duration_s if args.duration_s else float("inf")
     print(f"recording {len(sensors)} sensor(s) into {args.out}; Ctrl-C stops", file=sys.stderr)
     try:
-        while not stopping and time.monotonic() < deadline:
+        while stopping is None and time.monotonic() < deadline:
             for socket, _ in poller.poll(100):
                 record_pending(socket, decisions, sensors, writer, rejected, config.pipeline.max_payload_bytes, keys)
     finally:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         context.destroy(linger=0)
     print(f"wrote {writer.messages} sensor message(s) on {len(writer.channels)} channel(s) to {args.out}"
           + (f"; rejected {dict(rejected.counts)}" if rejected.counts else ""), file=sys.stderr)
-    return 0
+    return 130 if stopping == signal.SIGINT else 0  # Ctrl-C, as for every command; SIGTERM and --duration-s: 0
 
 
 if __name__ == "__main__":

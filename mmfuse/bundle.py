@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,15 +156,23 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def save_bundle(path: str | Path, manifest: dict, weights: dict[str, dict[str, torch.Tensor]]) -> Bundle:
-    """Write weight files and a manifest recording their sha256; returns the loaded bundle."""
+    """Write weight files and a manifest recording their sha256; returns the loaded bundle. The bundle is
+    written beside `path` and then put in its place, so that an interruption never leaves a partial one."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    partial, retired = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.replaced")
+    for leftover in (partial, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial.mkdir(parents=True)
     files = {}
     for name, tensors in weights.items():
         filename = f"{name}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path / filename)
-        files[filename] = sha256_file(path / filename)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, partial / filename)
+        files[filename] = sha256_file(partial / filename)
     manifest = {"format": FORMAT, **manifest, "files": files, "mmfuse_version": mmfuse.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    if path.exists():
+        path.rename(retired)
+    partial.rename(path)
+    shutil.rmtree(retired, ignore_errors=True)
     return load_bundle(path)

@@ -70,10 +70,33 @@ def run_check(path):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_check_accepts_lab_config_without_bundle_yet():
+def test_check_refuses_a_configuration_whose_bundle_is_missing_as_the_daemon_would():
     result = run_check(ROOT / "config" / "lab.yaml")
-    assert result.returncode == 0, result.stderr
-    assert "configuration OK" in result.stderr and "mmfuse-train" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "models/lab" in result.stderr and "mmfuse-train" in result.stderr
+
+
+def test_check_and_start_up_name_an_endpoint_in_use_and_a_gpu_this_machine_lacks(tmp_path, bundle_dir):
+    import zmq
+
+    from conftest import free_port
+    from mmfuse.daemon.main import local_gpus
+
+    output = f"tcp://127.0.0.1:{free_port()}"
+    taken = zmq.Context.instance().socket(zmq.PAIR)
+    taken.bind(output)
+    path = tmp_path / "busy.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "bundle": str(bundle_dir), "output": {"endpoint": output},
+                                    "restorer": {"method": "mean", "num_gpus": local_gpus() + 1}}))
+    try:
+        for flags in (["--check"], []):
+            result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(path), *flags],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 3, result.stderr
+            assert f"output.endpoint: cannot bind {output}" in result.stderr
+            assert "restorer.num_gpus" in result.stderr and "set restorer.num_gpus: 0" in result.stderr
+    finally:
+        taken.close(linger=0)
 
 
 def test_check_rejects_wrong_type_naming_the_key(tmp_path):

@@ -272,6 +272,6 @@ def test_a_secured_lab_replays_and_records_with_its_keys(tmp_path, bundle_dir, f
             recorder.wait(30)
         daemon.process.send_signal(signal.SIGTERM)
         daemon.process.wait(60)
-    assert recorder.returncode == 0, recorder.stderr.read()
+    assert recorder.returncode == 130, recorder.stderr.read()  # stopped by Ctrl-C, the file finished
     _, messages = read_recording(recording)
     assert {m.sensor for m in messages} == set(SENSORS)

@@ -1,0 +1,74 @@
+"""Ctrl-C is a normal way to stop every command: one line saying what was kept, exit status 130, no
+traceback; the daemon stops at any moment of its start-up and leaves no Ray process behind."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import free_port
+from test_end_to_end import SENSORS
+
+BIN = Path(sys.executable).parent
+
+
+def ray_processes() -> set[int]:
+    found = set()
+    for process in psutil.process_iter(["name", "cmdline"]):
+        text = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+        if "raylet" in text or "gcs_server" in text or "ray::" in text:
+            found.add(process.pid)
+    return found
+
+
+def interrupted(command: list[str], after_s: float, signum=signal.SIGINT) -> tuple[int, str, float]:
+    """(exit status, stderr, seconds from the signal to the exit) of a command signalled `after_s` in."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(after_s)
+    process.send_signal(signum)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err, time.monotonic() - sent
+
+
+@pytest.mark.parametrize("after_s", [0.3, 3.0, 7.0])  # importing, starting Ray, starting the actors
+def test_ctrl_c_during_start_up_stops_the_daemon_at_once_and_leaves_no_ray_behind(tmp_path, bundle_dir, after_s):
+    config = {"bundle": str(bundle_dir), "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{free_port()}"}
+                          for n, m in SENSORS.items()]}
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(config))
+    before = ray_processes()
+    status, err, took = interrupted([str(BIN / "mmfuse-daemon"), "--config", str(path)], after_s)
+    assert "Traceback" not in err, err
+    if "daemon ready" in err:  # a fast start: then Ctrl-C drains and stops it
+        assert status == 130 and "stopped" in err, err
+    else:
+        assert status == 130 and "mmfuse-daemon: stopped during start-up" in err, err
+    assert took < 15, err
+    deadline = time.monotonic() + 10
+    while (ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes() - before, "Ray processes left behind"
+
+
+def test_ctrl_c_during_training_writes_no_bundle_and_leaves_an_earlier_one_as_it_was(tmp_path, feature_file,
+                                                                                     bundle_dir):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text((bundle_dir / "manifest.json").read_text())
+    status, err, _ = interrupted([str(BIN / "mmfuse-train"), "--data", str(feature_file), "--out", str(out)], 6.0)
+    assert status == 130 and "Traceback" not in err, err
+    assert "mmfuse-train: stopped: no bundle was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert (out / "manifest.json").read_text() == (bundle_dir / "manifest.json").read_text()
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line_not_a_traceback(feature_file):
+    status, err, _ = interrupted([str(BIN / "mmfuse-eval"), "--bundle", "nowhere", "--data", str(feature_file)], 0.3)
+    assert status == 130 and "Traceback" not in err and err.strip().startswith("mmfuse-eval: stopped"), err
