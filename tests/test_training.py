@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,15 @@ def test_real_mosi_features_load(shared_data):
     data = load_features(shared_data / "mosi" / "mosi_train.npz")
     assert {m: x.shape[1] for m, x in data.features.items()} == {"audio": 73, "visual": 100, "text": 100}
     assert len(data) == len(data.uid) == len(data.label) and len(set(data.videos)) > 40
+
+
+def test_every_train_option_says_what_it_does_and_its_default(capsys):
+    from mmfuse.training.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    options = dict(re.findall(r"^  (--[a-z-]+)(.*(?:\n {6,}.*)*)", capsys.readouterr().out, flags=re.M))
+    assert len(options) > 20
+    bare = [name for name, body in options.items() if name != "--help" and len(body.split()) < 3]
+    assert not bare, f"options without a help text: {bare}"
+    assert "(default: 0)" in options["--seed"] and "(default: 60)" in options["--encoder-epochs"]

@@ -41,9 +41,18 @@ EMOTION_NAMES = {"angry", "anger", "disgust", "excited", "fear", "frustrated", "
                  "sadness", "surprise"}
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and after each option's help its default (none: the help says what then)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mmfuse-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mmfuse-train", description=__doc__, formatter_class=Help)
     parser.add_argument("--data", required=True,
                         help="features npz (keys audio, video|visual, text, label, uid), or a media JSONL manifest "
                              "(rows id, label and any of image, text, audio)")
@@ -51,27 +60,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task", choices=["classification", "regression"], default="classification",
                         help="classify `label`, or regress `sentiment`")
     parser.add_argument("--task-name", default=None,
-                        help="what the decisions are about (emotion, intent, sentiment, ...); default: sentiment "
+                        help="what the decisions are about (emotion, intent, sentiment, ...); none: sentiment "
                              "or emotion when the labels are such names, else classification")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw: split, weights, batches")
     parser.add_argument("--restorers", default=",".join(RESTORERS),
                         help=f"comma-separated subset of {', '.join(RESTORERS)}")
     parser.add_argument("--context", type=int, default=None,
                         help="feed the fusion heads the mean of the session's previous N windows (0: none); "
-                             "default: 3 for media manifests whose rows form sessions (dialogues), else 0")
-    parser.add_argument("--embed-dim", type=int, default=64)
-    parser.add_argument("--encoder-epochs", type=int, default=60)
+                             "none: 3 for media manifests whose rows form sessions (dialogues), else 0")
+    parser.add_argument("--embed-dim", type=int, default=64, help="size of each modality's embedding (stage 1)")
+    parser.add_argument("--encoder-epochs", type=int, default=60,
+                        help="most epochs of each encoder (stage 1); the best on validation is kept")
     parser.add_argument("--restorer-epochs", type=int, default=100, help="epochs of the autoencoder")
-    parser.add_argument("--head-epochs", type=int, default=60)
+    parser.add_argument("--head-epochs", type=int, default=60,
+                        help="most epochs of each fusion head (stage 3); the best on validation is kept")
     parser.add_argument("--neighbours", type=int, default=10, help="k of the retrieval restorer")
     parser.add_argument("--diffusion-epochs", type=int, default=150, help="epochs of L_base")
     parser.add_argument("--mutual-epochs", type=int, default=50,
                         help="further epochs of L_base + L_mutual (0: no mutual learning)")
-    parser.add_argument("--diffusion-conditioning", choices=DiffusionDenoiser.CONDITIONINGS, default="gating")
-    parser.add_argument("--diffusion-width", type=int, default=128)
-    parser.add_argument("--diffusion-depth", type=int, default=3)
+    parser.add_argument("--diffusion-conditioning", choices=DiffusionDenoiser.CONDITIONINGS, default="gating",
+                        help="how the denoiser sees the known modalities: gating (Dynamic Modality Gating), adaln, "
+                             "concat, or none")
+    parser.add_argument("--diffusion-width", type=int, default=128, help="hidden width of the denoiser")
+    parser.add_argument("--diffusion-depth", type=int, default=3, help="blocks of the denoiser")
     parser.add_argument("--diffusion-steps", type=int, default=10, help="sampling steps the bundle uses by default")
-    parser.add_argument("--diffusion-mode", choices=["ddim", "admc"], default="ddim")
+    parser.add_argument("--diffusion-mode", choices=["ddim", "admc"], default="ddim",
+                        help="sampler the bundle uses by default: conditional DDIM, or ADMC's inpainting (the "
+                             "known modalities re-imposed at every step)")
     media = parser.add_argument_group("raw media (JSONL manifests)")
     media.add_argument("--clip-model", default="mmfuse-tiny",
                        help="open_clip model name (ViT-B-32, ...) or a config shipped with mmfuse")
@@ -80,11 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     media.add_argument("--tower-epochs", type=int, default=8, help="epochs of each tower's supervised stage")
     media.add_argument("--contrastive-epochs", type=int, default=0,
                        help="epochs of open_clip's contrastive loss on image-text pairs first (0: none)")
-    media.add_argument("--tower-lr", type=float, default=None, help="default: 5e-4 from scratch, 1e-5 fine-tuning")
-    media.add_argument("--tower-batch-size", type=int, default=64)
+    media.add_argument("--tower-lr", type=float, default=None, help="learning rate of the towers; none: 5e-4 "
+                       "from scratch, 1e-5 fine-tuning a --pretrained checkpoint")
+    media.add_argument("--tower-batch-size", type=int, default=64, help="batch size of the towers' training")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage but the towers")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of every stage but the towers")
     args = parser.parse_args(argv)
     args.restorers = [r.strip() for r in args.restorers.split(",") if r.strip()]
     if args.tower_lr is None:
