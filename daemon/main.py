@@ -193,7 +193,9 @@ class Signals:
 
 def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log, signals: Signals) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: every actor's lines, unfolded
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read when ray is imported: every actor's lines, unfolded,
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")  # without "(ActorName pid=...)": ours say who
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # and without colour codes
     # Ray waits this long for the news of an actor's death before failing calls to it, and calls to its
     # restarted incarnation queue behind them: 1 s by default, most of an actor's restart (measured)
     os.environ.setdefault("RAY_timeout_ms_task_wait_for_death_info", "100")
@@ -226,11 +228,14 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
                  output=config.output.endpoint, restorer=config.restorer.method, virtual_clock=virtual_clock,
                  startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
-        next_stats = time.monotonic() + config.log.stats_interval_s
+        next_stats, last_stats = time.monotonic() + config.log.stats_interval_s, None
         while not signals.stop.wait(PING_S):
             supervisor.watch()
             if time.monotonic() >= next_stats:
-                log.info("stats", **supervisor.stats(), rss_mb=tree_rss_mb())
+                stats = supervisor.stats()
+                if stats != last_stats:  # a quiet daemon says nothing
+                    log.info("stats", **stats, rss_mb=tree_rss_mb())
+                    last_stats = stats
                 next_stats = time.monotonic() + config.log.stats_interval_s
         log.info("draining", signal=signal.Signals(signals.received).name)
         final = supervisor.drain()

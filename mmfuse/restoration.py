@@ -29,7 +29,7 @@ class WindowEncoder:
         for i, modality in enumerate(self.order):
             rows = [b for b, w in enumerate(windows) if modality in w.features]
             if rows:
-                features = {modality: torch.stack([torch.from_numpy(windows[b].features[modality]) for b in rows])}
+                features = {modality: torch.from_numpy(np.stack([windows[b].features[modality] for b in rows]))}
                 z[rows, i] = embed(self.encoders, features, [modality], len(rows), self.embed_dim)[0][:, 0]
                 present[rows, i] = True
         return z, present

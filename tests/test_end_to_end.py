@@ -161,7 +161,10 @@ def test_one_decision_per_window_and_a_dead_camera_is_restored(lab):
         assert sum(decision["scores"].values()) == pytest.approx(1.0, abs=1e-4)
         assert decision["latency_ms"] >= 0 and decision["bundle"]
     assert "malformed message rejected" in daemon.log()
-    assert daemon.log(lines=10**6).count("sensors are not authenticated") == 1
+    whole = daemon.log(lines=10**6)
+    assert whole.count("sensors are not authenticated") == 1
+    assert "\x1b[" not in whole and "pid=" not in whole.replace("pids=", "")  # one stream: no Ray prefixes, colours
+    assert whole.count("sensor listening") == len(SENSORS)  # and no line folded away as a repeat
 
 
 def test_sigterm_drains_open_windows_and_exits_cleanly(lab):

@@ -304,3 +304,11 @@ def test_regression_bundle_reports_regression_metrics(feature_file, tmp_path):
     # it learned something: better than always predicting the median, and clearly correlated
     assert complete["mae"] < np.mean(np.abs(sentiment - np.median(sentiment)))
     assert complete["corr"] > 0.5 and complete["acc2"] > 0.7
+
+
+def test_eval_says_what_it_is_doing_step_by_step_outside_a_terminal(bundle_dir, feature_file, capsys):
+    assert eval_main(["--bundle", str(bundle_dir), "--data", str(feature_file), "--restorer", "all",
+                      "--protocol", "both", "--seeds", "1"]) == 0
+    steps = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mmfuse-eval: ")]
+    restorers = load_bundle(bundle_dir).restorers
+    assert len(steps) == 3 * len(restorers) and steps[0] == f"mmfuse-eval: 1/{len(steps)} zero, fixed protocol"

@@ -219,19 +219,47 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
     result = {"bundle": str(args.bundle), "data": str(args.data), "task": bundle.manifest["output"],
               "subset": args.subset, "rows": len(data), "modalities": evaluation.available, "seeds": args.seeds,
               "restorers": {}}
+    protocols = [p for p in ("fixed", "rate", "missing") if args.protocol in (p, "both")
+                 and (p == "fixed" or len(evaluation.available) > 1)]  # one modality cannot go missing
+    runs = {"fixed": evaluation.fixed, "rate": lambda name: evaluation.rate(name, args.seeds),
+            "missing": lambda name: evaluation.missing(name, args.eta, args.seeds)}
+    steps = [(name, protocol) for name in names for protocol in protocols]
     projections = {}
-    for name in names:
-        entry = {}
-        if args.protocol in ("fixed", "both"):
-            entry["fixed"] = evaluation.fixed(name)
-        if args.protocol in ("rate", "both") and len(evaluation.available) > 1:  # one modality cannot go missing
-            entry["rate"] = evaluation.rate(name, args.seeds)
-        if args.protocol in ("missing", "both") and len(evaluation.available) > 1:
-            entry["missing"] = evaluation.missing(name, args.eta, args.seeds)
-        result["restorers"][name] = entry
-        if args.report and len(evaluation.available) > 1:
-            projections[name] = evaluation.projection(name)
+    with Progress(len(steps)) as progress:
+        for name, protocol in steps:
+            progress.step(f"{name}, {protocol} protocol")
+            result["restorers"].setdefault(name, {})[protocol] = runs[protocol](name)
+            if args.report and protocol == protocols[-1] and len(evaluation.available) > 1:
+                projections[name] = evaluation.projection(name)
     return result, {k: v for k, v in projections.items() if v}
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (a log, CI) one plain line per step."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.total, self.done = total, 0
+        self.terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="step", file=sys.stderr, disable=not self.terminal, desc="mmfuse-eval")
+
+    def step(self, what: str) -> None:
+        if self.done:
+            self.bar.update()
+        self.done += 1
+        if self.terminal:
+            self.bar.set_postfix_str(what)
+        else:
+            print(f"mmfuse-eval: {self.done}/{self.total} {what}", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.done:
+            self.bar.update()
+        self.bar.close()
 
 
 def print_summary(result: dict) -> None:
