@@ -16,8 +16,8 @@ else
     $bin/python -c "from mmfuse.training.data import make_synthetic; make_synthetic('$data')"
 fi
 
-echo "== training models/demo"
-$bin/mmfuse-train --data "$data" --out models/demo
+echo "== training models/demo: the mean restorer the demo's configuration uses (kept if data and arguments are unchanged)"
+$bin/mmfuse-train --data "$data" --out models/demo --restorers zero,mean --if-changed
 
 echo "== starting mmfuse-daemon --config config/demo.yaml (log: out/demo/daemon.log)"
 $bin/mmfuse-daemon --config config/demo.yaml >out/demo/daemon.log 2>&1 &

@@ -113,3 +113,16 @@ def test_every_train_option_says_what_it_does_and_its_default(capsys):
     bare = [name for name, body in options.items() if name != "--help" and len(body.split()) < 3]
     assert not bare, f"options without a help text: {bare}"
     assert "(default: 0)" in options["--seed"] and "(default: 60)" in options["--encoder-epochs"]
+
+
+def test_a_bundle_of_the_same_data_and_arguments_is_kept_with_if_changed(tmp_path, feature_file, capsys):
+    from mmfuse.training.train import main as train_main
+
+    out = tmp_path / "bundle"
+    quick = ["--data", str(feature_file), "--out", str(out), "--restorers", "zero", "--encoder-epochs", "2",
+             "--head-epochs", "2", "--if-changed"]
+    assert train_main(quick) == 0
+    made = (out / "manifest.json").read_text()
+    assert train_main(quick) == 0 and "up to date" in capsys.readouterr().out
+    assert (out / "manifest.json").read_text() == made
+    assert train_main(quick + ["--seed", "1"]) == 0 and (out / "manifest.json").read_text() != made

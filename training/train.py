@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage but the towers")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of every stage but the towers")
+    parser.add_argument("--if-changed", action="store_true",
+                        help="train only if --out holds no bundle made from this data file with these arguments")
     args = parser.parse_args(argv)
     args.restorers = [r.strip() for r in args.restorers.split(",") if r.strip()]
     if args.tower_lr is None:
@@ -361,7 +363,7 @@ class Trainer:
             "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
                      "train_rows": len(self.train.data), "val_rows": len(self.val.data),
                      "val_videos": sorted(set(self.val.data.videos.tolist()))},
-            "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out")},
+            "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "if_changed")},
                          "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
                          **{name: {k: v for k, v in restorer_info.get(name, {}).items() if k != "args"}
@@ -375,8 +377,27 @@ class Trainer:
         return save_bundle(args.out, manifest, weights).manifest
 
 
+def up_to_date(args: argparse.Namespace) -> bool:
+    """Whether --out holds a bundle trained on the same data file (sha256) with the same arguments."""
+    import json
+
+    from mmfuse.bundle import sha256_file
+
+    try:
+        manifest = json.loads((Path(args.out) / "manifest.json").read_text())
+        same_data = manifest["data"]["sha256"] == sha256_file(Path(args.data))
+    except (OSError, ValueError, KeyError):
+        return False
+    chosen = {k: v for k, v in vars(args).items()  # None: derived from the data and the rest, as it was then
+              if k not in ("data", "out", "if_changed") and v is not None}
+    return same_data and all(manifest["training"].get(k) == v for k, v in chosen.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.if_changed and up_to_date(args):
+        print(f"{args.out} is up to date: trained on this {args.data} with these arguments; nothing to do")
+        return 0
     try:
         manifest = Trainer(args).run()
     except DataError as exc:
