@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -408,6 +409,17 @@ def load_schedule(args: argparse.Namespace) -> tuple[DaemonConfig, list, dict]:
     return config, schedule, truth
 
 
+def new_run(schedule: list[Scheduled]) -> int:
+    """Stamp every message with a new run (its start time in ms, so runs increase): the daemon takes a replay of
+    sessions it has seen before as a new life of them, with the same decisions as a fresh daemon would give."""
+    run = time.time_ns() // 1_000_000
+    for item in schedule:
+        body = msgpack.unpackb(item.frames[1], raw=False)
+        if isinstance(body, dict):
+            item.frames = [item.frames[0], msgpack.packb({**body, "run": run}, use_bin_type=True), *item.frames[2:]]
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmfuse.recording import RecordingError
 
@@ -424,14 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     except SecurityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    run = new_run(schedule)
     context = zmq.Context.instance()
-    listener = None
-    if args.listen:
-        listener = context.socket(zmq.SUB)
-        listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
-        if keys is not None:
-            connect_as(listener, keys.consumer, keys.server)
-        listener.connect(config.output.endpoint)
+    listener = context.socket(zmq.SUB)  # also without --listen: a replay the daemon rejected whole must say so
+    listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    if keys is not None:
+        connect_as(listener, keys.consumer, keys.server)
+    handshakes = listener.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    listener.connect(config.output.endpoint)
     try:
         sockets = open_sockets(context, config, args.wait_s, args.virtual_clock, keys)
     except (TimeoutError, zmq.ZMQError) as exc:
@@ -446,12 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replaying {len(schedule)} messages from {source} at speed {args.speed:g}", file=sys.stderr)
 
     received, correct = 0, 0
+    sessions = {msgpack.unpackb(item.frames[1], raw=False).get("session") for item in schedule}
 
     def receive(timeout_s: float) -> None:
         nonlocal received, correct
-        if listener is None:
-            time.sleep(max(0.0, timeout_s))
-            return
         if listener.poll(max(0.0, timeout_s) * 1000, zmq.POLLIN):
             while True:
                 try:
@@ -461,10 +471,13 @@ def main(argv: list[str] | None = None) -> int:
                 except wire.WireError as exc:
                     print(f"skipped a malformed decision: {exc}", file=sys.stderr)
                     continue
+                if decision["session"] not in sessions:
+                    continue  # another source's
                 label = truth.get((decision["session"], decision["window"]["id"]))
                 received += 1
                 correct += label is not None and decision["label"] == label
-                print(format_decision(decision, label), flush=True)
+                if args.listen:
+                    print(format_decision(decision, label), flush=True)
 
     items = sorted(schedule)
     first, start = (items[0].due if items else 0.0), time.monotonic()
@@ -486,16 +499,21 @@ def main(argv: list[str] | None = None) -> int:
         for item in items:
             pace(item.due)
             sockets[item.sensor].send_multipart(item.frames)
-    if listener is not None:
-        quiet_until = time.monotonic() + config.drop.timeout_s + 3.0
-        while time.monotonic() < quiet_until and (received < len(truth) or not truth):
-            receive(0.2)
+    quiet_until = time.monotonic() + config.drop.timeout_s + 3.0
+    while time.monotonic() < quiet_until and (received < len(truth) or not truth) and (args.listen or not received):
+        receive(0.2)
+    if args.listen:
         labelled = any(v is not None for v in truth.values())
         accuracy = f", accuracy {correct / received:.3f}" if received and labelled else ""
         print(f"{received} decision(s)" + (f" for {len(truth)} utterance(s){accuracy}" if truth else ""),
               file=sys.stderr)
     for socket in sockets.values():
         socket.close()
+    if not received and schedule and handshakes.poll(0):
+        print(f"error: the daemon published no decision for the {len(sessions)} session(s) of this replay (run "
+              f"{run}): it rejected or dropped every message. Its log says why ('malformed message rejected'): "
+              f"a configuration or bundle that does not fit the data?", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,6 +65,7 @@ class Session:
     decided_until: float | None = None  # utterance windows: where windows closed so far end, at the latest
     tiled_until: float = -math.inf  # utterance windows: where the time tiles end
     next_id: int = 0
+    run: int = 0  # of its streams (wire key `run`): a later run is a new life, an earlier one is stale
 
     def progress(self, source: str) -> float:
         """How far a stream has delivered, in session time."""
@@ -110,9 +111,11 @@ class Aligner:
         self.session_idle = session_idle_s
         self.sessions: dict[str, Session] = {}
         self.log = log or structlog.get_logger()
-        self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0, "revised": 0}
+        self.counts = {"closed": 0, "complete": 0, "incomplete": 0, "empty": 0, "late": 0, "revised": 0,
+                       "stale_run": 0}
         self.epochs = 0
         self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
+        self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
 
     def __getstate__(self) -> dict:
         """Everything but the logger: the aligner actor's snapshots copy it, and Ray serialises them."""
@@ -123,23 +126,49 @@ class Aligner:
         self.log = structlog.get_logger()
 
     def push(self, batch: SensorBatch) -> None:
+        # data of a session's current life first: a new run in the same batch would make it stale
+        current = [d for d in batch.deltas if d.session in self.sessions and d.run == self.sessions[d.session].run
+                   and d.source in self.sessions[d.session].streams]
+        for delta in current:
+            self._take(self.sessions[delta.session], delta)
         for progress in batch.progress:
-            session = self._session(progress.session)
+            session = self._life(progress.session, progress.run, progress.arrived_at)
+            if session is None:
+                continue
             session.streams[progress.source] = progress
             session.first_seen = min(session.first_seen, progress.arrived_at)
             self._follow_clock(progress.session, session, progress)
+        taken = {id(d) for d in current}
         for delta in batch.deltas:
-            session = self._session(delta.session)
-            if delta.source in session.unmapped:
-                session.unmapped[delta.source].append(delta)
-            else:
-                self._place(session, delta)
+            if id(delta) not in taken:
+                session = self._life(delta.session, delta.run, None)
+                if session is not None:
+                    self._take(session, delta)
 
-    def _session(self, name: str) -> Session:
-        if name not in self.sessions:
-            self.sessions[name] = Session(self.epochs)
+    def _take(self, session: Session, delta: WindowDelta) -> None:
+        if delta.source in session.unmapped:
+            session.unmapped[delta.source].append(delta)
+        else:
+            self._place(session, delta)
+
+    def _life(self, name: str, run: int, now: float | None) -> Session | None:
+        """The session's life for data of this run: a later run than its current one ends that life (its open
+        windows close with what they have) and begins a new one; an earlier run is stale (counted, dropped)."""
+        session = self.sessions.get(name)
+        if session is not None and run > session.run and now is not None:
+            self.log.info("session begins a new run", session=name, run=run, after_run=session.run)
+            self._release_held(session)
+            self.retired += self._close_ready(name, session, now, draining=True)
+            self.retired += self._revise(name, session, now, draining=True)
+            self._forget(name)
+            session = None
+        if session is None:
+            session = self.sessions[name] = Session(self.epochs, run=run)
             self.epochs += 1
-        return self.sessions[name]
+        if session.run != run:
+            self.counts["stale_run"] += 1
+            return None
+        return session
 
     def take_finished(self) -> list[SessionEnd]:
         """Sessions forgotten (idle, or drained) since the last call: fusion may forget them too."""
@@ -227,7 +256,7 @@ class Aligner:
             kept.late = True
 
     def poll(self, now: float) -> list[ClosedWindow]:
-        closed = []
+        closed, self.retired = self.retired, []
         for name in list(self.sessions):
             session = self.sessions[name]
             self._track_liveness(name, session, now)
@@ -242,7 +271,7 @@ class Aligner:
         return closed
 
     def drain(self, now: float) -> list[ClosedWindow]:
-        closed = []
+        closed, self.retired = self.retired, []
         for name, session in self.sessions.items():
             self._track_liveness(name, session, now)
             self._release_held(session)
@@ -428,7 +457,10 @@ class UtteranceAligner(Aligner):
     def push(self, batch: SensorBatch) -> None:
         super().push(batch)
         for span in batch.spans:
-            session = self.sessions[span.session]
+            session = self.sessions.get(span.session)
+            if session is None or session.run != span.run:
+                self.counts["stale_run"] += 1
+                continue
             if span.source in session.unmapped:
                 session.held_spans.setdefault(span.source, []).append(span)
             else:

@@ -28,6 +28,7 @@ class WindowDelta:
     total: np.ndarray
     weight: float
     frames: int            # data messages that arrived for this window (encoded or not)
+    run: int = 0           # the stream's run (wire key `run`): a new run is a new life of the session
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class StreamProgress:
     drift: float = 0.0        # how fast the offset changes, s/s
     resets: int = 0           # clock resets and jumps found; stream time stays continuous across them
     line: ClockLine | None = None  # the stream's clock against the daemon's, once enough of it has been seen
+    run: int = 0              # the stream's run (wire key `run`)
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class Span:
     source: str
     start: float
     end: float
+    run: int = 0
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ class StreamState:
     last_t: float = math.nan
     intervals: deque = field(default_factory=lambda: deque(maxlen=PERIOD_MEMORY))
     held: Checked | None = None  # a message that breaks with the stream, until the next one confirms it
+    run: int = 0                 # a new run (a replay again) is a new life of the stream: nothing carries over
 
     def sent_at(self, t: float) -> None:
         """Learn the period from origin times: the sensor's clock carries no network jitter."""
@@ -64,7 +65,7 @@ class StreamState:
         return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
                               self.clock.offset(self.clock.last_t), self.ended, self.seq_gaps, self.period,
                               max(self.delays) - min(self.delays), self.clock.drift, self.clock.resets,
-                              self.clock.line)
+                              self.clock.line, self.run)
 
     def restart(self) -> None:
         """The source restarted (its seq began again at 0): forget what its clock and periods taught."""
@@ -126,15 +127,18 @@ class SensorIngest:
         stream = self.streams.get(key)
         if stream is None:
             stream = self.streams[key] = StreamState(message.session, message.source, message.modality,
-                                                     clock=ClockTracker(self.clock_jump_s))
-            self.log.info("stream started", session=message.session, source=message.source)
+                                                     clock=ClockTracker(self.clock_jump_s), run=message.run)
+            self.log.info("stream started", session=message.session, source=message.source, run=message.run)
             self._apply(stream, frame)
             return
         new = message.seq > stream.last_seq or (message.seq == 0 and stream.last_seq > 0)
         breaks = self._discontinuity(stream, frame) if new else "duplicate"
         held, stream.held = stream.held, None
         if held is not None:
-            if breaks and self._continues(held, frame, stream.clock.correction):
+            new_run = held.message.run != stream.run
+            if breaks and self._continues(held, frame, 0.0 if new_run else stream.clock.correction):
+                if new_run:
+                    stream = self._begin_run(key, held)
                 self._apply(stream, held)  # the stream really went where the held message said
                 self._apply(stream, frame)
                 return
@@ -201,6 +205,8 @@ class SensorIngest:
         leaps (a clock reset, as the stream's clock tracker would take it). One such message from a faulty or
         hostile sender must not move the stream, so it waits for the stream's next message (`_continues`)."""
         message = frame.message
+        if message.run != stream.run:
+            return "new_run"
         if message.seq == 0 and stream.last_seq > 0:
             return "restart"
         clock = stream.clock
@@ -224,8 +230,19 @@ class SensorIngest:
     def _continues(self, held: Checked, frame: Checked, correction: float) -> bool:
         """Whether a message follows on from a held one, as a stream that went where the held one said would."""
         before = held.message
-        return frame.message.seq > before.seq and self._leap(before.seq, before.t + before.duration + correction,
+        return frame.message.run == before.run and frame.message.seq > before.seq and self._leap(before.seq, before.t + before.duration + correction,
                                                              held.arrived_at, frame, correction) is None
+
+    def _begin_run(self, key: tuple[str, str], frame: Checked) -> StreamState:
+        """The stream's source began a new run (a replay of the session again): a fresh stream, its own clock."""
+        old = self.streams[key]
+        self.log.info("stream began a new run", session=key[0], source=key[1], run=frame.message.run,
+                      after_run=old.run)
+        if self.media is not None:
+            self.media.forget(key)
+        stream = self.streams[key] = StreamState(old.session, old.source, old.modality,
+                                                 clock=ClockTracker(self.clock_jump_s), run=frame.message.run)
+        return stream
 
     def _apply(self, stream: StreamState, frame: Checked) -> None:
         message, arrived_at = frame.message, frame.arrived_at
@@ -240,8 +257,8 @@ class SensorIngest:
             self._count_arrival(message)
             step = message.duration / len(frame.vectors)
             for i, vector in enumerate(frame.vectors):
-                self._add_span(message.session, message.source, message.t + i * step, message.t + (i + 1) * step,
-                               vector)
+                self._add_span(message.session, message.source, stream.run, message.t + i * step,
+                               message.t + (i + 1) * step, vector)
         elif frame.item is not None:
             self.media.add(message, frame.item)
             self._count_arrival(message)
@@ -253,7 +270,8 @@ class SensorIngest:
                              f"{', '.join(e for e in wire.ENCODINGS if self.media.accepts(e))} or features")
 
         if self.keep_spans and message.kind == "data" and message.duration > 0:
-            self.spans.append(Span(message.session, message.source, message.t, message.t + message.duration))
+            self.spans.append(Span(message.session, message.source, message.t, message.t + message.duration,
+                                   stream.run))
         if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
             stream.seq_gaps += message.seq - stream.last_seq - 1
         stream.last_seq = message.seq
@@ -301,10 +319,10 @@ class SensorIngest:
 
     def _count_arrival(self, message: wire.SensorMessage) -> None:
         for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):
-            key = (message.session, message.source, k)
+            key = (message.session, message.source, message.run, k)
             self.arrivals[key] = self.arrivals.get(key, 0) + 1
 
-    def _add_span(self, session: str, source: str, start: float, end: float, vector: np.ndarray) -> None:
+    def _add_span(self, session: str, source: str, run: int, start: float, end: float, vector: np.ndarray) -> None:
         """Add a vector covering [start, end] to every window it overlaps, weighted by the overlap."""
         for k in windows_overlapping(start, end, self.length, self.hop):
             if end > start:
@@ -312,10 +330,10 @@ class SensorIngest:
                 weight = (min(end, w_start + self.length) - max(start, w_start)) / (end - start)
             else:
                 weight = 1.0
-            key = (session, source, k)
+            key = (session, source, run, k)
             delta = self.deltas.get(key)
             if delta is None:
-                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 0)
+                self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 0, run)
             else:
                 delta.total += vector * weight
                 delta.weight += weight
@@ -348,12 +366,14 @@ class SensorIngest:
                 self.log.warning("media the tower could not encode", count=self.media.failed - failed,
                                  total=self.media.failed)
             for span in spans:
-                self._add_span(span.session, span.source, span.start, span.end, span.vector.astype(np.float32))
+                stream = self.streams.get((span.session, span.source))
+                self._add_span(span.session, span.source, 0 if stream is None else stream.run, span.start, span.end,
+                               span.vector.astype(np.float32))
         for key, count in self.arrivals.items():
             delta = self.deltas.get(key)
             if delta is None and self.dim is not None:  # frames that arrived but were not (yet) encoded
-                delta = self.deltas[key] = WindowDelta(*key[:2], self.modality, key[2],
-                                                       np.zeros(self.dim, np.float32), 0.0, 0)
+                delta = self.deltas[key] = WindowDelta(key[0], key[1], self.modality, key[3],
+                                                       np.zeros(self.dim, np.float32), 0.0, 0, key[2])
             if delta is not None:
                 delta.frames = count
         self.arrivals = {}

@@ -50,6 +50,7 @@ class SensorMessage:
     dtype: str | None = None
     rate: int | None = None
     duration: float = 0.0
+    run: int = 0  # which run of its session the stream is in: a replay starts a new one each time
 
     @property
     def topic(self) -> str:
@@ -127,6 +128,8 @@ def encode(message: SensorMessage) -> list[bytes]:
     payload = {"v": VERSION, "session": message.session, "source": message.source,
                "modality": message.modality, "seq": message.seq, "t": float(message.t),
                "kind": message.kind}
+    if message.run:
+        payload["run"] = message.run
     if message.kind == "data":
         payload["encoding"] = message.encoding
         payload["data"] = message.data
@@ -167,11 +170,14 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
     if abs(t) > MAX_TIME_S:
         raise WireError("bad_value:t", f"t must be in seconds, at most {MAX_TIME_S:g} in size, got {t!r} "
                         "(milliseconds or nanoseconds?)")
+    run = body.get("run", 0)
+    if type(run) is not int or not 0 <= run < 2**63:
+        raise WireError("bad_type:run", f"run must be a non-negative integer, got {run!r:.40}")
     expected_topic = f"{modality}/{session}"
     if topic != expected_topic.encode():
         raise WireError("topic", f"topic {topic[:80]!r} does not match payload ({expected_topic!r})")
     if kind != "data":
-        return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t, kind=kind)
+        return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t, kind=kind, run=run)
 
     encoding = _choice(body, "encoding", ENCODINGS)
     duration = _number(body, "duration") if "duration" in body else 0.0
@@ -182,7 +188,7 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
         if not isinstance(data, str):
             raise WireError("bad_type:data", "utf8 data must be a msgpack str")
         return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t,
-                             encoding=encoding, data=data, duration=duration)
+                             encoding=encoding, data=data, duration=duration, run=run)
     if not isinstance(data, bytes):
         raise WireError("bad_type:data", f"{encoding} data must be msgpack bin, got {type(data).__name__}")
 
@@ -197,7 +203,7 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
             raise WireError("shape", "pcm16 data has an odd number of bytes")
     return SensorMessage(session=session, source=source, modality=modality, seq=seq, t=t,
                          encoding=encoding, data=data, shape=shape, dtype=dtype, rate=rate,
-                         duration=duration)
+                         duration=duration, run=run)
 
 
 def _text(body: dict, key: str) -> str:

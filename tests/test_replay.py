@@ -1,5 +1,6 @@
 import argparse
 import subprocess
+import time
 import sys
 
 import msgpack
@@ -101,5 +102,34 @@ def test_a_real_time_replay_of_a_clean_file_marks_no_sensor_dropped(feature_file
     schedule, truth = build_schedule(daemon, FeatureRows(str(feature_file)), args(sessions=2))
     delay = {"cam0": 0.002, "mic0": 0.03, "asr0": 0.06}
     run = InProcessPipeline(daemon, load_bundle(bundle_dir)).run(
-        sorted((1_700_000_000.0 + item.due + delay[item.sensor], item.sensor, item.frames) for item in schedule))
+        sorted([(1_700_000_000.0 + item.due + delay[item.sensor], item.sensor, item.frames) for item in sorted(schedule)],
+               key=lambda event: event[0]))  # (stable: a sensor's messages stay in the order it sent them)
     assert len(run.decisions) == len(truth) and not any(d.dropped or d.restored for d in run.decisions)
+    assert not any(run.rejected.values()), run.rejected
+
+
+def test_a_replay_into_a_pipeline_that_has_seen_its_sessions_decides_as_a_fresh_one(feature_file, bundle_dir):
+    """Each replay is a new run of its sessions: replayed again into the same daemon (here its pipeline on the
+    virtual clock), the sessions start a new life and get the decisions a fresh daemon gives them."""
+    from mmfuse.bundle import load_bundle
+    from mmfuse.daemon.replay import new_run
+    from mmfuse.pipeline import InProcessPipeline
+
+    daemon = parse_config({**config(), "bundle": str(bundle_dir), "window": {"length_s": 2.0, "hop_s": 2.0}})
+    bundle = load_bundle(bundle_dir)
+
+    def replayed(start: float) -> list:
+        schedule, _ = build_schedule(daemon, FeatureRows(str(feature_file)), args(sessions=2))
+        new_run(schedule)
+        time.sleep(0.002)  # runs are milliseconds: the next replay's is later
+        return [(start + item.due + 0.002, item.sensor, item.frames) for item in sorted(schedule)]
+
+    def summary(decisions):
+        return [(d.session, d.window_id, d.label, d.present, d.restored, d.dropped, round(max(d.scores.values()), 6))
+                for d in decisions]
+
+    first, again = replayed(1_700_000_000.0), replayed(1_700_000_100.0)
+    fresh = InProcessPipeline(daemon, bundle).run(again)
+    seen = InProcessPipeline(daemon, bundle).run(first + again)
+    assert summary(seen.decisions[len(fresh.decisions):]) == summary(fresh.decisions)
+    assert not any(sum(counts.values()) for counts in seen.rejected.values()), seen.rejected
