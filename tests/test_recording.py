@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import numpy as np
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from conftest import free_port
 from mmfuse import wire
 from mmfuse.config import parse_config
 from mmfuse.daemon.replay import main as replay_main, xdf_schedule
-from mmfuse.recording import RecordingError, read_recording, summarize_mcap
+from mmfuse.recording import RecordingError, RecordingWriter, read_recording, summarize_mcap
 from mmfuse.training.data import make_synthetic
 from mmfuse.training.evaluate import main as eval_main
 from mmfuse.training.train import main as train_main
@@ -110,12 +111,34 @@ def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_pat
     assert set(clocks) == {"rec/cam0", "rec/mic0", "rec/asr0"}
     assert all(abs(json.loads(v)["drift_ppm"]) < 1e5 and json.loads(v)["resets"] == 0 for v in clocks.values())
 
-    # a fresh daemon on other ports, fed by mmfuse-replay from the recording
+    # a fresh daemon on other ports, fed by mmfuse-replay from the recording, twice: the second replay is a new
+    # run of the session, decided as by a fresh daemon
     path = tmp_path / "replay.yaml"
     with daemon_listening(on_fresh_ports(config), path) as (_, listener):
-        assert replay_main([str(recording), "--config", str(path), "--wait-s", "30"]) == 0
-        replayed = collect(listener, quiet_s=4)
-    assert sorted(map(decision_key, replayed)) == sorted(map(decision_key, live))
+        replays = []
+        for _ in range(2):
+            assert replay_main([str(recording), "--config", str(path), "--wait-s", "30"]) == 0
+            replays.append(collect(listener, quiet_s=4))
+    for replayed in replays:
+        assert sorted(map(decision_key, replayed)) == sorted(map(decision_key, live))
+
+
+def test_a_replay_the_daemon_rejects_whole_says_so_and_fails(recorded, tmp_path, capsys):
+    recording, _ = recorded
+    config, _ = read_recording(recording)
+    path = tmp_path / "replay.yaml"
+    with daemon_listening(on_fresh_ports(config), path):
+        narrow = tmp_path / "narrow.mcap"  # every message of the wrong dimension for the daemon's bundle
+        writer = RecordingWriter(narrow, config)
+        for m in read_recording(recording)[1]:
+            body = msgpack.unpackb(m.payload, raw=False)
+            if body["kind"] == "data":
+                body.update(data=body["data"][:8], shape=[2])
+            payload = msgpack.packb(body, use_bin_type=True)
+            writer.sensor_message(m.sensor, wire.decode([m.topic, payload]), payload, m.received)
+        writer.close({})
+        assert replay_main([str(narrow), "--config", str(path), "--wait-s", "30"]) == 1
+    assert "the daemon published no decision for the 1 session(s)" in capsys.readouterr().err
 
 
 def without_latency(decisions):
