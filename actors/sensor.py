@@ -107,6 +107,8 @@ class SensorActor:
         in_flight: list = []
         last_push = time.monotonic()
         while not self.stopping.is_set():
+            if self.gate is not None and not self.sensor.bind:
+                self.gate.rejoin(socket, self.sensor.endpoint)
             if socket.poll(self.min_interval * 1000, zmq.POLLIN):
                 for _ in range(10_000):
                     try:

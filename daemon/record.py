@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recording {len(sensors)} sensor(s) into {args.out}; Ctrl-C stops", file=sys.stderr)
     try:
         while stopping is None and time.monotonic() < deadline:
+            if gate is not None:
+                for socket, sensor in sensors.items():
+                    gate.rejoin(socket, sensor.endpoint)
             for socket, _ in poller.poll(100):
                 record_pending(socket, decisions, sensors, writer, rejected, config.pipeline.max_payload_bytes, keys)
     finally:

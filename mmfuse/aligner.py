@@ -126,19 +126,20 @@ class Aligner:
         self.log = structlog.get_logger()
 
     def push(self, batch: SensorBatch) -> None:
-        # data of a session's current life first: a new run in the same batch would make it stale
-        current = [d for d in batch.deltas if d.session in self.sessions and d.run == self.sessions[d.session].run
-                   and d.source in self.sessions[d.session].streams]
-        for delta in current:
-            self._take(self.sessions[delta.session], delta)
+        taken: set[int] = set()
         for progress in batch.progress:
+            ending = self.sessions.get(progress.session)
+            if ending is not None and progress.run > ending.run:  # this batch's data of the life it ends goes first
+                for delta in batch.deltas:
+                    if delta.session == progress.session and delta.run == ending.run and id(delta) not in taken:
+                        self._take(ending, delta)
+                        taken.add(id(delta))
             session = self._life(progress.session, progress.run, progress.arrived_at)
             if session is None:
                 continue
             session.streams[progress.source] = progress
             session.first_seen = min(session.first_seen, progress.arrived_at)
             self._follow_clock(progress.session, session, progress)
-        taken = {id(d) for d in current}
         for delta in batch.deltas:
             if id(delta) not in taken:
                 session = self._life(delta.session, delta.run, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,11 @@ from mmfuse.logs import Tally
 SENSORS = "sensors"      # ZAP domain of the sensor sockets
 CONSUMERS = "consumers"  # ZAP domain of the decision socket
 REFUSED_AT_HANDSHAKE = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+REJOIN_S = 0.1  # as libzmq's own reconnect interval
+PROTOCOL_ERRORS = {  # why a handshake failed before ZAP was asked; ZeroMQ gives no peer address or key then
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "peer without a CURVE key (mechanism mismatch)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "CURVE handshake failed: the peer does not use this daemon's public key",
+}
 
 
 class SecurityError(Exception):
@@ -187,7 +193,9 @@ class Gatekeeper(ThreadAuthenticator):
         self.refused = Tally()
         self.lock = threading.Lock()
         self._address = ""
-        self.monitors: list[zmq.Socket] = []
+        self.watched: list[tuple[zmq.Socket, threading.Thread]] = []  # sockets and the threads reading monitors
+        self.refused_on: set[int] = set()  # id() of the watched sockets a handshake failed on: see rejoin()
+        self.rejoined_at: dict[int, float] = {}
 
     def admit(self, domain: str, keys: frozenset[bytes] | None) -> None:
         """Let in peers with these public keys (z85) on sockets of `domain`; None: any peer with a key."""
@@ -208,20 +216,47 @@ class Gatekeeper(ThreadAuthenticator):
     def watch(self, socket: zmq.Socket, domain: str) -> None:
         """Count the handshakes a CURVE server socket refuses before ZAP is asked; call from the socket's thread."""
         monitor = socket.get_monitor_socket(REFUSED_AT_HANDSHAKE)
-        self.monitors.append(monitor)
-        threading.Thread(target=self._read_monitor, args=(monitor, domain), daemon=True,
-                         name=f"handshakes-{domain}").start()
+        reader = threading.Thread(target=self._read_monitor, args=(monitor, domain, id(socket)), daemon=True,
+                                  name=f"handshakes-{domain}")
+        self.watched.append((socket, reader))
+        reader.start()
 
-    def _read_monitor(self, monitor: zmq.Socket, domain: str) -> None:
+    def _read_monitor(self, monitor: zmq.Socket, domain: str, watched: int) -> None:
         while True:
             try:
                 event = recv_monitor_message(monitor)
             except zmq.ZMQError:
-                return
+                break
             if event["event"] == zmq.EVENT_MONITOR_STOPPED:
-                return
-            self._refuse("no CURVE key, or not this daemon's public key", domain=domain,
-                         endpoint=event["endpoint"].decode("utf-8", "replace"), error=str(event["value"]))
+                break
+            self.refused_on.add(watched)
+            self._refuse(PROTOCOL_ERRORS.get(event["value"], f"handshake failed (ZMTP error {event['value']:#x})"),
+                         domain=domain, endpoint=event["endpoint"].decode("utf-8", "replace"))
+        monitor.close(linger=0)  # by its own thread: a ZeroMQ socket is used by one thread at a time
+
+    def rejoin(self, socket: zmq.Socket, endpoint: str) -> None:
+        """Connect a connected endpoint again once a peer there failed the handshake: libzmq gives such an
+        endpoint up for good (no reconnect after a protocol error), so one impostor, or a sensor started once
+        with the wrong server key, would cut the genuine sensor off. Call from the socket's thread; at most
+        every REJOIN_S."""
+        key = id(socket)
+        if key not in self.refused_on or time.monotonic() - self.rejoined_at.get(key, 0.0) < REJOIN_S:
+            return
+        self.refused_on.discard(key)
+        self.rejoined_at[key] = time.monotonic()
+        try:
+            socket.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # already dropped by libzmq
+        socket.connect(endpoint)
+
+    def stop(self) -> None:
+        """Stop watching (from the watched sockets' thread, once they are closed or before), then stop ZAP."""
+        for socket, reader in self.watched:
+            if not socket.closed:
+                socket.disable_monitor()  # the reader gets MONITOR_STOPPED and closes its end
+            reader.join(timeout=2)
+        super().stop()
 
     def _refuse(self, why: str, **fields) -> None:
         with self.lock:

@@ -17,23 +17,20 @@ from test_end_to_end import SENSORS
 BIN = Path(sys.executable).parent
 
 
-def ray_processes() -> set[int]:
-    found = set()
-    for process in psutil.process_iter(["name", "cmdline"]):
-        text = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
-        if "raylet" in text or "gcs_server" in text or "ray::" in text:
-            found.add(process.pid)
-    return found
-
-
-def interrupted(command: list[str], after_s: float, signum=signal.SIGINT) -> tuple[int, str, float]:
-    """(exit status, stderr, seconds from the signal to the exit) of a command signalled `after_s` in."""
+def interrupted(command: list[str], after_s: float, signum=signal.SIGINT) -> tuple[int, str, float, list]:
+    """(exit status, stderr, seconds from the signal to the exit, the processes it had started) of a command
+    signalled `after_s` in."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(after_s)
+    children = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signum)
     sent = time.monotonic()
     _, err = process.communicate(timeout=60)
-    return process.returncode, err, time.monotonic() - sent
+    return process.returncode, err, time.monotonic() - sent, children
+
+
+def alive(processes: list) -> list:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.parametrize("after_s", [0.3, 3.0, 7.0])  # importing, starting Ray, starting the actors
@@ -43,8 +40,7 @@ def test_ctrl_c_during_start_up_stops_the_daemon_at_once_and_leaves_no_ray_behin
                           for n, m in SENSORS.items()]}
     path = tmp_path / "lab.yaml"
     path.write_text(yaml.safe_dump(config))
-    before = ray_processes()
-    status, err, took = interrupted([str(BIN / "mmfuse-daemon"), "--config", str(path)], after_s)
+    status, err, took, children = interrupted([str(BIN / "mmfuse-daemon"), "--config", str(path)], after_s)
     assert "Traceback" not in err, err
     if "daemon ready" in err:  # a fast start: then Ctrl-C drains and stops it
         assert status == 130 and "stopped" in err, err
@@ -52,9 +48,9 @@ def test_ctrl_c_during_start_up_stops_the_daemon_at_once_and_leaves_no_ray_behin
         assert status == 130 and "mmfuse-daemon: stopped during start-up" in err, err
     assert took < 15, err
     deadline = time.monotonic() + 10
-    while (ray_processes() - before) and time.monotonic() < deadline:
+    while alive(children) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not ray_processes() - before, "Ray processes left behind"
+    assert not alive(children), f"left behind: {[p.cmdline()[:2] for p in alive(children)]}"
 
 
 def test_ctrl_c_during_training_writes_no_bundle_and_leaves_an_earlier_one_as_it_was(tmp_path, feature_file,
@@ -62,7 +58,7 @@ def test_ctrl_c_during_training_writes_no_bundle_and_leaves_an_earlier_one_as_it
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "manifest.json").write_text((bundle_dir / "manifest.json").read_text())
-    status, err, _ = interrupted([str(BIN / "mmfuse-train"), "--data", str(feature_file), "--out", str(out)], 6.0)
+    status, err, _, _ = interrupted([str(BIN / "mmfuse-train"), "--data", str(feature_file), "--out", str(out)], 6.0)
     assert status == 130 and "Traceback" not in err, err
     assert "mmfuse-train: stopped: no bundle was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
@@ -70,5 +66,5 @@ def test_ctrl_c_during_training_writes_no_bundle_and_leaves_an_earlier_one_as_it
 
 
 def test_ctrl_c_while_a_command_loads_is_one_line_not_a_traceback(feature_file):
-    status, err, _ = interrupted([str(BIN / "mmfuse-eval"), "--bundle", "nowhere", "--data", str(feature_file)], 0.3)
+    status, err, _, _ = interrupted([str(BIN / "mmfuse-eval"), "--bundle", "nowhere", "--data", str(feature_file)], 0.3)
     assert status == 130 and "Traceback" not in err and err.strip().startswith("mmfuse-eval: stopped"), err

@@ -275,3 +275,43 @@ def test_a_secured_lab_replays_and_records_with_its_keys(tmp_path, bundle_dir, f
     assert recorder.returncode == 130, recorder.stderr.read()  # stopped by Ctrl-C, the file finished
     _, messages = read_recording(recording)
     assert {m.sensor for m in messages} == set(SENSORS)
+
+
+def test_an_impostor_on_a_sensors_port_cannot_cut_the_genuine_sensor_off(tmp_path):
+    """libzmq gives a connected endpoint up after a failed handshake; the gatekeeper has it connected again."""
+    server, genuine = certificate(tmp_path / "server", "server"), certificate(tmp_path / "cam0", "cam0")
+    context = zmq.Context()
+    gate = Gatekeeper(context, structlog.wrap_logger(structlog.PrintLogger(io.StringIO())))
+    gate.start()
+    gate.admit(SENSOR_DOMAIN, frozenset({genuine.public}))
+    daemon = context.socket(zmq.SUB)  # the daemon's socket for a sensor that binds its own
+    daemon.subscribe(b"")
+    serve(daemon, server, SENSOR_DOMAIN)
+    gate.watch(daemon, SENSOR_DOMAIN)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon.connect(endpoint)
+
+    def received_from(key, seconds) -> int:
+        sensor = context.socket(zmq.PUB)
+        if key is not None:
+            connect_as(sensor, key, server.public)
+        sensor.bind(endpoint)
+        count, until = 0, time.monotonic() + seconds
+        while time.monotonic() < until:
+            gate.rejoin(daemon, endpoint)  # as the sensor actor's loop does
+            sensor.send_multipart([b"visual/s", b"x"])
+            while daemon.poll(10):
+                daemon.recv_multipart()
+                count += 1
+        sensor.close(linger=0)
+        time.sleep(0.2)
+        return count
+
+    try:
+        assert received_from(genuine, 1.0) > 0
+        assert received_from(None, 1.0) == 0 and gate.refused_count >= 1  # an impostor without a key took the port
+        assert received_from(genuine, 2.0) > 0  # and the genuine sensor, back on it, is heard again
+    finally:
+        daemon.close(linger=0)
+        gate.stop()
+        context.destroy(linger=0)
