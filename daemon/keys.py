@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,10 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def new_certificate(name: str, directory: Path) -> tuple[Path, Path]:
     import zmq.auth
 
-    if not name or "/" in name or name.startswith("."):
-        raise SecurityError(f"{name!r} is not a usable name: use letters, digits, '-' or '_', such as cam0")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise SecurityError(f"{name!r} is not a usable name: up to 64 letters, digits, '-' or '_', such as cam0")
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
-    existing = [str(p) for p in (public, secret) if p.exists()]
+    existing = [str(p) for p in (public, secret) if os.path.lexists(p)]  # a dangling link counts: never written through
     if existing:
         raise SecurityError(f"{' and '.join(existing)} already exist; remove them first or choose another name "
                             f"(a new key locks out whoever holds the old one)")

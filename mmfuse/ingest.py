@@ -22,6 +22,7 @@ DELAY_MEMORY = 64  # arrivals over which the delay jitter is taken
 PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
 SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
 SEQ_JUMP = 100      # a seq further ahead than this breaks with its stream: 3 s of a 30 fps camera lost at once
+MAX_FEATURE = 1e6   # |feature value| above this is no feature (CMU-MOSI's reach 373) but overflow in the making
 
 
 @dataclass(slots=True)
@@ -188,6 +189,10 @@ class SensorIngest:
                 return None
             if not np.isfinite(vectors).all():
                 self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
+                return None
+            if np.abs(vectors).max() > MAX_FEATURE:
+                self.reject("out_of_range", f"{message.session}/{message.source} seq {message.seq}: a value beyond "
+                            f"±{MAX_FEATURE:g}, which window sums and the models would turn into inf or NaN")
                 return None
             frame.vectors = vectors
         elif self.media is not None and self.media.accepts(message.encoding):

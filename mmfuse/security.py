@@ -47,20 +47,18 @@ class Certificate:
 def read_certificate(path: str | Path, secret: bool = False) -> Certificate:
     """A certificate file (NAME.key, or NAME.key_secret with `secret`), as `mmfuse-keys new` writes them."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise SecurityError(f"{path}: cannot read the key ({exc.strerror}); make one with "
-                            f"mmfuse-keys new NAME --dir DIR") from None
-    if secret and mode & stat.S_IROTH:
-        raise SecurityError(f"{path}: a secret key that every user of this machine can read (mode "
-                            f"{stat.filemode(mode)}); restrict it with: chmod 600 {path}")
+    if not path.is_file():
+        raise SecurityError(f"{path}: no such key file; make one with mmfuse-keys new NAME --dir DIR")
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise SecurityError(f"{path}: not a ZeroMQ certificate ({exc}); use a file mmfuse-keys new wrote") from None
     if secret and secret_key is None:
         raise SecurityError(f"{path}: holds no secret key; give the NAME.key_secret file of this certificate")
+    mode = path.stat().st_mode
+    if secret and mode & stat.S_IROTH:
+        raise SecurityError(f"{path}: a secret key that every user of this machine can read (mode "
+                            f"{stat.filemode(mode)}); restrict it with: chmod 600 {path}")
     return Certificate(public, secret_key)
 
 

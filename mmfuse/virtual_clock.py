@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import msgpack
 
 from mmfuse.frames import ClosedWindow, SensorBatch
+from mmfuse.wire import MAX_TIME_S
 
 TICK_S = 0.01       # as the live aligner's ticker
 TICK_TOPIC = b"clock"
@@ -31,12 +32,17 @@ def receive_time_frame(t: float) -> bytes:
     return _TIME.pack(t)
 
 
+def _plausible(t) -> bool:
+    """A time a replay's clock can show: finite, and seconds (as the wire protocol's `t`)."""
+    return type(t) in (int, float) and math.isfinite(t) and abs(t) <= MAX_TIME_S
+
+
 def receive_time(frame: bytes) -> float | None:
     """The receive time a virtual-clock message carries; None for a frame that is not one."""
     if len(frame) != _TIME.size:
         return None
     (t,) = _TIME.unpack(frame)
-    return t if math.isfinite(t) else None
+    return t if _plausible(t) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +58,10 @@ def tick_frames(tick: Tick) -> list[bytes]:
 def parse_tick(frames: list[bytes]) -> Tick | None:
     try:
         body = msgpack.unpackb(frames[1])
-        return Tick(float(body["t"]), bool(body["final"]))
+        t, final = body["t"], body["final"]
     except Exception:  # a malformed tick is counted by the caller like any malformed message
         return None
+    return Tick(float(t), final) if _plausible(t) and type(final) is bool else None
 
 
 class SensorTicks:

@@ -315,3 +315,23 @@ def test_an_impostor_on_a_sensors_port_cannot_cut_the_genuine_sensor_off(tmp_pat
         daemon.close(linger=0)
         gate.stop()
         context.destroy(linger=0)
+
+
+def test_odd_key_names_and_links_are_refused_and_a_public_certificate_is_no_secret_key(tmp_path, capsys):
+    for name in ("../x", "", " ", "with space", "x.key", "a" * 65):
+        assert keys_main(["new", name, "--dir", str(tmp_path)]) == 2, name
+    (tmp_path / "cam0.key_secret").symlink_to(tmp_path / "elsewhere")  # dangling: never written through
+    assert keys_main(["new", "cam0", "--dir", str(tmp_path)]) == 2 and not (tmp_path / "elsewhere").exists()
+    new_certificate("daemon", tmp_path / "keys")
+    with pytest.raises(SecurityError, match="holds no secret key"):
+        read_certificate(tmp_path / "keys" / "daemon.key", secret=True)
+    with pytest.raises(SecurityError, match="no such key file"):
+        read_certificate(tmp_path / "keys", secret=True)
+
+
+def test_a_clock_tick_of_no_plausible_time_is_refused():
+    from mmfuse.virtual_clock import parse_tick
+
+    assert parse_tick([b"", msgpack.packb({"t": 12.5, "final": False})]).now == 12.5
+    for t in (1e300, float("nan"), float("inf"), "12", True):
+        assert parse_tick([b"", msgpack.packb({"t": t, "final": False})]) is None, t

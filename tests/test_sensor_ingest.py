@@ -190,3 +190,9 @@ def test_with_authenticated_sensors_only_the_sensors_key_may_send_and_never_as_a
     assert sensor.rejected.counts == {"wrong_source": 2} and not sensor.streams
     sensor.ingest(frames, 100.0, sender="CAMKEY")
     assert sensor.accepted == 1
+
+
+def test_features_too_large_to_sum_are_rejected_before_they_overflow_a_window():
+    sensor = ingest()
+    send(sensor, 0, 0.0, np.full(4, 3.0e38))  # finite float32, but two of them sum to inf
+    assert sensor.rejected.counts == {"out_of_range": 1} and not sensor.streams
