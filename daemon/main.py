@@ -12,7 +12,6 @@ import time
 import psutil
 import structlog
 
-from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.logs import configure
 from mmfuse.media import MEDIA_ENCODINGS
@@ -37,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check(config: DaemonConfig) -> int:
     """What the daemon checks before it starts, without starting anything: 0 when it would start."""
+    from mmfuse.bundle import BundleError, load_bundle
+
     try:
         bundle = load_bundle(config.bundle)
         bundle.check_fits(config.modalities, config.restorer.method)
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(config)
     signals = Signals()
+    from mmfuse.bundle import BundleError, load_bundle  # torch: after the arguments and the configuration
+
     if keys is None:
         log.warning("sensors are not authenticated", hint="anyone who reaches a sensor endpoint can publish as "
                     "that sensor; set security.curve (README, Security)")

@@ -35,7 +35,6 @@ import numpy as np
 import zmq
 
 from mmfuse import wire
-from mmfuse.bundle import BundleError, load_bundle
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.datasets import DataError, load_features
 from mmfuse.security import ClientKeys, SecurityError, client_keys, connect_as
@@ -231,6 +230,8 @@ def build_schedule(config: DaemonConfig, data, args: argparse.Namespace) -> tupl
         by_session[video].append((int(number) if number.isdigit() else row, row))
     sessions = list(by_session.items())
     if args.held_out_by:
+        from mmfuse.bundle import load_bundle
+
         held_out = set(load_bundle(args.held_out_by).manifest["data"]["val_videos"])
         sessions = [(name, rows) for name, rows in sessions if name in held_out]
     sessions = sessions[: args.sessions]
@@ -426,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         return list_recording(args.recording or args.data)
+    from mmfuse.bundle import BundleError  # torch: after the arguments
+
     try:
         config, schedule, truth = load_schedule(args)
     except (ConfigError, DataError, BundleError, RecordingError) as exc:

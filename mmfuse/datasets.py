@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from mmfuse import MODALITIES
-from mmfuse.bundle import sha256_file
 from mmfuse.media import MediaError, rgb_image
 
 # npz key(s) that hold each modality's matrix, in order of preference
@@ -111,6 +110,8 @@ def load_features(path: str | Path) -> FeatureSet:
             raise DataError(f"{path}: {keys[modality]} contains NaN or infinite values")
     if label.min() < 0:
         raise DataError(f"{path}: labels must be class indices 0..K-1")
+    from mmfuse.bundle import sha256_file  # (mmfuse.bundle imports torch: not for a command's --help)
+
     return FeatureSet(path, sha256_file(path), features, keys, label, sentiment, uid)
 
 

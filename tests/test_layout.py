@@ -2,6 +2,8 @@
 training sides share only the package root."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,11 @@ def test_modules_do_not_import_across_the_layout(folder, forbidden):
     offending = {path.name: sorted(n for n in imported(path) if n == forbidden or n.startswith(forbidden + "."))
                  for path in sorted((ROOT / folder).glob("*.py"))}
     assert not {name: found for name, found in offending.items() if found}
+
+
+@pytest.mark.parametrize("module", ["mmfuse.daemon.main", "mmfuse.daemon.replay", "mmfuse.daemon.record",
+                                    "mmfuse.daemon.keys", "mmfuse.commands"])
+def test_command_modules_import_without_torch_so_help_answers_at_once(module):
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
