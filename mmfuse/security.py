@@ -192,6 +192,7 @@ class Gatekeeper(ThreadAuthenticator):
         self.lock = threading.Lock()
         self._address = ""
         self.watched: list[tuple[zmq.Socket, threading.Thread]] = []  # sockets and the threads reading monitors
+        self.stopping = threading.Event()
         self.refused_on: set[int] = set()  # id() of the watched sockets a handshake failed on: see rejoin()
         self.rejoined_at: dict[int, float] = {}
 
@@ -220,8 +221,10 @@ class Gatekeeper(ThreadAuthenticator):
         reader.start()
 
     def _read_monitor(self, monitor: zmq.Socket, domain: str, watched: int) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
+                if not monitor.poll(100):  # never blocked for long: stop() waits for this thread
+                    continue
                 event = recv_monitor_message(monitor)
             except zmq.ZMQError:
                 break
@@ -250,10 +253,12 @@ class Gatekeeper(ThreadAuthenticator):
 
     def stop(self) -> None:
         """Stop watching (from the watched sockets' thread, once they are closed or before), then stop ZAP."""
-        for socket, reader in self.watched:
+        self.stopping.set()
+        for _, reader in self.watched:
+            reader.join()  # it closes its monitor socket itself: only then may the context go
+        for socket, _ in self.watched:
             if not socket.closed:
-                socket.disable_monitor()  # the reader gets MONITOR_STOPPED and closes its end
-            reader.join(timeout=2)
+                socket.disable_monitor()
         super().stop()
 
     def _refuse(self, why: str, **fields) -> None:
