@@ -410,15 +410,17 @@ def load_schedule(args: argparse.Namespace) -> tuple[DaemonConfig, list, dict]:
     return config, schedule, truth
 
 
-def new_run(schedule: list[Scheduled]) -> int:
+def new_run(schedule: list[Scheduled]) -> tuple[int, set[str]]:
     """Stamp every message with a new run (its start time in ms, so runs increase): the daemon takes a replay of
-    sessions it has seen before as a new life of them, with the same decisions as a fresh daemon would give."""
-    run = time.time_ns() // 1_000_000
+    sessions it has seen before as a new life of them, with the same decisions as a fresh daemon would give.
+    Returns the run and the sessions replayed."""
+    run, sessions = time.time_ns() // 1_000_000, set()
     for item in schedule:
         body = msgpack.unpackb(item.frames[1], raw=False)
         if isinstance(body, dict):
             item.frames = [item.frames[0], msgpack.packb({**body, "run": run}, use_bin_type=True), *item.frames[2:]]
-    return run
+            sessions.add(body.get("session"))
+    return run, sessions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     except SecurityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run = new_run(schedule)
+    run, sessions = new_run(schedule)
     context = zmq.Context.instance()
     listener = context.socket(zmq.SUB)  # also without --listen: a replay the daemon rejected whole must say so
     listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
@@ -461,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replaying {len(schedule)} messages from {source} at speed {args.speed:g}", file=sys.stderr)
 
     received, correct = 0, 0
-    sessions = {msgpack.unpackb(item.frames[1], raw=False).get("session") for item in schedule}
 
     def receive(timeout_s: float) -> None:
         nonlocal received, correct
