@@ -456,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     source = args.recording or args.data
     if truth:
-        sessions = len({s for s, _ in truth})
-        print(f"replaying {len(truth)} utterances of {sessions} session(s) from {source} at speed {args.speed:g}",
+        print(f"replaying {len(truth)} utterances of {len({s for s, _ in truth})} session(s) from {source} "
+              f"at speed {args.speed:g}",
               file=sys.stderr)
     else:
         print(f"replaying {len(schedule)} messages from {source} at speed {args.speed:g}", file=sys.stderr)

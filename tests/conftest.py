@@ -1,6 +1,7 @@
 """Shared fixtures: one generated data set and one trained bundle for the whole suite."""
 
 import os
+import random
 import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,17 +49,24 @@ def media_bundle(tmp_path_factory, media_manifest):
 
 
 GIVEN_PORTS: set[int] = set()
+TEST_PORTS = range(20000, 32000)  # above Ray's worker ports (10002-19999), below the kernel's ephemeral range
 
 
 def free_port() -> int:
-    """A port free now and not handed out before in this run: the kernel may offer a just-released one again."""
+    """A port free now, not handed out before in this run, and outside the ranges Ray and the kernel hand out to
+    their own sockets: an ephemeral port free when the daemon checks it can be some Ray process's by the time the
+    publisher binds it."""
     while True:
+        port = random.choice(TEST_PORTS)
+        if port in GIVEN_PORTS:
+            continue
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in GIVEN_PORTS:
-            GIVEN_PORTS.add(port)
-            return port
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        GIVEN_PORTS.add(port)
+        return port
 
 
 @pytest.fixture
