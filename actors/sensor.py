@@ -1,6 +1,7 @@
 """Sensor actor: owns one sensor's SUB socket, reads it in its own thread, and hands the
 aligner SensorIngest's batches, never per frame. It keeps every batch it sent until the
-supervisor confirms the aligner's snapshot holds it, so a restarted aligner loses nothing."""
+supervisor confirms the aligner's snapshot holds it, so a restarted aligner loses nothing.
+With `recorder` configured it also pushes every message it accepted to mmfuse-record."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import structlog
 
+from mmfuse import wire
 from mmfuse.config import DaemonConfig
 from mmfuse.frames import SensorBatch
 from mmfuse.incarnation import Incarnation
@@ -16,6 +18,7 @@ from mmfuse.logs import Tally, configure
 from mmfuse.pipeline import build_ingest
 from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick, receive_time
 
+RECORDER_WAIT_S = 2.0  # for a listening mmfuse-record to complete its handshake
 RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
 
 
@@ -45,6 +48,8 @@ class SensorActor:
         from mmfuse.security import daemon_keys
 
         self.keys = daemon_keys(config)
+        self.recorder_endpoint = None if config.recorder is None else config.recorder.endpoint
+        self.unrecorded = 0
         self.gate = None
         self.new_ingest = lambda: build_ingest(config, self.sensor, dim, tower, self.log, self.keys)
         self.ingest = self.new_ingest()
@@ -100,6 +105,7 @@ class SensorActor:
                                f"{self.sensor.endpoint}: {exc}"
             self.started.set()
             return
+        recorder = None if self.recorder_endpoint is None else self._connect_recorder(context)
         self.log.info("sensor listening", endpoint=self.sensor.endpoint, bind=self.sensor.bind,
                       virtual_clock=self.virtual_clock, incarnation=self.incarnation.token,
                       authenticated=self.keys is not None)
@@ -116,6 +122,8 @@ class SensorActor:
                     except zmq.Again:
                         break
                     in_flight = self._receive_safely(aligner, frames, in_flight)
+                if recorder is not None:
+                    self._forward(recorder)
             if not self.virtual_clock and self.ingest.push_due(time.monotonic() - last_push, self.min_interval,
                                                                self.flush_interval):
                 in_flight = self._push(aligner, in_flight)
@@ -126,12 +134,58 @@ class SensorActor:
             except zmq.Again:
                 break
             in_flight = self._receive_safely(aligner, frames, in_flight)
+        if recorder is not None:
+            self._forward(recorder)
+            recorder.close(linger=1000)
         if not self.virtual_clock:
             in_flight = self._push(aligner, in_flight)
         self._settle(in_flight, timeout=10)
         socket.close()
         if self.gate is not None:
             self.gate.stop()
+
+    def _connect_recorder(self, context):
+        """A PUSH to mmfuse-record's endpoint. It queues only for a recorder that is connected (ZMQ_IMMEDIATE), so
+        a recording starts when its recorder does, with nothing stale from before; a recorder that already listens
+        is connected before the sensor's first message can arrive."""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        recorder = context.socket(zmq.PUSH)
+        recorder.setsockopt(zmq.IMMEDIATE, 1)
+        recorder.setsockopt(zmq.SNDHWM, 100_000)
+        if self.keys is not None:  # the recorder serves with the daemon's own certificate and admits only it
+            from mmfuse.security import connect_as
+
+            connect_as(recorder, self.keys.certificate, self.keys.certificate.public)
+        settled = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        monitor = recorder.get_monitor_socket(settled)
+        recorder.connect(self.recorder_endpoint)
+        deadline = time.monotonic() + RECORDER_WAIT_S
+        while (left := deadline - time.monotonic()) > 0 and monitor.poll(left * 1000):
+            event = recv_monitor_message(monitor)["event"]
+            if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.log.info("no recorder at the recorder endpoint yet; recording starts when one connects",
+                              endpoint=self.recorder_endpoint, event=zmq.Event(event).name)
+            break
+        recorder.disable_monitor()
+        monitor.close(linger=0)
+        return recorder
+
+    def _forward(self, recorder) -> None:
+        """Hand mmfuse-record what was accepted; what it cannot take now (none connected, or it is behind by
+        SNDHWM messages) is counted as `unrecorded`."""
+        import zmq
+
+        with self.lock:
+            accepted = self.ingest.take_accepted()
+        for topic, payload, arrived_at in accepted:
+            try:
+                recorder.send_multipart(wire.encode_accepted(self.sensor.name, topic, payload, arrived_at),
+                                        zmq.NOBLOCK)
+            except zmq.Again:
+                self.unrecorded += 1
 
     def _receive_safely(self, aligner, frames: list[bytes], in_flight: list) -> list:
         """One message; a fault in handling it is counted and logged, and the sensor reads on."""
@@ -175,7 +229,8 @@ class SensorActor:
             report, batch = self.ticks.tick(tick)
             replay = self.ticks.replay
             if tick.final:  # the replay is over: start the next one afresh
-                self.ingest = self.new_ingest()
+                accepted, self.ingest = self.ingest.take_accepted(), self.new_ingest()
+                self.ingest.accepted_frames = accepted
                 self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval, replay + 1)
         if report:
             in_flight = self._send(in_flight, aligner.report.remote(self.sensor.name, tick, batch, replay))
@@ -242,8 +297,9 @@ class SensorActor:
 
     def stats(self) -> dict:
         with self.lock:
-            refused = {} if self.gate is None else {"auth_refused": self.gate.refused_count}
-            return {**self.ingest.stats(), **refused, "pushes": self.pushes, "retained": len(self.retained),
+            counts = {} if self.gate is None else {"auth_refused": self.gate.refused_count}
+            counts |= {"unrecorded": self.unrecorded} if self.unrecorded else {}
+            return {**self.ingest.stats(), **counts, "pushes": self.pushes, "retained": len(self.retained),
                     **({"push_failures": dict(self.push_failures.counts)} if self.push_failures.counts else {})}
 
 

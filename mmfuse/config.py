@@ -128,6 +128,13 @@ class OutputConfig(Section):
     _endpoint = field_validator("endpoint")(_check_endpoint)
 
 
+class RecorderConfig(Section):
+    endpoint: str = Field(description="where mmfuse-record listens for every message the daemon accepts; the "
+                          "daemon's sensor actors connect to it and push each accepted message there")
+
+    _endpoint = field_validator("endpoint")(_check_endpoint)
+
+
 class CurveConfig(Section):
     secret_key: Path = Field(description="the daemon's certificate, public and secret (NAME.key_secret, "
                              "from mmfuse-keys new)")
@@ -167,6 +174,8 @@ class DaemonConfig(Section):
     clock: ClockConfig = ClockConfig()
     restorer: RestorerConfig = RestorerConfig()
     output: OutputConfig = OutputConfig()
+    recorder: RecorderConfig | None = Field(None, description="hand mmfuse-record the messages the daemon "
+                                            "accepted; empty: mmfuse-record subscribes to the sensors itself")
     security: SecurityConfig = SecurityConfig()
     ray: RayConfig = RayConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -189,9 +198,10 @@ class DaemonConfig(Section):
                 raise ValueError(f"{', '.join(keyed)} only apply with CURVE authentication; add security.curve "
                                  f"(secret_key, authorized_keys) or remove them")
         endpoints = [s.endpoint for s in self.sensors] + [self.output.endpoint]
+        endpoints += [self.recorder.endpoint] if self.recorder is not None else []
         shared = sorted({e for e in endpoints if endpoints.count(e) > 1})
         if shared:
-            raise ValueError(f"endpoint {shared[0]} is used twice; give each sensor and the output its own")
+            raise ValueError(f"endpoint {shared[0]} is used twice; give each sensor, the output and the recorder its own")
         return self
 
     @property

@@ -32,6 +32,7 @@ class Checked:
     arrived_at: float
     vectors: np.ndarray | None = None  # features
     item: object = None                # raw media, prepared by the MediaEncoder
+    frames: tuple[bytes, bytes] = ()   # topic and payload as received
 
 
 @dataclass
@@ -91,8 +92,11 @@ class SensorIngest:
     def __init__(self, sensor: str, modality: str, length_s: float, hop_s: float, dim: int | None,
                  max_payload: int = wire.DEFAULT_MAX_PAYLOAD, log=None, media: MediaEncoder | None = None,
                  clock_jump_s: float = 1.0, spans: bool = False, idle_s: float = 60.0, max_span_s: float = 60.0,
-                 sender_key: str | None = None, other_sensors: frozenset[str] = frozenset()):
+                 sender_key: str | None = None, other_sensors: frozenset[str] = frozenset(),
+                 keep_accepted: bool = False):
         self.sensor, self.modality, self.dim = sensor, modality, dim
+        self.keep_accepted = keep_accepted  # for mmfuse-record: see take_accepted()
+        self.accepted_frames: list[tuple[bytes, bytes, float]] = []
         self.sender_key = sender_key        # authenticated sensors: the only key this sensor's messages come from
         self.other_sensors = other_sensors  # names this sensor must not send as
         self.idle_s, self.max_span = idle_s, max_span_s
@@ -175,7 +179,7 @@ class SensorIngest:
         if message.modality != self.modality:
             self.reject("modality", f"{message.modality} message on {self.modality} sensor {self.sensor}")
             return None
-        frame = Checked(message, arrived_at)
+        frame = Checked(message, arrived_at, frames=(frames[0], frames[1]))
         if message.kind != "data":
             return frame
         if message.duration > self.max_span:
@@ -303,6 +307,8 @@ class SensorIngest:
             self.log.info("stream resumed after end", session=message.session, source=message.source)
         self.touched[key] = None
         self.accepted += 1
+        if self.keep_accepted:
+            self.accepted_frames.append((*frame.frames, arrived_at))
 
     def _on_stream_time(self, stream: StreamState, message: wire.SensorMessage, arrived_at: float,
                         restarted: bool) -> wire.SensorMessage:
@@ -362,6 +368,12 @@ class SensorIngest:
         """Whether to hand the aligner a batch, `waited` seconds after the last one: as soon as a
         stream has passed a window end (at most one per batch interval), else after the flush interval."""
         return (self.due and waited >= batch_interval) or waited >= flush_interval
+
+    def take_accepted(self) -> list[tuple[bytes, bytes, float]]:
+        """With `keep_accepted`: every message applied since the last call, as (topic, payload, arrival time), in
+        the order applied; a held message comes when the next one confirms it, and a rejected one never."""
+        taken, self.accepted_frames = self.accepted_frames, []
+        return taken
 
     def take_batch(self) -> SensorBatch | None:
         if self.media is not None:

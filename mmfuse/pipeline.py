@@ -91,7 +91,8 @@ def build_ingest(config: DaemonConfig, sensor: SensorConfig, dim: int | None, to
                         log, media, config.clock.jump_s, spans=config.window.mode == "utterance",
                         idle_s=5 * config.pipeline.session_idle_s,  # streams outlive their session's idle time
                         max_span_s=max(60.0, 10 * config.window.length_s),  # a minute, or ten long windows
-                        sender_key=None if keys is None else keys.sender_key(sensor.name), other_sensors=others)
+                        sender_key=None if keys is None else keys.sender_key(sensor.name), other_sensors=others,
+                        keep_accepted=config.recorder is not None)
 
 
 def build_aligner(config: DaemonConfig, modalities: list[str], log=None) -> Aligner:

@@ -26,6 +26,7 @@ from mmfuse.logs import Tally
 
 SENSORS = "sensors"      # ZAP domain of the sensor sockets
 CONSUMERS = "consumers"  # ZAP domain of the decision socket
+RECORDER = "recorder"    # ZAP domain of mmfuse-record's socket for the messages the daemon accepted
 REFUSED_AT_HANDSHAKE = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 REJOIN_S = 0.1  # as libzmq's own reconnect interval
 PROTOCOL_ERRORS = {  # why a handshake failed before ZAP was asked; ZeroMQ gives no peer address or key then

@@ -7,6 +7,7 @@ Arrays travel as raw bytes + numpy dtype string + shape, never pickled.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import msgpack
@@ -280,3 +281,22 @@ def decode_decision(frames: list[bytes]) -> dict:
     if not isinstance(body, dict) or body.get("v") != VERSION:
         raise WireError("version", "not a v1 decision")
     return body
+
+
+_ARRIVAL = struct.Struct("!d")
+
+
+def encode_accepted(sensor: str, topic: bytes, payload: bytes, arrived_at: float) -> list[bytes]:
+    """A message a sensor actor accepted, for mmfuse-record: the sensor, the frames as they came, and when."""
+    return [sensor.encode(), topic, payload, _ARRIVAL.pack(arrived_at)]
+
+
+def decode_accepted(frames: list[bytes]) -> tuple[str, list[bytes], float]:
+    """(sensor, [topic, payload], arrival time) of an `encode_accepted` message."""
+    if len(frames) != 4 or len(frames[3]) != _ARRIVAL.size:
+        raise WireError("frames", f"expected [sensor, topic, payload, arrival time], got {len(frames)} frame(s)")
+    try:
+        sensor = frames[0].decode()
+    except UnicodeDecodeError:
+        raise WireError("frames", "the sensor name of an accepted message is not UTF-8") from None
+    return sensor, frames[1:3], _ARRIVAL.unpack(frames[3])[0]

@@ -46,14 +46,14 @@ def decode(frames):
 class Lab:
     """A running daemon on free ports, the client's sensor sockets, and a decision subscriber."""
 
-    def __init__(self, directory, bundle_dir, restorer: dict, window: float = WINDOW):
+    def __init__(self, directory, bundle_dir, restorer: dict, window: float = WINDOW, **sections):
         ports = {name: free_port() for name in SENSORS}
         output = f"tcp://127.0.0.1:{free_port()}"
         config = {"bundle": str(bundle_dir),
                   "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{ports[n]}"}
                               for n, m in SENSORS.items()],
                   "window": {"length_s": window, "hop_s": window}, "drop": {"timeout_s": TIMEOUT},
-                  "restorer": restorer, "output": {"endpoint": output}, "log": {"stats_interval_s": 2}}
+                  "restorer": restorer, "output": {"endpoint": output}, "log": {"stats_interval_s": 2}, **sections}
         path = directory / "lab.yaml"
         path.write_text(yaml.safe_dump(config))
         self.context = zmq.Context()

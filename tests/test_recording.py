@@ -35,6 +35,8 @@ def decision_key(d):
 
 
 def on_fresh_ports(config: dict) -> dict:
+    """A recording's configuration for a daemon of its own (and no recorder)."""
+    config = {key: value for key, value in config.items() if key != "recorder"}
     return {**config, "sensors": [{**s, "endpoint": f"tcp://127.0.0.1:{free_port()}"} for s in config["sensors"]],
             "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
 
@@ -60,22 +62,20 @@ def daemon_listening(config: dict, path, *flags):
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, bundle_dir):
-    """A live session through the daemon, recorded by mmfuse-record: (recording, live decisions)."""
+    """A live session through the daemon, recorded by mmfuse-record from the messages the daemon accepted:
+    (recording, live decisions, the daemon's accepted count per sensor)."""
     tmp_path = tmp_path_factory.mktemp("recorded")
-    lab = Lab(tmp_path, bundle_dir, {"method": "mean"})
+    lab = Lab(tmp_path, bundle_dir, {"method": "mean"}, recorder={"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+              log={"format": "json", "stats_interval_s": 2})
     recording = tmp_path / "session.mcap"
-    recorder = None
+    recorder = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.record", "--config", str(tmp_path / "lab.yaml"),
+                                 "--out", str(recording), "--decisions"], stderr=subprocess.PIPE, text=True)
     try:
         lab.wait_ready()
-        for sock in lab.sockets.values():  # pass on the recorder's subscription, a duplicate of the daemon's
-            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        recorder = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.record", "--config",
-                                     str(tmp_path / "lab.yaml"), "--out", str(recording), "--decisions"],
-                                    stderr=subprocess.PIPE, text=True)
-        for name, sock in lab.sockets.items():  # the recorder's subscription
-            assert sock.poll(30_000), f"recorder never subscribed to {name}"
-            sock.recv()
-        time.sleep(0.3)
+        lines = [recorder.stderr.readline()]
+        while "sensor actor(s) of the daemon connected" not in lines[-1]:
+            lines.append(recorder.stderr.readline())
+            assert recorder.poll() is None, "".join(lines) + recorder.stderr.read()
         rng = np.random.default_rng(5)
         seq = dict.fromkeys(SENSORS, 0)
         for w in range(6):
@@ -90,16 +90,24 @@ def recorded(tmp_path_factory, bundle_dir):
                 "rec", source, SENSORS[source], seq[source], 6 * WINDOW, kind="end")))
         live = collect(lab.decisions, quiet_s=4)
     finally:
-        if recorder is not None:
-            recorder.send_signal(signal.SIGINT)
-            recorder.wait(30)
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(30)
         lab.close()
     assert len(live) == 6 and any("visual" in d["restored"] for d in live)
-    return recording, live
+    stopped = next(json.loads(line) for line in lab.daemon.lines if '"stopped"' in line)
+    accepted = {name: stopped[f"sensor-{name}"]["accepted"] for name in SENSORS}
+    return recording, live, accepted
+
+
+def test_mmfuse_record_beside_a_live_daemon_records_every_message_the_daemon_accepted(recorded):
+    recording, _, accepted = recorded
+    _, messages = read_recording(recording)
+    assert accepted == {"cam0": 3, "mic0": 7, "asr0": 7}
+    assert {name: sum(m.sensor == name for m in messages) for name in SENSORS} == accepted
 
 
 def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_path):
-    recording, live = recorded
+    recording, live, _ = recorded
     config, messages = read_recording(recording)
     assert len(messages) == 6 * 2 + 3 + 2 and {m.sensor for m in messages} == set(SENSORS)
     channels = {s.name: s.count for s in summarize_mcap(recording)}
@@ -124,7 +132,7 @@ def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_pat
 
 
 def test_a_replay_the_daemon_rejects_whole_says_so_and_fails(recorded, tmp_path, capsys):
-    recording, _ = recorded
+    recording, _, _ = recorded
     config, _ = read_recording(recording)
     path = tmp_path / "replay.yaml"
     with daemon_listening(on_fresh_ports(config), path):
@@ -147,7 +155,7 @@ def without_latency(decisions):
 
 
 def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eval_log(recorded, tmp_path):
-    recording, live = recorded
+    recording, live, _ = recorded
     config, _ = read_recording(recording)
     path = tmp_path / "replay.yaml"
     runs = []
@@ -164,7 +172,7 @@ def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eva
 
 
 def test_utterance_windows_on_a_recording_whose_segments_are_the_windows_decide_alike(recorded, tmp_path):
-    recording, _ = recorded
+    recording, _, _ = recorded
     config, _ = read_recording(recording)
     out = {}
     for mode in ("time", "utterance"):
@@ -245,7 +253,7 @@ def test_an_xdf_stream_becomes_features_on_the_mapped_sensor(shared_data):
 
 
 def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(recorded, tmp_path):
-    recording, live = recorded
+    recording, live, _ = recorded
     labels = tmp_path / "labels.csv"
     labels.write_text("session,start,end,label\n" + "".join(
         f"rec,{w * WINDOW},{(w + 1) * WINDOW},{d['label']}\n"

@@ -15,9 +15,11 @@ import structlog
 import yaml
 import zmq
 
+from mmfuse import wire
 from mmfuse.config import ConfigError, parse_config
 from mmfuse.daemon.keys import main as keys_main, new_certificate
 from mmfuse.daemon.main import main as daemon_main
+from mmfuse.recording import read_recording
 from mmfuse.security import SENSORS as SENSOR_DOMAIN, Gatekeeper, SecurityError, connect_as, read_certificate, serve
 
 from conftest import free_port
@@ -335,3 +337,31 @@ def test_a_clock_tick_of_no_plausible_time_is_refused():
     assert parse_tick([b"", msgpack.packb({"t": 12.5, "final": False})]).now == 12.5
     for t in (1e300, float("nan"), float("inf"), "12", True):
         assert parse_tick([b"", msgpack.packb({"t": t, "final": False})]) is None, t
+
+
+def test_the_recorder_takes_accepted_messages_from_the_daemons_key_only(tmp_path, bundle_dir):
+    config = secured_config(tmp_path, bundle_dir) | {"recorder": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    path, recording = tmp_path / "lab.yaml", tmp_path / "accepted.mcap"
+    path.write_text(yaml.safe_dump(config))
+    recorder = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.record", "--config", str(path),
+                                 "--out", str(recording)], stderr=subprocess.PIPE, text=True)
+    assert recorder.stderr.readline().startswith("recording what the daemon accepts")
+    daemon = read_certificate(tmp_path / "keys" / "daemon.key_secret", secret=True)
+    sensor = read_certificate(tmp_path / "keys" / "sensors" / "cam0.key_secret", secret=True)
+    context = zmq.Context()
+    try:
+        for key, t in ((sensor, 0.0), (daemon, 1.0)):  # a sensor's key is no daemon's: refused
+            pusher = context.socket(zmq.PUSH)
+            connect_as(pusher, key, daemon.public)
+            pusher.connect(config["recorder"]["endpoint"])
+            topic, payload = message("s1", "cam0", int(t), t, rng=np.random.default_rng(0))
+            pusher.send_multipart(wire.encode_accepted("cam0", topic, payload, 100.0 + t))
+            time.sleep(1.0)
+            pusher.close(linger=0)
+    finally:
+        recorder.send_signal(signal.SIGTERM)
+        assert recorder.wait(30) == 0
+        context.destroy(linger=0)
+    _, messages = read_recording(recording)
+    assert [(m.sensor, m.received) for m in messages] == [("cam0", 101.0)]
+    assert "auth_refused" in recorder.stderr.read()
