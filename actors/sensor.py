@@ -45,6 +45,7 @@ class SensorActor:
 
             limit_threads()
             tower = load_bundle(config.bundle).towers([self.sensor.modality])[self.sensor.modality]
+            tower.to(_tower_device(self.sensor.num_gpus))
         from mmfuse.security import daemon_keys
 
         self.keys = daemon_keys(config)
@@ -313,3 +314,9 @@ def _media_towers(bundle: str) -> dict:
     except (OSError, ValueError):
         return {}
     return manifest.get("media", {}).get("towers", {})
+
+
+def _tower_device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

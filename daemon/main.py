@@ -80,12 +80,19 @@ def unavailable_resources(config: DaemonConfig) -> list[str]:
                             f"free port")
         finally:
             probe.close()
-    if config.restorer.num_gpus > 0 and config.ray.address is None:
+    asked = gpu_requests(config)
+    if asked and config.ray.address is None:
         found = local_gpus()
-        if found < config.restorer.num_gpus:
-            problems.append(f"restorer.num_gpus: {config.restorer.num_gpus:g} GPU(s) asked for the restorer actor, "
-                            f"{found} on this machine; set restorer.num_gpus: 0 to restore on the CPU")
+        if sum(asked.values()) > found:
+            problems.append(f"{', '.join(asked)}: {sum(asked.values()):g} GPU(s) asked for, {found} on this machine; "
+                            f"set {' and '.join(k.split(' ')[0] for k in asked)}: 0 to run on the CPU")
     return problems
+
+
+def gpu_requests(config: DaemonConfig) -> dict[str, float]:
+    """The GPUs the actors ask Ray for, by the configuration key that asks."""
+    asked = {"restorer.num_gpus": config.restorer.num_gpus} if config.restorer.num_gpus else {}
+    return asked | {f"sensors[{i}].num_gpus ({s.name})": s.num_gpus for i, s in enumerate(config.sensors) if s.num_gpus}
 
 
 def local_gpus() -> int:
@@ -96,13 +103,13 @@ def local_gpus() -> int:
 
 
 def cluster_gpu_problem(config: DaemonConfig) -> str | None:
-    """A Ray cluster joined (ray.address) with fewer GPUs than the restorer asks for: it would wait for ever."""
+    """A Ray cluster joined (ray.address) with fewer GPUs than the actors ask for: they would wait for ever."""
     import ray
 
-    found = ray.cluster_resources().get("GPU", 0)
-    if config.restorer.num_gpus > found:
-        return (f"restorer.num_gpus: {config.restorer.num_gpus:g} GPU(s) asked for the restorer actor, the Ray "
-                f"cluster at {config.ray.address} has {found:g}; add a GPU node or set restorer.num_gpus: 0")
+    asked, found = gpu_requests(config), ray.cluster_resources().get("GPU", 0)
+    if sum(asked.values()) > found:
+        return (f"{', '.join(asked)}: {sum(asked.values()):g} GPU(s) asked for, the Ray cluster at "
+                f"{config.ray.address} has {found:g}; add a GPU node or set {' and '.join(k.split(' ')[0] for k in asked)}: 0")
     return None
 
 

@@ -81,7 +81,8 @@ class Supervisor:
         one_at_a_time = {"max_concurrency": 1}  # calls from one caller run in order; one thread owns each socket
         if stage.name == "sensor":  # two at a time: it answers pings and hands its kept batches over while stop() waits
             return [(f"sensor-{s.name}", (config, s.name, bundle.modalities[s.modality]["dim"], log_format,
-                                          virtual_clock), {"max_concurrency": 2}) for s in config.sensors]
+                                          virtual_clock), {"max_concurrency": 2, "num_gpus": s.num_gpus})
+                    for s in config.sensors]
         if stage.name == "aligner":
             return [("aligner", (config, sorted(bundle.modalities), log_format, virtual_clock), one_at_a_time)]
         if stage.name == "restorer":

@@ -37,6 +37,8 @@ class SensorConfig(Section):
     frames_per_window: int = Field(1, ge=1, description="camera frames encoded per window and stream (jpeg, rgb8)")
     public_key: Path | None = Field(None, description="with security.curve: this sensor's public certificate "
                                     "(NAME.key); its messages are accepted from that key only")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs this sensor's actor asks Ray for, to run its raw-media "
+                            "tower there; 0 runs it on the CPU")
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
 

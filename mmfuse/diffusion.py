@@ -23,7 +23,7 @@ def linear_alpha_bar(steps: int = T_STEPS, beta_start: float = 1e-4, beta_end: f
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float().unsqueeze(1) * freqs.unsqueeze(0)
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
@@ -192,7 +192,7 @@ class DiffusionSampler:
             condition_present = torch.zeros_like(present)
         for i, t in enumerate(schedule):
             t_prev = schedule[i + 1] if i + 1 < len(schedule) else -1
-            eps = self.model(x, torch.full((len(z),), t), z, condition_present)
+            eps = self.model(x, torch.full((len(z),), t, device=z.device), z, condition_present)
             x = self.ddim_step(x, eps, t, t_prev)
             if t_prev >= 0:  # re-impose the known tokens at the next noise level
                 x = torch.where(keep, self.noised(z, t_prev, noise[i + 1]), x)

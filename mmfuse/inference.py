@@ -9,6 +9,16 @@ import numpy as np
 import torch
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto`: CUDA when torch finds a device, else the CPU; `cuda` where there is none is an error naming the fix."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {name!r}: choose auto, cpu or cuda")
+    available = torch.cuda.is_available()
+    if name == "cuda" and not available:
+        raise ValueError(f"device cuda: torch {torch.__version__} finds no CUDA device here; use auto or cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and available) else "cpu")
+
+
 def limit_threads() -> None:
     """Two cores are all a small machine has: one intra-op thread per process that runs a model, unless
     OMP_NUM_THREADS says otherwise."""
@@ -19,12 +29,14 @@ def limit_threads() -> None:
 @torch.no_grad()
 def embed(encoders: dict[str, torch.nn.Module], features: dict[str, np.ndarray | torch.Tensor],
           modalities: list[str], rows: int, embed_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage-1 embeddings [B, M, E] and presence [B, M] for the modalities given in `features`."""
-    z = torch.zeros(rows, len(modalities), embed_dim)
-    present = torch.zeros(rows, len(modalities), dtype=torch.bool)
+    """Stage-1 embeddings [B, M, E] and presence [B, M] for the modalities given in `features`, on the
+    encoders' device."""
+    device = next(next(iter(encoders.values())).parameters()).device
+    z = torch.zeros(rows, len(modalities), embed_dim, device=device)
+    present = torch.zeros(rows, len(modalities), dtype=torch.bool, device=device)
     for i, modality in enumerate(modalities):
         if modality in features:
-            z[:, i] = encoders[modality](torch.as_tensor(features[modality], dtype=torch.float32))
+            z[:, i] = encoders[modality](torch.as_tensor(features[modality], dtype=torch.float32, device=device))
             present[:, i] = True
     return z, present
 

@@ -103,7 +103,7 @@ class RetrievalRestorer:
     @torch.no_grad()
     def restore(self, z: torch.Tensor, present: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """`exclude` [B, N] bool hides bank rows from a query (same video, while training)."""
-        distance = torch.zeros(len(z), len(self.bank))
+        distance = torch.zeros(len(z), len(self.bank), device=z.device)
         for m in range(z.shape[1]):
             d = torch.cdist(z[:, m], self.bank[:, m]).square() / self.scale[m]
             distance += d * present[:, m:m + 1]
@@ -157,11 +157,12 @@ class DiffusionRestorer:
         rows, k = len(z), self.samples
         noise = self.noise(rows, tuple(z.shape[1:]), seeds)                    # [K, draws, B, M, E]
         noise = noise.transpose(0, 1).reshape(noise.shape[1], k * rows, *z.shape[1:])
-        device = next(self.model.parameters()).device
+        device = next(self.model.parameters()).device  # noise is drawn on the CPU: the same on every device
         draws = self.sampler.sample(z.repeat(k, 1, 1).to(device), present.repeat(k, 1).to(device),
-                                    noise.to(device), self.prior.to(device)).cpu().view(k, rows, *z.shape[1:])
+                                    noise.to(device), self.prior.to(device)).to(z.device).view(k, rows, *z.shape[1:])
         missing = (~present).unsqueeze(-1).float()
-        spread = (draws.std(dim=0, unbiased=False) * missing).sum(dim=(1, 2)) if k > 1 else torch.zeros(rows)
+        spread = (draws.std(dim=0, unbiased=False) * missing).sum(dim=(1, 2)) if k > 1 else \
+            torch.zeros(rows, device=z.device)
         self.last_spread = spread / (missing.sum(dim=(1, 2)) * z.shape[-1]).clamp_min(1)
         return keep_present(z, present, draws.mean(dim=0))
 

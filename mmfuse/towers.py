@@ -120,7 +120,20 @@ def preprocess_config(model: str, pretrained: str | None, config: dict) -> dict:
             "resize_mode": source.get("resize_mode", "shortest")}
 
 
-class ImageTower(nn.Module):
+class Tower(nn.Module):
+    """A media tower: `prepare` turns raw items into a CPU batch, `forward` encodes a batch on the tower's
+    device, `encode` does both and returns the features on the CPU."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, items: list) -> np.ndarray:
+        return self(self.prepare(items).to(self.device)).cpu().numpy()
+
+
+class ImageTower(Tower):
     """open_clip image tower: RGB uint8 images [H, W, 3] -> feature vectors."""
 
     def __init__(self, clip: nn.Module, preprocess: dict):
@@ -146,12 +159,8 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)
 
-    @torch.no_grad()
-    def encode(self, images: list[np.ndarray]) -> np.ndarray:
-        return self(self.prepare(images)).numpy()
 
-
-class TextTower(nn.Module):
+class TextTower(Tower):
     """open_clip text tower and its BPE tokenizer: strings -> feature vectors."""
 
     def __init__(self, clip: nn.Module, context_length: int):
@@ -170,10 +179,6 @@ class TextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(tokens)
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self(self.prepare(texts)).numpy()
 
 
 def mel_filterbank(rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
@@ -203,7 +208,7 @@ class LogMel(nn.Module):
         return torch.log(torch.einsum("bft,fm->bmt", spectrum, self.filters) + 1e-6)
 
 
-class AudioTower(nn.Module):
+class AudioTower(Tower):
     """PCM audio -> log-mel -> a small 1-D conv net, mean-pooled over time -> feature vector.
 
     Trained by mmfuse-train on fixed-length segments; the daemon cuts live audio into
@@ -240,10 +245,6 @@ class AudioTower(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.proj(self.net(self.norm(self.logmel(waveform))).mean(dim=-1))
-
-    @torch.no_grad()
-    def encode(self, waveforms: list[np.ndarray]) -> np.ndarray:
-        return self(self.prepare(waveforms)).numpy()
 
 
 def build_towers(media: dict, modalities: list[str], checkpoint: str | None = None) -> tuple[dict[str, nn.Module], nn.Module | None]:

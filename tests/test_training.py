@@ -126,3 +126,24 @@ def test_a_bundle_of_the_same_data_and_arguments_is_kept_with_if_changed(tmp_pat
     assert train_main(quick) == 0 and "up to date" in capsys.readouterr().out
     assert (out / "manifest.json").read_text() == made
     assert train_main(quick + ["--seed", "1"]) == 0 and (out / "manifest.json").read_text() != made
+
+
+def test_the_training_device_is_chosen_or_refused_by_name(tmp_path, feature_file, capsys):
+    import json
+
+    import torch
+
+    from mmfuse.training.train import main as train_main
+
+    quick = ["--data", str(feature_file), "--restorers", "mean,diffusion", "--encoder-epochs", "2", "--head-epochs",
+             "2", "--diffusion-epochs", "2", "--mutual-epochs", "1", "--diffusion-width", "16", "--diffusion-depth", "1"]
+    for device in ("auto", "cpu"):
+        assert train_main(quick + ["--out", str(tmp_path / device), "--device", device]) == 0
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("auto", "cpu")]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert manifests[0]["training"]["device_used"] == expected and manifests[1]["training"]["device_used"] == "cpu"
+    if expected == "cpu":
+        assert manifests[0]["metrics"] == manifests[1]["metrics"]
+        assert train_main(quick + ["--out", str(tmp_path / "cuda"), "--device", "cuda"]) == 2
+        assert "finds no CUDA device here; use auto or cpu" in capsys.readouterr().err
+        assert not (tmp_path / "cuda").exists()

@@ -21,8 +21,8 @@ def noised(alpha_bar: torch.Tensor, z: torch.Tensor, t: torch.Tensor, eps: torch
 def base_loss(model: DiffusionDenoiser, alpha_bar: torch.Tensor, z: torch.Tensor, present: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
     """L_base = E || eps - eps_theta(x_t, c, t) ||^2 over the missing tokens."""
-    t = torch.randint(0, T_STEPS, (len(z),), generator=generator)
-    eps = torch.randn(z.shape, generator=generator)
+    t = torch.randint(0, T_STEPS, (len(z),), generator=generator).to(z.device)
+    eps = torch.randn(z.shape, generator=generator).to(z.device)
     predicted = model(noised(alpha_bar, z, t, eps), t, z, present)
     missing = (~present).unsqueeze(-1).float()
     return ((eps - predicted).square() * missing).sum() / (missing.sum() * z.shape[-1])
@@ -40,28 +40,28 @@ def mutual_loss(model: DiffusionDenoiser, alpha_bar: torch.Tensor, z: torch.Tens
     if not len(rows):
         return z.new_zeros(())
     z, present = z[rows], present[rows]
-    t = torch.randint(0, MUTUAL_TAU, (len(z),), generator=generator)
-    eps = torch.randn(z.shape, generator=generator)
+    t = torch.randint(0, MUTUAL_TAU, (len(z),), generator=generator).to(z.device)
+    eps = torch.randn(z.shape, generator=generator).to(z.device)
     x_t = noised(alpha_bar, z, t, eps)
     a = alpha_bar[t].view(-1, 1, 1)
     x0_hat = (x_t - (1 - a).sqrt() * model(x_t, t, z, present)) / a.sqrt()
     restored = _pick(~present, generator)   # [B] one missing modality per row
     known = _pick(present, generator)       # [B] one present modality per row
-    index = torch.arange(len(z))
+    index = torch.arange(len(z), device=z.device)
     condition = z.clone()
     condition[index, restored] = x0_hat[index, restored]
     present_after = present.clone()
     present_after[index, restored] = True
     present_after[index, known] = False
-    eps_other = torch.randn(z.shape, generator=generator)
+    eps_other = torch.randn(z.shape, generator=generator).to(z.device)
     predicted = model(noised(alpha_bar, z, t, eps_other), t, condition, present_after)
     return (eps_other[index, known] - predicted[index, known]).square().mean()
 
 
 def _pick(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A uniformly chosen True column of each row."""
-    weights = mask.float() + 1e-9 * (~mask).float()
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    """A uniformly chosen True column of each row (drawn on the CPU, where the generator is)."""
+    weights = (mask.float() + 1e-9 * (~mask).float()).cpu()
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(mask.device)
 
 
 def training_patterns(rows: int, num_modalities: int, rng: np.random.Generator) -> torch.Tensor:
@@ -77,20 +77,22 @@ def train_diffusion(model: DiffusionDenoiser, z_train: torch.Tensor, epochs: int
                     progress: Callable) -> tuple[float, int]:
     """L_base for `epochs`, then L_base + L_mutual for `mutual_epochs`; keeps the best validated state.
 
-    `validate` returns a score to maximise (it is called every 10 epochs and at the end).
+    `validate` returns a score to maximise (it is called every 10 epochs and at the end). Runs on the device of
+    `z_train` (and the model); the noise, steps and patterns are drawn on the CPU from the seed.
     """
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    alpha_bar = linear_alpha_bar()
+    device = z_train.device
+    alpha_bar = linear_alpha_bar().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     best, best_epoch, best_state = -np.inf, 0, None
     total = epochs + mutual_epochs
     for epoch in progress(range(total)):
         model.train()
-        order = torch.from_numpy(rng.permutation(len(z_train)))
+        order = torch.from_numpy(rng.permutation(len(z_train))).to(device)
         for start in range(0, len(order), batch_size):
             batch = z_train[order[start:start + batch_size]]
-            present = training_patterns(len(batch), batch.shape[1], rng)
+            present = training_patterns(len(batch), batch.shape[1], rng).to(device)
             loss = base_loss(model, alpha_bar, batch, present, generator)
             if epoch >= epochs:
                 loss = loss + mutual_loss(model, alpha_bar, batch, present, generator)

@@ -45,7 +45,11 @@ class TowerInputs:
             self.waves = [read_wav(r.audio, towers["audio"].rate) for r in rows]
 
     def batch(self, modality: str, index: torch.Tensor, tower: nn.Module, rng: np.random.Generator | None):
-        """Inputs of rows `index`; with `rng`, training augmentation (flips, random audio crops)."""
+        """Inputs of rows `index` on the tower's device; with `rng`, training augmentation (flips, random audio
+        crops)."""
+        return self._batch(modality, index, tower, rng).to(tower.device)
+
+    def _batch(self, modality: str, index: torch.Tensor, tower: nn.Module, rng: np.random.Generator | None):
         if modality == "visual":
             pixels = self.pixels[index]
             if rng is not None:
@@ -72,7 +76,7 @@ class TowerInputs:
                 vectors.append(weights @ tower.encode([w for w, _ in segments]) / weights.sum())
             return np.stack(vectors)
         data = self.pixels if modality == "visual" else self.tokens
-        return torch.cat([tower(data[i:i + 256]) for i in range(0, len(data), 256)]).numpy()
+        return torch.cat([tower(data[i:i + 256].to(tower.device)).cpu() for i in range(0, len(data), 256)]).numpy()
 
 
 def media_spec(args: argparse.Namespace, modalities: list[str]) -> tuple[dict, str | None]:
@@ -119,7 +123,8 @@ def contrastive_stage(towers, inputs: TowerInputs, train_idx: np.ndarray, epochs
 def train_tower(modality: str, tower: nn.Module, inputs: TowerInputs, targets: torch.Tensor,
                 train_idx: np.ndarray, val_idx: np.ndarray, num_classes: int, args, rng) -> dict:
     """One tower alone through its own linear head, epoch chosen on validation accuracy."""
-    head = nn.Linear(tower.dim, num_classes)
+    head = nn.Linear(tower.dim, num_classes).to(tower.device)
+    targets = targets.to(tower.device)
     parameters = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.tower_lr, weight_decay=0.05)
     loss_fn = nn.CrossEntropyLoss()
@@ -128,7 +133,7 @@ def train_tower(modality: str, tower: nn.Module, inputs: TowerInputs, targets: t
         order = torch.from_numpy(rng.permutation(train_idx))
         for i in range(0, len(order), args.tower_batch_size):
             index = order[i:i + args.tower_batch_size]
-            loss = loss_fn(head(tower(inputs.batch(modality, index, tower, rng))), targets[index])
+            loss = loss_fn(head(tower(inputs.batch(modality, index, tower, rng))), targets[index.to(tower.device)])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -137,7 +142,7 @@ def train_tower(modality: str, tower: nn.Module, inputs: TowerInputs, targets: t
         index = torch.from_numpy(val_idx)
         outputs = torch.cat([head(tower(inputs.batch(modality, index[i:i + 256], tower, None)))
                              for i in range(0, len(index), 256)])
-        return float((outputs.argmax(dim=1) == targets[index]).float().mean())
+        return float((outputs.argmax(dim=1) == targets[index.to(tower.device)]).float().mean())
 
     best, epoch = fit([tower, head], args.tower_epochs, train_epoch, validate, f"stage 1: {modality} tower")
     return {"validation_acc": round(best, 4), "epoch": epoch}
@@ -167,8 +172,9 @@ def feature_set(path: Path, rows: list[MediaRow], features: dict[str, np.ndarray
                       label_names)
 
 
-def train_media_features(args: argparse.Namespace, split) -> tuple[FeatureSet, dict, dict]:
-    """Stage 1 for raw media: trains the towers; returns their features, the bundle's media spec, weights."""
+def train_media_features(args: argparse.Namespace, split, device: torch.device) -> tuple[FeatureSet, dict, dict]:
+    """Stage 1 for raw media: trains the towers on `device`; returns their features, the bundle's media spec,
+    weights."""
     path = Path(args.data)
     rows = read_manifest(path)
     modalities = manifest_modalities(rows)
@@ -180,6 +186,8 @@ def train_media_features(args: argparse.Namespace, split) -> tuple[FeatureSet, d
     train_idx, val_idx = split(videos)
     spec, checkpoint = media_spec(args, modalities)
     towers, clip = build_towers(spec, modalities, checkpoint)
+    for tower in towers.values():
+        tower.to(device)
     inputs = TowerInputs(rows, towers)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)

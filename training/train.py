@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
-from mmfuse.inference import embed, predict, session_context
+from mmfuse.inference import embed, predict, resolve_device, session_context
 from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
                            build_encoder, build_fusion_head)
 from mmfuse.diffusion import DiffusionDenoiser
@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage but the towers")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of every stage but the towers")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where every stage and the towers train: auto takes CUDA when torch finds a device")
     parser.add_argument("--if-changed", action="store_true",
                         help="train only if --out holds no bundle made from this data file with these arguments")
     args = parser.parse_args(argv)
@@ -135,6 +137,7 @@ def condition_name(pattern, modalities: list[str]) -> str:
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
         self.rng = np.random.default_rng(args.seed)
         self.media, self.media_weights = None, {}
@@ -142,7 +145,7 @@ class Trainer:
             from mmfuse.training.media import train_media_features
 
             dataset, self.media, self.media_weights = train_media_features(
-                args, lambda videos: split_by_video(videos, args.val_fraction, args.seed))
+                args, lambda videos: split_by_video(videos, args.val_fraction, args.seed), self.device)
         else:
             dataset = load_features(args.data)
         if args.task == "regression" and dataset.sentiment is None:
@@ -160,35 +163,35 @@ class Trainer:
         train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
         self.train, self.val = self._split(train_idx), self._split(val_idx)
         self.loss = nn.CrossEntropyLoss() if self.output == "classification" else nn.L1Loss()
-        self.patterns = all_patterns(len(self.modalities))
+        self.patterns = all_patterns(len(self.modalities)).to(self.device)
         self.heads: dict[str, FusionHead] = {}  # trained so far; "complete" first when a restorer uses it
 
     def _split(self, index: np.ndarray) -> Split:
         part = self.dataset.rows(index)
         targets = torch.from_numpy(part.label) if self.output == "classification" else \
             torch.from_numpy(part.sentiment).unsqueeze(1)
-        return Split(part, targets, torch.from_numpy(part.previous_rows(self.args.context)))
+        return Split(part, targets.to(self.device), torch.from_numpy(part.previous_rows(self.args.context)).to(self.device))
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss(outputs, targets)
 
     def _metrics(self, outputs: torch.Tensor, split: Split) -> dict[str, float]:
-        return score(outputs.numpy(), split.targets.squeeze(1).numpy() if self.output == "regression"
-                     else split.targets.numpy(), self.output)
+        targets = split.targets.squeeze(1) if self.output == "regression" else split.targets
+        return score(outputs.cpu().numpy(), targets.cpu().numpy(), self.output)
 
     def _batches(self, n: int):
-        order = torch.from_numpy(self.rng.permutation(n))
+        order = torch.from_numpy(self.rng.permutation(n)).to(self.device)
         return [order[i:i + self.args.batch_size] for i in range(0, n, self.args.batch_size)]
 
     # stage 1 ---------------------------------------------------------------------------------
     def train_encoder(self, modality: str) -> tuple[ModalityEncoder, dict]:
-        x_train = torch.from_numpy(self.train.data.features[modality])
-        x_val = torch.from_numpy(self.val.data.features[modality])
+        x_train = torch.from_numpy(self.train.data.features[modality]).to(self.device)
+        x_val = torch.from_numpy(self.val.data.features[modality]).to(self.device)
         encoder_args = {"in_dim": x_train.shape[1], "embed_dim": self.args.embed_dim}
-        encoder = build_encoder("mlp", **encoder_args)
+        encoder = build_encoder("mlp", **encoder_args).to(self.device)
         encoder.standardize.mean.copy_(x_train.mean(dim=0))
         encoder.standardize.std.copy_(x_train.std(dim=0).clamp_min(1e-6))
-        head = SingleModalityHead(self.args.embed_dim, self.num_outputs)
+        head = SingleModalityHead(self.args.embed_dim, self.num_outputs).to(self.device)
         optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=self.args.lr,
                                       weight_decay=1e-2)
 
@@ -209,11 +212,11 @@ class Trainer:
     # stage 2 ---------------------------------------------------------------------------------
     def train_autoencoder(self) -> tuple[AutoencoderRestorer, dict]:
         model_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim}
-        model = CascadedResidualAutoencoder(**model_args)
+        model = CascadedResidualAutoencoder(**model_args).to(self.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=1e-4)
         incomplete = self.patterns[:-1]
         z_train, z_val = self.train.z, self.val.z
-        val_present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(z_val)))]
+        val_present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(z_val))).to(self.device)]
 
         def masked_error(z, present):
             missing = (~present).unsqueeze(-1)
@@ -221,7 +224,7 @@ class Trainer:
 
         def train_epoch(_):
             for batch in self._batches(len(z_train)):
-                present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(batch)))]
+                present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(batch))).to(self.device)]
                 loss = masked_error(z_train[batch], present)
                 optimizer.zero_grad()
                 loss.backward()
@@ -236,13 +239,13 @@ class Trainer:
         model_args = {"num_modalities": len(self.modalities), "embed_dim": args.embed_dim,
                       "width": args.diffusion_width, "depth": args.diffusion_depth,
                       "conditioning": args.diffusion_conditioning}
-        model = DiffusionDenoiser(**model_args)
+        model = DiffusionDenoiser(**model_args).to(self.device)
         sampler_args = {"steps": args.diffusion_steps, "mode": args.diffusion_mode}
         restorer = DiffusionRestorer(model, self.train.z.mean(dim=0), **sampler_args)
         incomplete = self.patterns[:-1]
         z_val = self.val.z
-        val_present = incomplete[torch.from_numpy(np.random.default_rng(args.seed).integers(len(incomplete),
-                                                                                              size=len(z_val)))]
+        val_present = incomplete[torch.from_numpy(np.random.default_rng(args.seed).integers(
+            len(incomplete), size=len(z_val))).to(self.device)]
 
         def validate():
             missing = (~val_present).unsqueeze(-1)
@@ -262,10 +265,10 @@ class Trainer:
     def train_head(self, name: str, restorer, complete_only: bool) -> tuple[FusionHead, dict]:
         head_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim,
                      "num_outputs": self.num_outputs, "context": self.args.context}
-        head = build_fusion_head("mlp", **head_args)
+        head = build_fusion_head("mlp", **head_args).to(self.device)
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.args.lr, weight_decay=1e-2)
         z, n = self.train.z, len(self.train.z)
-        same_video = torch.from_numpy(self.train.data.videos[:, None] == self.train.data.videos[None, :])
+        same_video = torch.from_numpy(self.train.data.videos[:, None] == self.train.data.videos[None, :]).to(self.device)
 
         def fill(present):
             if isinstance(restorer, RetrievalRestorer):  # never retrieve a training sample's own video
@@ -274,9 +277,9 @@ class Trainer:
 
         def train_epoch(_):
             if complete_only:
-                present = torch.ones(n, len(self.modalities), dtype=torch.bool)
+                present = torch.ones(n, len(self.modalities), dtype=torch.bool, device=self.device)
             else:
-                present = self.patterns[torch.from_numpy(self.rng.integers(len(self.patterns), size=n))]
+                present = self.patterns[torch.from_numpy(self.rng.integers(len(self.patterns), size=n)).to(self.device)]
             filled = fill(present)
             context = session_context(filled, self.train.previous) if self.args.context else None
             for batch in self._batches(n):
@@ -364,6 +367,7 @@ class Trainer:
                      "train_rows": len(self.train.data), "val_rows": len(self.val.data),
                      "val_videos": sorted(set(self.val.data.videos.tolist()))},
             "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "if_changed")},
+                         "device_used": self.device.type,
                          "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
                          **{name: {k: v for k, v in restorer_info.get(name, {}).items() if k != "args"}
@@ -389,7 +393,7 @@ def up_to_date(args: argparse.Namespace) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     chosen = {k: v for k, v in vars(args).items()  # None: derived from the data and the rest, as it was then
-              if k not in ("data", "out", "if_changed") and v is not None}
+              if k not in ("data", "out", "if_changed", "device") and v is not None}
     return same_data and all(manifest["training"].get(k) == v for k, v in chosen.items())
 
 
@@ -398,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.if_changed and up_to_date(args):
         print(f"{args.out} is up to date: trained on this {args.data} with these arguments; nothing to do")
         return 0
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        print(f"error: --{exc}", file=sys.stderr)
+        return 2
     try:
         manifest = Trainer(args).run()
     except DataError as exc:
