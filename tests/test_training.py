@@ -147,3 +147,44 @@ def test_the_training_device_is_chosen_or_refused_by_name(tmp_path, feature_file
         assert train_main(quick + ["--out", str(tmp_path / "cuda"), "--device", "cuda"]) == 2
         assert "finds no CUDA device here; use auto or cpu" in capsys.readouterr().err
         assert not (tmp_path / "cuda").exists()
+
+
+def split_file(feature_file, directory, val_videos: int = 8) -> tuple:
+    """The feature file as two files of whole videos: (training, validation)."""
+    with np.load(feature_file) as archive:
+        arrays = dict(archive)
+    videos = np.array([u.rsplit("_", 1)[0] for u in arrays["uid"]])
+    held = np.isin(videos, np.unique(videos)[-val_videos:])
+    paths = directory / "train.npz", directory / "val.npz"
+    for path, rows in zip(paths, (~held, held)):
+        np.savez(path, **{k: v[rows] for k, v in arrays.items()})
+    return paths
+
+
+def test_a_validation_file_selects_every_model_and_is_never_trained_on(tmp_path, feature_file, capsys):
+    import json
+
+    from mmfuse.training.evaluate import main as eval_main
+    from mmfuse.training.train import main as train_main
+
+    train, val = split_file(feature_file, tmp_path)
+    out = tmp_path / "bundle"
+    quick = ["--data", str(train), "--val", str(val), "--out", str(out), "--restorers", "zero,mean",
+             "--encoder-epochs", "3", "--head-epochs", "3"]
+    assert train_main(quick) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    with np.load(train) as training, np.load(val) as validation:
+        assert manifest["data"]["train_rows"] == manifest["data"]["rows"] == len(training["uid"])
+        assert manifest["data"]["val_rows"] == len(validation["uid"])
+    assert manifest["data"]["val"]["path"] == str(val) and len(manifest["data"]["val_videos"]) == 8
+    # the bundle's own validation figures are those of the --val file, as mmfuse-eval measures them there
+    report = tmp_path / "val.json"
+    assert eval_main(["--bundle", str(out), "--data", str(val), "--subset", "validation", "--restorer", "zero",
+                      "--protocol", "fixed", "--json", str(report)]) == 0
+    fixed = json.loads(report.read_text())["restorers"]["zero"]["fixed"]
+    bundle_figures = manifest["metrics"]["validation"]["zero"]
+    assert all(fixed[c]["acc"] == pytest.approx(bundle_figures[c]["acc"], abs=1e-4) for c in ("a", "t", "avt"))
+    assert train_main(quick + ["--if-changed"]) == 0 and "up to date" in capsys.readouterr().out
+
+    assert train_main(["--data", str(feature_file), "--val", str(val), "--out", str(tmp_path / "b2")]) == 2
+    assert "are in" in capsys.readouterr().err  # the same videos on both sides

@@ -4,8 +4,9 @@ Stage 1: one encoder per modality, each trained alone through its own head, then
 frozen. Stage 2: the restorers, in that embedding space (mean, autoencoder,
 retrieval; zero and dropout need no fitting). Stage 3: fusion heads, one trained
 on complete data (used with `zero` and `mean`), and one per learned restorer on
-available + restored embeddings. Validation is a split of whole videos; every
-model is selected on it, never on test data.
+available + restored embeddings. Every model is selected on the validation data,
+never on test data: the `--val` file when given (never trained on), else a split of
+whole videos of `--data`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     media.add_argument("--tower-lr", type=float, default=None, help="learning rate of the towers; none: 5e-4 "
                        "from scratch, 1e-5 fine-tuning a --pretrained checkpoint")
     media.add_argument("--tower-batch-size", type=int, default=64, help="batch size of the towers' training")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of videos held out for validation")
+    parser.add_argument("--val", default=None, metavar="FILE",
+                        help="features npz of the same schema that every selection (epochs, restorer states, "
+                             "heads) is made on instead of a split of --data; never trained on. none: hold out "
+                             "--val-fraction of the videos of --data")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="without --val: share of the videos of --data held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage but the towers")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of every stage but the towers")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -160,14 +166,41 @@ class Trainer:
         self.num_outputs = int(dataset.label.max()) + 1 if self.output == "classification" else 1
         if args.context is None:  # measured: +2-3 points on IEMOCAP dialogues, nothing on MOSI (docs/results.md)
             args.context = 3 if self.media and len(set(dataset.videos)) < len(dataset) else 0
-        train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
-        self.train, self.val = self._split(train_idx), self._split(val_idx)
+        if args.val is None:
+            train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
+            self.train, self.val = self._split(dataset, train_idx), self._split(dataset, val_idx)
+        else:
+            validation = self._validation_file(args.val)
+            self.train = self._split(dataset, np.arange(len(dataset)))
+            self.val = self._split(validation, np.arange(len(validation)))
         self.loss = nn.CrossEntropyLoss() if self.output == "classification" else nn.L1Loss()
         self.patterns = all_patterns(len(self.modalities)).to(self.device)
         self.heads: dict[str, FusionHead] = {}  # trained so far; "complete" first when a restorer uses it
 
-    def _split(self, index: np.ndarray) -> Split:
-        part = self.dataset.rows(index)
+    def _validation_file(self, path: str) -> FeatureSet:
+        """The --val file, checked against the training data: the same modalities and sizes, known labels."""
+        if self.media:
+            raise DataError("--val takes a features npz beside a features npz; a media manifest is validated on "
+                            "a split of its own videos (--val-fraction)")
+        validation = load_features(path)
+        sizes = {m: x.shape[1] for m, x in self.dataset.features.items()}
+        found = {m: x.shape[1] for m, x in validation.features.items()}
+        if found != sizes:
+            raise DataError(f"{path}: modalities {found} differ from those of {self.args.data} ({sizes}); --val "
+                            f"needs the same features")
+        if self.output == "classification" and validation.label.max() >= self.num_outputs:
+            raise DataError(f"{path}: label {validation.label.max()} is beyond the classes of {self.args.data} "
+                            f"(0..{self.num_outputs - 1})")
+        if self.output == "regression" and validation.sentiment is None:
+            raise DataError(f"{path}: --task regression needs a `sentiment` key in the --val file too")
+        overlap = set(validation.videos) & set(self.dataset.videos)
+        if overlap:
+            raise DataError(f"{path}: videos {', '.join(sorted(overlap)[:3])} are in {self.args.data} too; a "
+                            f"validation file must hold other videos")
+        return validation
+
+    def _split(self, data: FeatureSet, index: np.ndarray) -> Split:
+        part = data.rows(index)
         targets = torch.from_numpy(part.label) if self.output == "classification" else \
             torch.from_numpy(part.sentiment).unsqueeze(1)
         return Split(part, targets.to(self.device), torch.from_numpy(part.previous_rows(self.args.context)).to(self.device))
@@ -365,7 +398,9 @@ class Trainer:
                           for name, info in restorer_info.items()},
             "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
                      "train_rows": len(self.train.data), "val_rows": len(self.val.data),
-                     "val_videos": sorted(set(self.val.data.videos.tolist()))},
+                     "val_videos": sorted(set(self.val.data.videos.tolist())),
+                     **({"val": {"path": str(self.val.data.path), "sha256": self.val.data.sha256}}
+                        if args.val else {})},
             "training": {**{k: v for k, v in vars(args).items() if k not in ("data", "out", "if_changed")},
                          "device_used": self.device.type,
                          "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
@@ -390,6 +425,8 @@ def up_to_date(args: argparse.Namespace) -> bool:
     try:
         manifest = json.loads((Path(args.out) / "manifest.json").read_text())
         same_data = manifest["data"]["sha256"] == sha256_file(Path(args.data))
+        if args.val is not None:
+            same_data = same_data and manifest["data"]["val"]["sha256"] == sha256_file(Path(args.val))
     except (OSError, ValueError, KeyError):
         return False
     chosen = {k: v for k, v in vars(args).items()  # None: derived from the data and the rest, as it was then
