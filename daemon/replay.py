@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="XDF: publish stream NAME as MODALITY (audio, visual, text)")
     parser.add_argument("--fps", type=float, default=5.0, help="camera frame rate when replaying images")
     parser.add_argument("--speed", default="1",
-                        help="time factor: 1 is real time, 10 is ten times faster, max as fast as possible")
+                        help="time factor: 1 is real time, 10 is ten times faster, max as fast as possible; "
+                        "other than 1 only with --virtual-clock gives a live daemon's decisions")
     parser.add_argument("--drop", type=parse_drop, action="append", default=[], metavar="MODALITY:P",
                         help="each utterance of MODALITY is lost with probability P (the sensor stays alive)")
     parser.add_argument("--kill", type=parse_kill, action="append", default=[], metavar="MODALITY@Ts",
@@ -455,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     source = args.recording or args.data
+    if args.speed != 1 and not args.virtual_clock:
+        print(f"warning: --speed {args.speed:g} without --virtual-clock: a daemon on the wall clock sees these "
+              f"sensors' clocks run {args.speed:g} times fast and takes that for clock resets, so windows shift and "
+              f"streams look dropped; start the daemon with --virtual-clock and replay with --virtual-clock for "
+              f"faithful decisions at any speed", file=sys.stderr)
     if truth:
         print(f"replaying {len(truth)} utterances of {len({s for s, _ in truth})} session(s) from {source} "
               f"at speed {args.speed:g}",

@@ -19,11 +19,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and available) else "cpu")
 
 
-def limit_threads() -> None:
-    """Two cores are all a small machine has: one intra-op thread per process that runs a model, unless
-    OMP_NUM_THREADS says otherwise."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+def limit_threads(requested: int | None = None) -> int:
+    """Set this process's torch threads: `requested`, else OMP_NUM_THREADS, else one. The models are small: a
+    second thread gains little, and threads of two processes that outnumber the cores slow both many times
+    over. Returns the number set."""
+    threads = requested or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
 
 
 @torch.no_grad()

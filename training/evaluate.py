@@ -27,7 +27,7 @@ import torch
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import Bundle, BundleError, load_bundle
-from mmfuse.inference import embed, predict
+from mmfuse.inference import embed, limit_threads, predict
 from mmfuse.datasets import DataError, FeatureSet, load_features
 from mmfuse.training.metrics import score
 
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5, help="mask seeds of the rate protocol")
     parser.add_argument("--subset", choices=["all", "validation"], default="all",
                         help="validation: only the videos the bundle held out when it was trained")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; none: OMP_NUM_THREADS, else 1")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--report", help="write a markdown report with plots into this directory")
     logs = parser.add_argument_group("evaluation from a recording (mmfuse-record's MCAP)")
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     logs.add_argument("--config", help="daemon configuration (default: the one recorded)")
     logs.add_argument("--decisions-out", help="write every decision as one JSON line")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads: give at least 1")
     if args.log is None and (args.bundle is None or args.data is None):
         parser.error("give --bundle and --data, or --log (with --labels to score it)")
     return args
@@ -302,6 +306,7 @@ def write_json(path: str | None, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    limit_threads(args.threads)
     if args.log:
         return main_log(args)
     try:

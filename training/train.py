@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
-from mmfuse.inference import embed, predict, resolve_device, session_context
+from mmfuse.inference import embed, limit_threads, predict, resolve_device, session_context
 from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
                            build_encoder, build_fusion_head)
 from mmfuse.diffusion import DiffusionDenoiser
@@ -107,11 +107,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="without --val: share of the videos of --data held out for validation")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage but the towers")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of every stage but the towers")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this training; none: OMP_NUM_THREADS, else 1 (see README, Training)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where every stage and the towers train: auto takes CUDA when torch finds a device")
     parser.add_argument("--if-changed", action="store_true",
                         help="train only if --out holds no bundle made from this data file with these arguments")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads: give at least 1")
     args.restorers = [r.strip() for r in args.restorers.split(",") if r.strip()]
     if args.tower_lr is None:
         args.tower_lr = 1e-5 if args.pretrained else 5e-4
@@ -430,7 +434,7 @@ def up_to_date(args: argparse.Namespace) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     chosen = {k: v for k, v in vars(args).items()  # None: derived from the data and the rest, as it was then
-              if k not in ("data", "out", "if_changed", "device") and v is not None}
+              if k not in ("data", "out", "if_changed", "device", "threads") and v is not None}
     return same_data and all(manifest["training"].get(k) == v for k, v in chosen.items())
 
 
@@ -439,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.if_changed and up_to_date(args):
         print(f"{args.out} is up to date: trained on this {args.data} with these arguments; nothing to do")
         return 0
+    limit_threads(args.threads)
     try:
         resolve_device(args.device)
     except ValueError as exc:
