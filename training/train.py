@@ -12,8 +12,10 @@ whole videos of `--data`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
-from mmfuse.inference import embed, limit_threads, predict, resolve_device, session_context
+from mmfuse.inference import embed, head_outputs, limit_threads, resolve_device, session_context
 from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
                            build_encoder, build_fusion_head)
 from mmfuse.diffusion import DiffusionDenoiser
@@ -180,6 +182,7 @@ class Trainer:
         self.loss = nn.CrossEntropyLoss() if self.output == "classification" else nn.L1Loss()
         self.patterns = all_patterns(len(self.modalities)).to(self.device)
         self.heads: dict[str, FusionHead] = {}  # trained so far; "complete" first when a restorer uses it
+        self.seconds: dict[str, float] = {}      # wall time of each stage
 
     def _validation_file(self, path: str) -> FeatureSet:
         """The --val file, checked against the training data: the same modalities and sizes, known labels."""
@@ -312,12 +315,19 @@ class Trainer:
                 return restorer.restore(z, present, exclude=same_video)
             return restorer.restore(z, present)
 
+        # A restorer restores a row alike every time (the diffusion noise is seeded by the row), so each row is
+        # restored once under each pattern, not once per epoch: the same training, many times faster.
+        patterns = self.patterns[-1:] if complete_only else self.patterns
+        with torch.no_grad():
+            train_fills = torch.stack([fill(p.expand(n, -1)) for p in patterns])  # [P, N, M, E]
+            val_fills = [(p, restorer.restore(self.val.z, p.expand(len(self.val.z), -1))) for p in patterns]
+        rows = torch.arange(n, device=self.device)
+
         def train_epoch(_):
             if complete_only:
-                present = torch.ones(n, len(self.modalities), dtype=torch.bool, device=self.device)
+                filled = train_fills[0]
             else:
-                present = self.patterns[torch.from_numpy(self.rng.integers(len(self.patterns), size=n)).to(self.device)]
-            filled = fill(present)
+                filled = train_fills[torch.from_numpy(self.rng.integers(len(patterns), size=n)).to(self.device), rows]
             context = session_context(filled, self.train.previous) if self.args.context else None
             for batch in self._batches(n):
                 outputs = head(filled[batch], None if context is None else context[batch])
@@ -327,57 +337,74 @@ class Trainer:
                 optimizer.step()
 
         def validate():
-            if complete_only:
-                return headline(self.evaluate_condition(head, restorer, self.patterns[-1]), self.output)
-            return float(np.mean([headline(self.evaluate_condition(head, restorer, p), self.output)
-                                  for p in self.patterns]))
+            return float(np.mean([headline(self._val_metrics(head, p, filled), self.output) for p, filled in val_fills]))
 
         _, epoch = fit([head], self.args.head_epochs, train_epoch, validate, f"stage 3: {name} head")
         return head, {"arch": "mlp", "args": head_args, "epoch": epoch}
 
     def evaluate_condition(self, head: FusionHead, restorer, pattern: torch.Tensor) -> dict[str, float]:
-        present = pattern.expand(len(self.val.z), -1)
-        outputs, _ = predict(head, restorer, self.val.z, present, self.val.previous, self.heads.get("complete"))
-        return self._metrics(outputs, self.val)
+        return self._val_metrics(head, pattern, restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)))
+
+    @torch.no_grad()
+    def _val_metrics(self, head: FusionHead, pattern: torch.Tensor, filled: torch.Tensor) -> dict[str, float]:
+        """Metrics of a head on the validation rows restored under `pattern`; complete rows go to the complete
+        head, as in the daemon (mmfuse.inference.predict)."""
+        context = session_context(filled, self.val.previous) if head.context else None
+        complete = pattern.all().expand(len(filled))
+        return self._metrics(head_outputs(head, filled, context, complete, self.heads.get("complete")), self.val)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        started = time.monotonic()
+        yield
+        self.seconds[stage] = round(time.monotonic() - started, 2)
+
+    def fit_restorer(self, name: str) -> tuple[object, dict]:
+        if name == "zero":
+            return ZeroRestorer(), {}
+        if name == "dropout":
+            return DropoutRestorer(), {}
+        if name == "mean":
+            return MeanRestorer.fit(self.train.z), {}
+        if name == "autoencoder":
+            return self.train_autoencoder()
+        if name == "retrieval":
+            return RetrievalRestorer(self.train.z, k=self.args.neighbours), {"args": {"k": self.args.neighbours}}
+        if name == "diffusion":
+            return self.train_diffusion()
+        raise ValueError(f"unknown restorer {name!r}")
 
     def run(self) -> dict:
         args = self.args
         encoders, encoder_info = {}, {}
         for modality in self.modalities:
-            encoders[modality], encoder_info[modality] = self.train_encoder(modality)
+            with self.timed(f"encoder_{modality}"):
+                encoders[modality], encoder_info[modality] = self.train_encoder(modality)
         for split in (self.train, self.val):
             split.z, _ = embed(encoders, split.data.features, self.modalities, len(split.data), args.embed_dim)
 
         restorers, restorer_info = {}, {}
         for name in args.restorers:
-            if name == "zero":
-                restorers[name], restorer_info[name] = ZeroRestorer(), {}
-            elif name == "dropout":
-                restorers[name], restorer_info[name] = DropoutRestorer(), {}
-            elif name == "mean":
-                restorers[name], restorer_info[name] = MeanRestorer.fit(self.train.z), {}
-            elif name == "autoencoder":
-                restorers[name], restorer_info[name] = self.train_autoencoder()
-            elif name == "retrieval":
-                restorers[name] = RetrievalRestorer(self.train.z, k=args.neighbours)
-                restorer_info[name] = {"args": {"k": args.neighbours}}
-            elif name == "diffusion":
-                restorers[name], restorer_info[name] = self.train_diffusion()
+            with self.timed(f"restorer_{name}"):
+                restorers[name], restorer_info[name] = self.fit_restorer(name)
 
         heads, head_info = self.heads, {}
         for restorer in sorted(restorers.values(), key=lambda r: r.head != "complete"):  # complete head first
             if restorer.head not in heads:
                 complete_only = restorer.head == "complete"
-                heads[restorer.head], head_info[restorer.head] = self.train_head(restorer.head, restorer, complete_only)
+                with self.timed(f"head_{restorer.head}"):
+                    heads[restorer.head], head_info[restorer.head] = self.train_head(restorer.head, restorer,
+                                                                                    complete_only)
 
         validation = {}
-        for name, restorer in restorers.items():
-            per_condition = {condition_name(p.tolist(), self.modalities):
-                             self.evaluate_condition(heads[restorer.head], restorer, p) for p in self.patterns}
-            incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
-            per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
-                                                for m in incomplete[0]} if incomplete else {}
-            validation[name] = per_condition
+        with self.timed("validation"):
+            for name, restorer in restorers.items():
+                per_condition = {condition_name(p.tolist(), self.modalities):
+                                 self.evaluate_condition(heads[restorer.head], restorer, p) for p in self.patterns}
+                incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
+                per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
+                                                    for m in incomplete[0]} if incomplete else {}
+                validation[name] = per_condition
         return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
 
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
@@ -409,6 +436,7 @@ class Trainer:
                          "device_used": self.device.type,
                          "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
+                         "stage_seconds": self.seconds,
                          **{name: {k: v for k, v in restorer_info.get(name, {}).items() if k != "args"}
                             for name in ("autoencoder", "diffusion") if name in restorer_info}},
             "metrics": {"validation": validation},
