@@ -92,6 +92,8 @@ class RestorerConfig(Section):
     mode: Literal["ddim", "admc"] | None = Field(None, description="diffusion: sampler (default: the bundle's)")
     samples: int = Field(1, ge=1, description="diffusion: samples averaged per window; > 1 publishes their spread")
     abstain_spread: float | None = Field(None, gt=0, description="diffusion: label 'abstain' above this spread")
+    abstain_below: float | None = Field(None, gt=0, lt=1, description="label a window 'abstain' when its top "
+                                        "calibrated score is below this probability (classification)")
     seed: int = Field(0, description="diffusion: noise seed; with it a replay restores identically")
 
     @model_validator(mode="after")

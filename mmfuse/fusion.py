@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mmfuse.bundle import Bundle
+from mmfuse.calibration import pattern_name, softmax
 from mmfuse.frames import ClosedWindow, SessionEnd
 from mmfuse.inference import head_outputs
 from mmfuse.restoration import WindowEncoder, WindowRestorer
@@ -44,11 +45,15 @@ class FusionHead:
     it is down), else left at zero where missing. A copy of a window decided already (handed on again after
     a restart, or by a stage that stood in) is decided again with the context it had: the publisher drops it
     if the first went out, and acknowledges it either way. `resume` says from where in each session's close
-    order a restarted fusion stage carries on."""
+    order a restarted fusion stage carries on. Scores are calibrated for the window's presence pattern
+    (mmfuse.calibration); with `abstain_below`, a window whose top score is below it is labelled `abstain`."""
 
-    def __init__(self, bundle: Bundle, restorer: str, stand_in: WindowRestorer | None = None):
+    def __init__(self, bundle: Bundle, restorer: str, stand_in: WindowRestorer | None = None,
+                 abstain_below: float | None = None):
         self.bundle = bundle
         self.head = bundle.head(bundle.restorers[restorer]["head"])
+        self.temperatures = bundle.restorers[restorer].get("temperatures", {})
+        self.abstain_below = abstain_below
         self.complete_head = bundle.complete_head()
         self.encoder = WindowEncoder(bundle)
         self.stand_in = stand_in
@@ -161,18 +166,21 @@ class FusionHead:
         return context
 
     def _decision(self, window: ClosedWindow, output: np.ndarray) -> Decision:
+        abstain = window.abstain
         if self.bundle.manifest["output"] == "regression":
             value = float(output[0])
             label, scores = ("positive" if value >= 0 else "negative"), {"sentiment": round(value, 4)}
         else:
-            p = torch.softmax(torch.from_numpy(output), dim=-1).numpy()
+            present = [m in window.present for m in self.bundle.modality_order]
+            p = softmax(output[None], self.temperatures.get(pattern_name(present, self.bundle.modality_order), 1.0))[0]
             label = self.bundle.labels[int(p.argmax())]
             scores = {name: round(float(v), 6) for name, v in zip(self.bundle.labels, p)}
-        if window.abstain:
+            abstain = abstain or (self.abstain_below is not None and p.max() < self.abstain_below)
+        if abstain:
             label = "abstain"
         return Decision(session=window.session, window_id=window.window_id, start=window.start, end=window.end,
                         task=self.bundle.task, label=label, scores=scores, present=window.present,
                         restored=window.restored, dropped=window.dropped, restorer=window.restorer, latency_ms=0.0,
                         bundle=self.bundle.id, closed_at=window.closed_at, spread=window.spread,
-                        abstain=window.abstain, restoration_failed=window.restoration_failed,
+                        abstain=abstain, restoration_failed=window.restoration_failed,
                         revision=window.revision, dispatched_at=window.dispatched_at, key=window.key)

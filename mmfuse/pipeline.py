@@ -118,7 +118,7 @@ def build_restorer(config: DaemonConfig, bundle, device: str = "cpu"):
 def build_fusion(config: DaemonConfig, bundle, stand_in=None):
     from mmfuse.fusion import FusionHead
 
-    return FusionHead(bundle, config.restorer.method, stand_in)
+    return FusionHead(bundle, config.restorer.method, stand_in, config.restorer.abstain_below)
 
 
 @dataclass

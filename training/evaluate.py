@@ -29,7 +29,8 @@ from mmfuse import MODALITIES
 from mmfuse.bundle import Bundle, BundleError, load_bundle
 from mmfuse.inference import embed, limit_threads, predict
 from mmfuse.datasets import DataError, FeatureSet, load_features
-from mmfuse.training.metrics import score
+from mmfuse.calibration import row_temperatures, softmax
+from mmfuse.training.metrics import calibration_metrics, reliability, score
 
 RATES = tuple(round(0.1 * i, 1) for i in range(8))
 
@@ -149,19 +150,37 @@ class Evaluation:
             present[:, self.order.index(m)] = pattern[:, j]
         return torch.from_numpy(present)
 
-    def run(self, restorer_name: str, pattern: np.ndarray) -> tuple[dict[str, float], torch.Tensor]:
+    def run(self, restorer_name: str, pattern: np.ndarray) -> tuple[dict[str, float], torch.Tensor, np.ndarray | None]:
+        """Metrics, filled embeddings and (classification) calibrated probabilities of a restorer under a mask."""
         restorer = self.bundle.restorer(restorer_name)
         head = self.bundle.head(self.bundle.restorers[restorer_name]["head"])
-        outputs, filled = predict(head, restorer, self.z, self.presence(pattern), self.previous, self.complete_head)
+        present = self.presence(pattern)
+        outputs, filled = predict(head, restorer, self.z, present, self.previous, self.complete_head)
         metrics = score(outputs.numpy(), self.targets, self.bundle.manifest["output"])
-        return {k: round(v, 4) for k, v in metrics.items()}, filled
+        probabilities = None
+        if self.bundle.manifest["output"] == "classification":
+            temperatures = self.bundle.restorers[restorer_name].get("temperatures", {})
+            probabilities = softmax(outputs.numpy(), row_temperatures(present.numpy(), self.order, temperatures))
+            metrics |= calibration_metrics(probabilities, self.targets)
+        return {k: round(v, 4) for k, v in metrics.items()}, filled, probabilities
 
     def fixed(self, restorer_name: str) -> dict[str, dict]:
         result = {name: self.run(restorer_name, mask)[0] for name, mask in condition_masks(self.available).items()}
-        incomplete = [v for k, v in result.items() if len(k) < len(self.available)]
-        result["full"] = result["".join(m[0] for m in self.available)]
+        complete = "".join(m[0] for m in self.available)
+        incomplete = [v for k, v in result.items() if k != complete]
+        result["full"] = result[complete]
         if incomplete:
             result["mean6" if len(self.available) == 3 else "mean_incomplete"] = mean_metrics(incomplete)
+        return result
+
+    def reliability(self, restorer_name: str) -> dict[str, dict]:
+        """Reliability diagram and risk-coverage curve (classification) of complete windows and of every
+        incomplete condition pooled."""
+        complete = "".join(m[0] for m in self.available)
+        runs = {name: self.run(restorer_name, mask)[2] for name, mask in condition_masks(self.available).items()}
+        result = {"complete": reliability(runs.pop(complete), self.targets)}
+        if runs:
+            result["incomplete"] = reliability(np.concatenate(list(runs.values())), np.tile(self.targets, len(runs)))
         return result
 
     def rate(self, restorer_name: str, seeds: int) -> dict[str, dict]:
@@ -191,7 +210,7 @@ class Evaluation:
         pattern = np.array([m != modality for m in self.available])
         if not pattern.any():
             return {}
-        _, filled = self.run(restorer_name, pattern)
+        _, filled, _ = self.run(restorer_name, pattern)
         i = self.order.index(modality)
         return {"real": self.z[:, i].numpy(), "restored": filled[:, i].numpy(), "modality": modality}
 
@@ -233,6 +252,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, dict]:
         for name, protocol in steps:
             progress.step(f"{name}, {protocol} protocol")
             result["restorers"].setdefault(name, {})[protocol] = runs[protocol](name)
+            if protocol == "fixed" and result["task"] == "classification":
+                result["restorers"][name]["reliability"] = evaluation.reliability(name)
             if args.report and protocol == protocols[-1] and len(evaluation.available) > 1:
                 projections[name] = evaluation.projection(name)
     return result, {k: v for k, v in projections.items() if v}

@@ -48,3 +48,32 @@ def headline(metrics: dict[str, float], output: str) -> float:
     """One number to maximise in model selection."""
     name, sign = HEADLINE[output]
     return sign * metrics[name]
+
+
+def calibration_metrics(probabilities: np.ndarray, truth: np.ndarray, bins: int = 10,
+                        coverage: float = 0.8) -> dict[str, float]:
+    """`ece`: expected calibration error over `bins` equal-width confidence bins (top-class confidence against
+    accuracy, weighted by the bin's share of rows); `acc_at_80`: accuracy on the `coverage` share of rows with the
+    highest confidence (what a system that abstains on the least certain 20 % gets right)."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(truth)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    ece = sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+              for b in range(bins) if np.any(which == b))
+    kept = np.argsort(-confidence, kind="stable")[:max(1, int(np.ceil(coverage * len(confidence))))]
+    return {"ece": float(ece), "acc_at_80": float(correct[kept].mean())}
+
+
+def reliability(probabilities: np.ndarray, truth: np.ndarray, bins: int = 10) -> dict[str, list]:
+    """Per confidence bin: mean confidence, accuracy and rows (a reliability diagram); and the risk–coverage
+    curve: the error rate on the share of rows kept, most confident first."""
+    confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == np.asarray(truth)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    used = [b for b in range(bins) if np.any(which == b)]
+    order = np.argsort(-confidence, kind="stable")
+    kept = np.arange(1, len(order) + 1)
+    steps = np.unique(np.linspace(0, len(order) - 1, 50).astype(int))
+    return {"bin_confidence": [round(float(confidence[which == b].mean()), 4) for b in used],
+            "bin_accuracy": [round(float(correct[which == b].mean()), 4) for b in used],
+            "bin_rows": [int(np.sum(which == b)) for b in used],
+            "coverage": [round(float(kept[i] / len(order)), 4) for i in steps],
+            "risk": [round(float(1 - np.cumsum(correct[order])[i] / kept[i]), 4) for i in steps]}

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
+from mmfuse.calibration import fit_temperature
 from mmfuse.inference import embed, head_outputs, limit_threads, resolve_device, session_context
 from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
                            build_encoder, build_fusion_head)
@@ -345,13 +346,25 @@ class Trainer:
     def evaluate_condition(self, head: FusionHead, restorer, pattern: torch.Tensor) -> dict[str, float]:
         return self._val_metrics(head, pattern, restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)))
 
-    @torch.no_grad()
     def _val_metrics(self, head: FusionHead, pattern: torch.Tensor, filled: torch.Tensor) -> dict[str, float]:
-        """Metrics of a head on the validation rows restored under `pattern`; complete rows go to the complete
+        return self._metrics(self._val_outputs(head, pattern, filled), self.val)
+
+    @torch.no_grad()
+    def _val_outputs(self, head: FusionHead, pattern: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """A head's outputs on the validation rows restored under `pattern`; complete rows go to the complete
         head, as in the daemon (mmfuse.inference.predict)."""
         context = session_context(filled, self.val.previous) if head.context else None
         complete = pattern.all().expand(len(filled))
-        return self._metrics(head_outputs(head, filled, context, complete, self.heads.get("complete")), self.val)
+        return head_outputs(head, filled, context, complete, self.heads.get("complete"))
+
+    def fit_temperatures(self, head: FusionHead, restorer) -> dict[str, float]:
+        """One temperature per presence pattern, fitted on the validation rows (mmfuse.calibration)."""
+        temperatures = {}
+        for pattern in self.patterns:
+            outputs = self._val_outputs(head, pattern, restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)))
+            temperatures[condition_name(pattern.tolist(), self.modalities)] = round(fit_temperature(
+                outputs.cpu().numpy(), self.val.targets.cpu().numpy()), 4)
+        return temperatures
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -405,6 +418,10 @@ class Trainer:
                 per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
                                                     for m in incomplete[0]} if incomplete else {}
                 validation[name] = per_condition
+        if self.output == "classification":
+            with self.timed("calibration"):
+                for name, restorer in restorers.items():
+                    restorer_info[name]["temperatures"] = self.fit_temperatures(heads[restorer.head], restorer)
         return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
 
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
@@ -425,7 +442,8 @@ class Trainer:
                                "encoder": {"arch": "mlp", "args": encoder_info[m]["args"]}}
                            for m in self.modalities},
             "heads": {name: {"arch": info["arch"], "args": info["args"]} for name, info in head_info.items()},
-            "restorers": {name: {"head": restorers[name].head, **({"args": info["args"]} if "args" in info else {})}
+            "restorers": {name: {"head": restorers[name].head,
+                                 **{k: info[k] for k in ("args", "temperatures") if k in info}}
                           for name, info in restorer_info.items()},
             "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
                      "train_rows": len(self.train.data), "val_rows": len(self.val.data),
@@ -437,7 +455,8 @@ class Trainer:
                          "encoder_validation": {m: info["validation"] for m, info in encoder_info.items()},
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
                          "stage_seconds": self.seconds,
-                         **{name: {k: v for k, v in restorer_info.get(name, {}).items() if k != "args"}
+                         **{name: {k: v for k, v in restorer_info.get(name, {}).items()
+                                   if k not in ("args", "temperatures")}
                             for name in ("autoencoder", "diffusion") if name in restorer_info}},
             "metrics": {"validation": validation},
             **({"media": self.media} if self.media else {}),
