@@ -32,6 +32,26 @@ def test_every_restorer_runs_in_the_daemon_path(bundle_dir, method):
     assert decisions[3].restored == [] and decisions[3].restorer == "none"
 
 
+def test_scores_are_calibrated_per_pattern_and_low_ones_abstain(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    windows = [window(0, ["audio", "text", "visual"]), window(1, ["visual"])]
+    calibrated = FusionHead(bundle, "mean").decide(WindowRestorer(bundle, "mean").restore(windows))
+    bare = FusionHead(bundle, "mean")
+    bare.temperatures = {}
+    raw = bare.decide(WindowRestorer(bundle, "mean").restore(windows))
+    temperatures = bundle.restorers["mean"]["temperatures"]
+    for decision, uncalibrated, pattern in zip(calibrated, raw, ("avt", "v")):
+        assert decision.label == uncalibrated.label  # a temperature never changes the argmax
+        logits = np.log(np.array(list(uncalibrated.scores.values())))
+        expected = np.exp(logits / temperatures[pattern]) / np.exp(logits / temperatures[pattern]).sum()
+        assert list(decision.scores.values()) == pytest.approx(list(expected), abs=1e-4)
+    top = [max(d.scores.values()) for d in calibrated]
+    threshold = (min(top) + max(top)) / 2 if min(top) < max(top) else 0.999
+    abstaining = FusionHead(bundle, "mean", abstain_below=threshold).decide(WindowRestorer(bundle, "mean").restore(windows))
+    assert [d.label == "abstain" for d in abstaining] == [t < threshold for t in top]
+    assert all(d.abstain == (d.label == "abstain") for d in abstaining)
+
+
 def test_present_embeddings_are_what_the_encoder_gives(bundle_dir):
     bundle = load_bundle(bundle_dir)
     encoded = FusionHead(bundle, "mean").encoder.encode([window(0, ["audio", "text", "visual"], rng=np.random.default_rng(5))])[0]

@@ -10,7 +10,8 @@ from conftest import FAST_TRAINING
 from mmfuse.bundle import load_bundle
 from mmfuse.training.evaluate import RATES, condition_masks, rate_mask
 from mmfuse.training.evaluate import main as eval_main
-from mmfuse.training.metrics import classification_metrics, regression_metrics
+from mmfuse.calibration import TEMPERATURES, fit_temperature, pattern_name, row_temperatures, softmax
+from mmfuse.training.metrics import calibration_metrics, classification_metrics, regression_metrics
 from mmfuse.training.train import main as train_main
 
 CONDITIONS = ["a", "v", "t", "av", "at", "vt", "avt"]
@@ -79,6 +80,34 @@ def test_regression_metrics_constant_prediction_has_zero_correlation():
 
 
 # 2. masks -----------------------------------------------------------------------------------------
+
+def test_calibration_metrics_by_hand():
+    # five rows at confidence 0.9, four right; five at 0.6, three right: |0.8 - 0.9| / 2 + |0.6 - 0.6| / 2
+    confident = [[0.9, 0.1]] * 5 + [[0.6, 0.4]] * 5
+    truth = np.array([0, 0, 0, 0, 1, 0, 0, 0, 1, 1])
+    metrics = calibration_metrics(np.array(confident), truth)
+    assert metrics["ece"] == pytest.approx(0.05)
+    assert metrics["acc_at_80"] == pytest.approx(7 / 8)  # the five at 0.9 (four right), the first three at 0.6
+
+
+def test_a_temperature_is_fitted_back_from_labels_drawn_at_it():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(20_000, 3))
+    truth = np.array([rng.choice(3, p=p) for p in softmax(logits, 2.0)])
+    assert fit_temperature(logits, truth) == pytest.approx(2.0, rel=0.05)
+    scaled = calibration_metrics(softmax(logits, 2.0), truth)["ece"]
+    assert scaled < 0.02 < calibration_metrics(softmax(logits), truth)["ece"]
+
+
+def test_every_pattern_of_a_bundle_has_a_temperature_and_scores_use_it(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    for name, spec in bundle.restorers.items():
+        assert set(spec["temperatures"]) == set(CONDITIONS), name
+        assert all(TEMPERATURES[0] <= t <= TEMPERATURES[-1] for t in spec["temperatures"].values()), name
+    present = np.array([[True, False, True], [True, True, True]])
+    assert list(row_temperatures(present, bundle.modality_order, bundle.restorers["mean"]["temperatures"])) == [
+        bundle.restorers["mean"]["temperatures"][pattern_name(row, bundle.modality_order)] for row in present]
+
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
 def test_rate_mask_realises_the_rate(rate):
@@ -210,20 +239,21 @@ def test_eval_json_shape(full_evaluation, bundle_dir, feature_file):
     assert result["rows"] == rows and result["modalities"] == ["audio", "visual", "text"]
     assert set(result["restorers"]) == RESTORER_NAMES
     for name, entry in result["restorers"].items():
-        assert set(entry) == {"fixed", "rate", "missing"}, name
+        assert set(entry) == {"fixed", "rate", "missing", "reliability"}, name
+        assert set(entry["reliability"]) == {"complete", "incomplete"}, name
         assert list(entry["fixed"]) == [*CONDITIONS, "full", "mean6"], name
         assert entry["fixed"]["full"] == entry["fixed"]["avt"]
         for condition, metrics in entry["fixed"].items():
-            assert set(metrics) == {"acc", "f1_weighted", "ua"}, (name, condition)
+            assert set(metrics) == {"acc", "f1_weighted", "ua", "ece", "acc_at_80"}, (name, condition)
             assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in metrics.values()), (name, condition)
         incomplete = [entry["fixed"][c]["acc"] for c in CONDITIONS[:-1]]
         assert entry["fixed"]["mean6"]["acc"] == pytest.approx(np.mean(incomplete), abs=1e-4)
         assert list(entry["rate"]) == RATE_KEYS, name
         for rate, metrics in entry["rate"].items():
-            assert set(metrics) == {"acc", "f1_weighted", "ua", "acc_std", "f1_weighted_std", "ua_std",
-                                    "realised_rate"}, (name, rate)
+            assert set(metrics) == {"acc", "f1_weighted", "ua", "ece", "acc_at_80", "acc_std", "f1_weighted_std",
+                                    "ua_std", "ece_std", "acc_at_80_std", "realised_rate"}, (name, rate)
         # nothing missing at rate 0: the same numbers as the complete condition, with no spread over seeds
-        assert {k: entry["rate"]["0.0"][k] for k in ("acc", "f1_weighted", "ua")} == entry["fixed"]["avt"]
+        assert {k: entry["rate"]["0.0"][k] for k in entry["fixed"]["avt"]} == entry["fixed"]["avt"]
         assert entry["rate"]["0.0"]["acc_std"] == 0.0
         assert set(entry["missing"]) == {"eta", "audio", "visual", "text", "mixed"}, name
     # the trained bundle is better than chance on complete data
@@ -250,9 +280,10 @@ def test_eval_is_deterministic(full_evaluation, bundle_dir, feature_file):
 
 def test_eval_writes_report(full_evaluation):
     report = full_evaluation / "report"
-    for name in ("report.md", "rate.png", "fixed.png", "projection.png"):
+    plots = ("rate.png", "fixed.png", "projection.png", "reliability.png", "risk_coverage.png")
+    for name in ("report.md", *plots):
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
-    for name in ("rate.png", "fixed.png", "projection.png"):
+    for name in plots:
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in (report / "report.md").read_text(), name
 

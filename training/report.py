@@ -49,6 +49,27 @@ def write_report(out_dir: Path, result: dict, projections: dict[str, dict]) -> P
             + (" `mean6` averages the six conditions with at least one modality missing."
                if "mean6" in _columns(restorers, "fixed") else ""),
         ]
+    reliable = {name: runs["reliability"] for name, runs in restorers.items() if "reliability" in runs}
+    if reliable:
+        _plot_reliability(out_dir / "reliability.png", reliable)
+        _plot_risk_coverage(out_dir / "risk_coverage.png", reliable)
+        lines += ["", "## Calibration", ""]
+        lines += _table(["restorer", "ece (full)", "ece (mean6)", "acc_at_80 (full)", "acc_at_80 (mean6)"], [
+            [name, *(_cell(runs.get("fixed", {}).get(c), m) for m in ("ece", "acc_at_80") for c in ("full", "mean6"))]
+            for name, runs in restorers.items() if name in reliable])
+        lines += [
+            "",
+            "![reliability diagrams](reliability.png)",
+            "",
+            "Scores are calibrated per presence pattern (the bundle's temperatures). Each point is a bin of "
+            "windows by their top score: its mean score against how often the label was right; on the diagonal "
+            "a score is a probability. `ece` is the rows-weighted gap over 10 bins.",
+            "",
+            "![risk against coverage](risk_coverage.png)",
+            "",
+            "Error rate on the share of windows kept when the least confident are left out (abstained on); "
+            "`acc_at_80` is one minus the risk at 80 % coverage.",
+        ]
     if projections:
         _plot_projections(out_dir / "projection.png", projections)
         lines += [
@@ -140,6 +161,38 @@ def _plot_fixed(path: Path, restorers: dict[str, dict], metric: str) -> None:
            xlabel="available modalities (a = audio, v = visual, t = text)", ylabel=_axis_label(metric))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="restorer", loc="upper left", bbox_to_anchor=(1.01, 1))
+    _save(fig, path)
+
+
+def _plot_reliability(path: Path, reliable: dict[str, dict]) -> None:
+    parts = [p for p in ("complete", "incomplete") if any(p in r for r in reliable.values())]
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.5 * len(parts), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        for name, curves in reliable.items():
+            if part in curves:
+                ax.plot(curves[part]["bin_confidence"], curves[part]["bin_accuracy"], marker="o", label=name)
+        ax.set(title=f"{part} windows", xlabel="mean top score in the bin", ylabel="accuracy in the bin",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(title="restorer", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Reliability of the calibrated scores")
+    _save(fig, path)
+
+
+def _plot_risk_coverage(path: Path, reliable: dict[str, dict]) -> None:
+    parts = [p for p in ("complete", "incomplete") if any(p in r for r in reliable.values())]
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.5 * len(parts), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        for name, curves in reliable.items():
+            if part in curves:
+                ax.plot(curves[part]["coverage"], curves[part]["risk"], label=name)
+        ax.axvline(0.8, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=f"{part} windows", xlabel="coverage (share of windows decided)", ylabel="risk (error rate)",
+               xlim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(title="restorer", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Risk against coverage, most confident windows first")
     _save(fig, path)
 
 
