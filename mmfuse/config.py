@@ -84,7 +84,8 @@ class ClockConfig(Section):
 
 
 class RestorerConfig(Section):
-    method: str = "mean"
+    method: str = Field("autoencoder", description="the restorer of the bundle that fills missing modalities; "
+                        "autoencoder measured best on clean data (docs/results.md)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs the restorer actor asks Ray for; 0 runs on CPU")
     max_batch: int = Field(64, ge=1, description="most windows restored in one batch")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a window waits for others to batch with")
