@@ -26,7 +26,8 @@ def feature_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory, feature_file):
     out = tmp_path_factory.mktemp("models") / "synthetic"
-    assert train_main(["--data", str(feature_file), "--out", str(out), "--seed", "0", *FAST_TRAINING]) == 0
+    assert train_main(["--data", str(feature_file), "--out", str(out), "--seed", "0", *FAST_TRAINING,
+                       "--restorers", "all"]) == 0
     return out
 
 

@@ -316,7 +316,7 @@ def test_eval_rejects_wrong_feature_dimension(bundle_dir, feature_file, tmp_path
 def test_regression_bundle_reports_regression_metrics(feature_file, tmp_path):
     bundle = tmp_path / "regression"
     assert train_main(["--data", str(feature_file), "--out", str(bundle), "--task", "regression", "--seed", "0",
-                       *FAST_TRAINING]) == 0
+                       *FAST_TRAINING, "--restorers", "all"]) == 0
     out = tmp_path / "regression.json"
     assert eval_main(["--bundle", str(bundle), "--data", str(feature_file), "--protocol", "both", "--seeds", "1",
                       "--json", str(out)]) == 0

@@ -188,3 +188,12 @@ def test_a_validation_file_selects_every_model_and_is_never_trained_on(tmp_path,
 
     assert train_main(["--data", str(feature_file), "--val", str(val), "--out", str(tmp_path / "b2")]) == 2
     assert "are in" in capsys.readouterr().err  # the same videos on both sides
+
+
+def test_default_restorers_leave_diffusion_out_and_all_takes_every_one():
+    from mmfuse.restorers import RESTORERS
+    from mmfuse.training.train import parse_args
+
+    base = ["--data", "x.npz", "--out", "b"]
+    assert parse_args(base).restorers == ["zero", "mean", "dropout", "autoencoder", "retrieval"]
+    assert parse_args(base + ["--restorers", "all"]).restorers == list(RESTORERS)
