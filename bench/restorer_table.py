@@ -2,7 +2,7 @@
 
     python bench/restorer_table.py out/results/mosi_s*.json
 
-Each file is one bundle (one training seed) evaluated on its own validation split;
+Each file is one bundle (one training seed) evaluated on its validation data;
 cells are mean ± std over the files (fixed protocol) or over files and mask seeds
 (rate protocol, whose per-file std is the spread over mask seeds).
 """
@@ -46,6 +46,13 @@ def main(paths: list[str]) -> int:
     for name in restorers:
         cells = [rate_cell([r["restorers"][name]["rate"][rate] for r in results], metric) for rate in RATES]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if "ece" in results[0]["restorers"][restorers[0]]["fixed"]["full"]:
+        columns = [(m, c) for m in ("ece", "acc_at_80") for c in ("full", "mean6")]
+        print("\n| restorer | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name in restorers:
+            print(f"| {name} | " + " | ".join(cell([r["restorers"][name]["fixed"][c][m] for r in results])
+                                             for m, c in columns) + " |")
     realised = [results[0]["restorers"][restorers[0]]["rate"][rate]["realised_rate"] for rate in RATES]
     print("\nrealised missing rate: " + ", ".join(f"{r:.3f}" for r in realised))
     return 0
