@@ -175,7 +175,7 @@ def test_eval_on_a_media_manifest_has_the_missing_protocol(media_bundle, media_m
     assert eval_main(["--bundle", str(media_bundle), "--data", str(media_manifest), "--seeds", "2",
                       "--json", str(out)]) == 0
     entry = json.loads(out.read_text())["restorers"]["mean"]
-    assert set(entry) == {"fixed", "rate", "missing"}
+    assert set(entry) == {"fixed", "rate", "missing", "reliability"}
     assert set(entry["missing"]) == {"eta", "audio", "visual", "text", "mixed"} and entry["missing"]["eta"] == 0.7
     assert entry["fixed"]["full"] == entry["fixed"]["avt"]
 
