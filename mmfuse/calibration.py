@@ -33,8 +33,12 @@ def softmax(logits: np.ndarray, temperature: np.ndarray | float = 1.0) -> np.nda
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The temperature of the grid with the lowest negative log-likelihood of `targets`."""
+    """The temperature of the grid with the lowest negative log-likelihood of `targets`. Where every row is
+    right the likelihood only grows as the temperature falls (to scores of 0 and 1): no evidence to calibrate
+    on, so 1."""
     logits, targets = np.asarray(logits, np.float64), np.asarray(targets)
+    if np.all(logits.argmax(axis=1) == targets):
+        return 1.0
     rows = np.arange(len(targets))
     nll = [-np.log(softmax(logits, t)[rows, targets] + 1e-12).mean() for t in TEMPERATURES]
     return float(TEMPERATURES[int(np.argmin(nll))])

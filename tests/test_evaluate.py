@@ -95,6 +95,7 @@ def test_a_temperature_is_fitted_back_from_labels_drawn_at_it():
     logits = rng.normal(0, 3, size=(20_000, 3))
     truth = np.array([rng.choice(3, p=p) for p in softmax(logits, 2.0)])
     assert fit_temperature(logits, truth) == pytest.approx(2.0, rel=0.05)
+    assert fit_temperature(logits, logits.argmax(axis=1)) == 1.0  # all right: nothing to calibrate on
     scaled = calibration_metrics(softmax(logits, 2.0), truth)["ece"]
     assert scaled < 0.02 < calibration_metrics(softmax(logits), truth)["ece"]
 
