@@ -140,7 +140,7 @@ def test_one_decision_per_window_and_a_dead_camera_is_restored(lab):
     assert sorted(by_session) == ["alpha", "beta"]
     for session, items in by_session.items():
         ids = [d["window"]["id"] for d in items]
-        assert sorted(ids) == list(range(windows)), f"{session}: windows {ids}"
+        assert sorted(ids) == list(range(windows)), f"{session}: windows {ids}\n{daemon.log(200)}"
 
     for decision in by_session["beta"]:
         assert decision["present"] == ["audio", "text", "visual"]
