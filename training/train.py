@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
-from mmfuse.calibration import fit_temperature
+from mmfuse.calibration import fit_temperature, pattern_name
 from mmfuse.inference import embed, head_outputs, limit_threads, resolve_device, session_context
 from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
                            build_encoder, build_fusion_head)
@@ -145,10 +145,6 @@ def all_patterns(num_modalities: int) -> torch.Tensor:
     """Every non-empty presence pattern, [2^M - 1, M] bool, complete last."""
     patterns = [p for p in itertools.product([False, True], repeat=num_modalities) if any(p)]
     return torch.tensor(patterns)
-
-
-def condition_name(pattern, modalities: list[str]) -> str:
-    return "".join(m[0] for m, on in zip(modalities, pattern) if on)
 
 
 class Trainer:
@@ -347,9 +343,6 @@ class Trainer:
         _, epoch = fit([head], self.args.head_epochs, train_epoch, validate, f"stage 3: {name} head")
         return head, {"arch": "mlp", "args": head_args, "epoch": epoch}
 
-    def evaluate_condition(self, head: FusionHead, restorer, pattern: torch.Tensor) -> dict[str, float]:
-        return self._val_metrics(head, pattern, restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)))
-
     def _val_metrics(self, head: FusionHead, pattern: torch.Tensor, filled: torch.Tensor) -> dict[str, float]:
         return self._metrics(self._val_outputs(head, pattern, filled), self.val)
 
@@ -361,14 +354,20 @@ class Trainer:
         complete = pattern.all().expand(len(filled))
         return head_outputs(head, filled, context, complete, self.heads.get("complete"))
 
-    def fit_temperatures(self, head: FusionHead, restorer) -> dict[str, float]:
-        """One temperature per presence pattern, fitted on the validation rows (mmfuse.calibration)."""
-        temperatures = {}
+    def validate_restorer(self, head: FusionHead, restorer) -> tuple[dict[str, dict], dict[str, float]]:
+        """Validation metrics under every presence pattern (and their mean over the incomplete ones), and for
+        classification one temperature per pattern fitted on the same outputs (mmfuse.calibration)."""
+        per_condition, temperatures = {}, {}
         for pattern in self.patterns:
+            name = pattern_name(pattern.tolist(), self.modalities)
             outputs = self._val_outputs(head, pattern, restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)))
-            temperatures[condition_name(pattern.tolist(), self.modalities)] = round(fit_temperature(
-                outputs.cpu().numpy(), self.val.targets.cpu().numpy()), 4)
-        return temperatures
+            per_condition[name] = self._metrics(outputs, self.val)
+            if self.output == "classification":
+                temperatures[name] = round(fit_temperature(outputs.cpu().numpy(), self.val.targets.cpu().numpy()), 4)
+        incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
+        per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
+                                            for m in incomplete[0]} if incomplete else {}
+        return per_condition, temperatures
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -414,18 +413,11 @@ class Trainer:
                                                                                     complete_only)
 
         validation = {}
-        with self.timed("validation"):
+        with self.timed("validation_and_calibration"):
             for name, restorer in restorers.items():
-                per_condition = {condition_name(p.tolist(), self.modalities):
-                                 self.evaluate_condition(heads[restorer.head], restorer, p) for p in self.patterns}
-                incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
-                per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
-                                                    for m in incomplete[0]} if incomplete else {}
-                validation[name] = per_condition
-        if self.output == "classification":
-            with self.timed("calibration"):
-                for name, restorer in restorers.items():
-                    restorer_info[name]["temperatures"] = self.fit_temperatures(heads[restorer.head], restorer)
+                validation[name], temperatures = self.validate_restorer(heads[restorer.head], restorer)
+                if temperatures:
+                    restorer_info[name]["temperatures"] = temperatures
         return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
 
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
