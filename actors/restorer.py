@@ -21,10 +21,8 @@ IN_FLIGHT_KEPT = 64
 
 class RestorerActor:
     def __init__(self, config: DaemonConfig, log_format: dict):
-        import torch
-
         from mmfuse.bundle import load_bundle
-        from mmfuse.inference import limit_threads
+        from mmfuse.inference import actor_device, limit_threads
 
         limit_threads()
         configure(**log_format)
@@ -32,7 +30,7 @@ class RestorerActor:
         self.incarnation = Incarnation.here()
         self.config = config
         self.bundle = load_bundle(config.bundle)
-        device = "cuda" if config.restorer.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = actor_device(config.restorer.num_gpus)
         self.restorer = build_restorer(config, self.bundle, device)
         self.fusion = None  # a FusionHead while standing in for the fusion stage
         self.max_batch, self.max_wait = config.restorer.max_batch, config.restorer.max_wait_ms / 1000

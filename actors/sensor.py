@@ -16,7 +16,7 @@ from mmfuse.frames import SensorBatch
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import Tally, configure
 from mmfuse.pipeline import build_ingest
-from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick, receive_time
+from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick
 
 RECORDER_WAIT_S = 2.0  # for a listening mmfuse-record to complete its handshake
 RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
@@ -41,11 +41,11 @@ class SensorActor:
         tower = None
         if self.sensor.modality in _media_towers(config.bundle):
             from mmfuse.bundle import load_bundle
-            from mmfuse.inference import limit_threads
+            from mmfuse.inference import actor_device, limit_threads
 
             limit_threads()
             tower = load_bundle(config.bundle).towers([self.sensor.modality])[self.sensor.modality]
-            tower.to(_tower_device(self.sensor.num_gpus))
+            tower.to(actor_device(self.sensor.num_gpus))
         from mmfuse.security import daemon_keys
 
         self.keys = daemon_keys(config)
@@ -212,7 +212,7 @@ class SensorActor:
                     self.ingest.reject("wrong_source", f"a clock tick from key {sender} on sensor {self.sensor.name}")
                 return in_flight
             return self._tick(aligner, frames, in_flight)
-        at = receive_time(frames[-1]) if len(frames) == 3 else None
+        at = wire.receive_time(frames[-1]) if len(frames) == 3 else None
         with self.lock:
             if at is None:
                 self.ingest.reject("virtual_clock", "this daemon runs on a replay's clock (--virtual-clock): messages "
@@ -314,9 +314,3 @@ def _media_towers(bundle: str) -> dict:
     except (OSError, ValueError):
         return {}
     return manifest.get("media", {}).get("towers", {})
-
-
-def _tower_device(num_gpus: float) -> str:
-    import torch
-
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

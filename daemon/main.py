@@ -81,18 +81,24 @@ def unavailable_resources(config: DaemonConfig) -> list[str]:
         finally:
             probe.close()
     asked = gpu_requests(config)
-    if asked and config.ray.address is None:
-        found = local_gpus()
-        if sum(asked.values()) > found:
-            problems.append(f"{', '.join(asked)}: {sum(asked.values()):g} GPU(s) asked for, {found} on this machine; "
-                            f"set {' and '.join(k.split(' ')[0] for k in asked)}: 0 to run on the CPU")
+    if asked and config.ray.address is None:  # torch is imported only when GPUs are asked for
+        problem = gpu_problem(asked, local_gpus(), "this machine has", "to run on the CPU")
+        problems += [problem] if problem else []
     return problems
 
 
 def gpu_requests(config: DaemonConfig) -> dict[str, float]:
     """The GPUs the actors ask Ray for, by the configuration key that asks."""
     asked = {"restorer.num_gpus": config.restorer.num_gpus} if config.restorer.num_gpus else {}
-    return asked | {f"sensors[{i}].num_gpus ({s.name})": s.num_gpus for i, s in enumerate(config.sensors) if s.num_gpus}
+    return asked | {f"sensors[{i}].num_gpus": s.num_gpus for i, s in enumerate(config.sensors) if s.num_gpus}
+
+
+def gpu_problem(asked: dict[str, float], found: float, where: str, fix: str) -> str | None:
+    """More GPUs asked for than `found`: Ray would wait for ever to place the actors."""
+    if sum(asked.values()) <= found:
+        return None
+    return (f"{', '.join(asked)}: {sum(asked.values()):g} GPU(s) asked for, {where} {found:g}; set "
+            f"{' and '.join(asked)}: 0 {fix}")
 
 
 def local_gpus() -> int:
@@ -106,11 +112,8 @@ def cluster_gpu_problem(config: DaemonConfig) -> str | None:
     """A Ray cluster joined (ray.address) with fewer GPUs than the actors ask for: they would wait for ever."""
     import ray
 
-    asked, found = gpu_requests(config), ray.cluster_resources().get("GPU", 0)
-    if sum(asked.values()) > found:
-        return (f"{', '.join(asked)}: {sum(asked.values()):g} GPU(s) asked for, the Ray cluster at "
-                f"{config.ray.address} has {found:g}; add a GPU node or set {' and '.join(k.split(' ')[0] for k in asked)}: 0")
-    return None
+    return gpu_problem(gpu_requests(config), ray.cluster_resources().get("GPU", 0),
+                       f"the Ray cluster at {config.ray.address} has", "or add a GPU node")
 
 
 def tree_rss_mb(pid: int | None = None) -> float:

@@ -19,6 +19,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and available) else "cpu")
 
 
+def actor_device(num_gpus: float) -> str:
+    """Where an actor given `num_gpus` by Ray runs its model: CUDA when it was given a GPU torch can see."""
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 def limit_threads(requested: int | None = None) -> int:
     """Set this process's torch threads: `requested`, else OMP_NUM_THREADS, else one. The models are small: a
     second thread gains little, and threads of two processes that outnumber the cores slow both many times
