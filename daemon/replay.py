@@ -38,7 +38,7 @@ from mmfuse import wire
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.datasets import DataError, load_features
 from mmfuse.security import ClientKeys, SecurityError, client_keys, connect_as
-from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, receive_time_frame, replay_ticks, tick_frames
+from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, replay_ticks, tick_frames
 
 
 @dataclass(frozen=True)
@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                 for socket in sockets.values():
                     socket.send_multipart(tick_frames(item))
             else:
-                sockets[items[item].sensor].send_multipart(items[item].frames + [receive_time_frame(items[item].due)])
+                scheduled = items[item]
+                sockets[scheduled.sensor].send_multipart(scheduled.frames + [wire.receive_time_frame(scheduled.due)])
     else:
         for item in items:
             pace(item.due)

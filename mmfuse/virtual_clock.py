@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import struct
 from dataclasses import dataclass
 
 import msgpack
@@ -25,24 +24,9 @@ from mmfuse.wire import MAX_TIME_S
 
 TICK_S = 0.01       # as the live aligner's ticker
 TICK_TOPIC = b"clock"
-_TIME = struct.Struct("<d")
-
-
-def receive_time_frame(t: float) -> bytes:
-    return _TIME.pack(t)
-
-
 def _plausible(t) -> bool:
     """A time a replay's clock can show: finite, and seconds (as the wire protocol's `t`)."""
     return type(t) in (int, float) and math.isfinite(t) and abs(t) <= MAX_TIME_S
-
-
-def receive_time(frame: bytes) -> float | None:
-    """The receive time a virtual-clock message carries; None for a frame that is not one."""
-    if len(frame) != _TIME.size:
-        return None
-    (t,) = _TIME.unpack(frame)
-    return t if _plausible(t) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -283,20 +283,35 @@ def decode_decision(frames: list[bytes]) -> dict:
     return body
 
 
-_ARRIVAL = struct.Struct("!d")
+_RECEIVE_TIME = struct.Struct("<d")
+
+
+def receive_time_frame(t: float) -> bytes:
+    """A receive time as a frame of its own (a virtual-clock message's third frame, an accepted message's fourth)."""
+    return _RECEIVE_TIME.pack(t)
+
+
+def receive_time(frame: bytes) -> float | None:
+    """The time in a `receive_time_frame`; None for a frame that is not one or a time that is no plausible
+    seconds."""
+    if len(frame) != _RECEIVE_TIME.size:
+        return None
+    (t,) = _RECEIVE_TIME.unpack(frame)
+    return t if math.isfinite(t) and abs(t) <= MAX_TIME_S else None
 
 
 def encode_accepted(sensor: str, topic: bytes, payload: bytes, arrived_at: float) -> list[bytes]:
     """A message a sensor actor accepted, for mmfuse-record: the sensor, the frames as they came, and when."""
-    return [sensor.encode(), topic, payload, _ARRIVAL.pack(arrived_at)]
+    return [sensor.encode(), topic, payload, receive_time_frame(arrived_at)]
 
 
 def decode_accepted(frames: list[bytes]) -> tuple[str, list[bytes], float]:
     """(sensor, [topic, payload], arrival time) of an `encode_accepted` message."""
-    if len(frames) != 4 or len(frames[3]) != _ARRIVAL.size:
+    arrived_at = receive_time(frames[3]) if len(frames) == 4 else None
+    if arrived_at is None:
         raise WireError("frames", f"expected [sensor, topic, payload, arrival time], got {len(frames)} frame(s)")
     try:
         sensor = frames[0].decode()
     except UnicodeDecodeError:
         raise WireError("frames", "the sensor name of an accepted message is not UTF-8") from None
-    return sensor, frames[1:3], _ARRIVAL.unpack(frames[3])[0]
+    return sensor, frames[1:3], arrived_at

@@ -211,7 +211,8 @@ class Trainer:
         part = data.rows(index)
         targets = torch.from_numpy(part.label) if self.output == "classification" else \
             torch.from_numpy(part.sentiment).unsqueeze(1)
-        return Split(part, targets.to(self.device), torch.from_numpy(part.previous_rows(self.args.context)).to(self.device))
+        previous = torch.from_numpy(part.previous_rows(self.args.context))
+        return Split(part, targets.to(self.device), previous.to(self.device))
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss(outputs, targets)
@@ -219,6 +220,10 @@ class Trainer:
     def _metrics(self, outputs: torch.Tensor, split: Split) -> dict[str, float]:
         targets = split.targets.squeeze(1) if self.output == "regression" else split.targets
         return score(outputs.cpu().numpy(), targets.cpu().numpy(), self.output)
+
+    def _draw(self, patterns: torch.Tensor, n: int) -> torch.Tensor:
+        """n presence patterns drawn from `patterns` with the training's generator."""
+        return patterns[torch.from_numpy(self.rng.integers(len(patterns), size=n)).to(self.device)]
 
     def _batches(self, n: int):
         order = torch.from_numpy(self.rng.permutation(n)).to(self.device)
@@ -257,7 +262,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=1e-4)
         incomplete = self.patterns[:-1]
         z_train, z_val = self.train.z, self.val.z
-        val_present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(z_val))).to(self.device)]
+        val_present = self._draw(incomplete, len(z_val))
 
         def masked_error(z, present):
             missing = (~present).unsqueeze(-1)
@@ -265,7 +270,7 @@ class Trainer:
 
         def train_epoch(_):
             for batch in self._batches(len(z_train)):
-                present = incomplete[torch.from_numpy(self.rng.integers(len(incomplete), size=len(batch))).to(self.device)]
+                present = self._draw(incomplete, len(batch))
                 loss = masked_error(z_train[batch], present)
                 optimizer.zero_grad()
                 loss.backward()
@@ -309,7 +314,8 @@ class Trainer:
         head = build_fusion_head("mlp", **head_args).to(self.device)
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.args.lr, weight_decay=1e-2)
         z, n = self.train.z, len(self.train.z)
-        same_video = torch.from_numpy(self.train.data.videos[:, None] == self.train.data.videos[None, :]).to(self.device)
+        videos = self.train.data.videos
+        same_video = torch.from_numpy(videos[:, None] == videos[None, :]).to(self.device)
 
         def fill(present):
             if isinstance(restorer, RetrievalRestorer):  # never retrieve a training sample's own video
@@ -338,7 +344,8 @@ class Trainer:
                 optimizer.step()
 
         def validate():
-            return float(np.mean([headline(self._val_metrics(head, p, filled), self.output) for p, filled in val_fills]))
+            return float(np.mean([headline(self._val_metrics(head, p, filled), self.output)
+                                  for p, filled in val_fills]))
 
         _, epoch = fit([head], self.args.head_epochs, train_epoch, validate, f"stage 3: {name} head")
         return head, {"arch": "mlp", "args": head_args, "epoch": epoch}
@@ -360,7 +367,8 @@ class Trainer:
         per_condition, temperatures = {}, {}
         for pattern in self.patterns:
             name = pattern_name(pattern.tolist(), self.modalities)
-            outputs = self._val_outputs(head, pattern, restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)))
+            filled = restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1))
+            outputs = self._val_outputs(head, pattern, filled)
             per_condition[name] = self._metrics(outputs, self.val)
             if self.output == "classification":
                 temperatures[name] = round(fit_temperature(outputs.cpu().numpy(), self.val.targets.cpu().numpy()), 4)
