@@ -137,9 +137,10 @@ class FusionHead:
         if self.context:
             contexts = [self._context(w) for w in ready] + [self._context_of(w) for w in again]
             context = torch.from_numpy(np.stack(contexts))
-        complete = torch.tensor([w.complete for w in windows])
+        # A window with nothing missing counts as complete even where the bundle knows a modality no sensor sends
+        present = torch.tensor([[w.complete or m in w.present for m in self.bundle.modality_order] for w in windows])
         with torch.no_grad():
-            outputs = head_outputs(self.head, filled, context, complete, self.complete_head).numpy()
+            outputs = head_outputs(self.head, filled, context, present, self.complete_head).numpy()
         self.redecided += len(again)
         return [self._decision(w, o) for w, o in zip(windows, outputs)]
 

@@ -197,3 +197,64 @@ def test_default_restorers_leave_diffusion_out_and_all_takes_every_one():
     base = ["--data", "x.npz", "--out", "b"]
     assert parse_args(base).restorers == ["zero", "mean", "dropout", "autoencoder", "retrieval"]
     assert parse_args(base + ["--restorers", "all"]).restorers == list(RESTORERS)
+
+
+def test_rank_n_contrast_equals_its_definition_for_classes_and_scores():
+    from mmfuse.training.distill import rank_n_contrast
+
+    def by_definition(features, labels, temperature):
+        similarity = -torch.cdist(features, features) / temperature
+        gap = (labels[:, None] - labels[None]).abs()
+        n, terms = len(features), []
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    denominator = [k for k in range(n) if k != i and gap[i, k] >= gap[i, j]]
+                    terms.append(torch.logsumexp(similarity[i, denominator], 0) - similarity[i, j])
+        return torch.stack(terms).mean()
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(16, 5, generator=generator)
+    for labels in (torch.randint(0, 3, (16,), generator=generator).float(),
+                   torch.randn(16, generator=generator).round(decimals=1)):  # ties among scores too
+        assert float(rank_n_contrast(features, labels, 2.0)) == pytest.approx(float(by_definition(features, labels, 2.0)),
+                                                                              rel=1e-5)
+
+
+def test_umca_fusion_answers_every_view_and_its_imagination_touches_only_missing_embeddings():
+    from mmfuse.models import UmcaFusion, modality_views
+
+    assert modality_views(3) == [(0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)]
+    torch.manual_seed(0)
+    head = UmcaFusion(3, 8, 2, width=16, context=2, imagination=True).eval()
+    z, context = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+    present = torch.tensor([[True, True, True], [True, False, True], [False, False, True], [True, True, False]])
+    assert head(z, context, present).shape == (4, 2) and head.fuse(z, context).shape == (4, 16)
+    refined = head.refine(z, present)
+    assert torch.equal(refined[present], z[present]) and not torch.equal(refined[~present], z[~present])
+    assert not torch.allclose(head(z, context), head(z, torch.zeros_like(context)))  # the context is attended to
+
+
+def test_umca_with_self_distillation_trains_a_bundle_that_evaluates_and_decides(feature_file, tmp_path):
+    from mmfuse.fusion import FusionHead
+    from mmfuse.restoration import WindowRestorer
+    from mmfuse.training.evaluate import main as eval_main
+    from test_actors import window
+
+    out = tmp_path / "umca"
+    assert train_main(["--data", str(feature_file), "--out", str(out), "--fusion", "umca", "--self-distill",
+                       "--restorers", "zero,autoencoder", "--encoder-epochs", "3", "--restorer-epochs", "3",
+                       "--head-epochs", "3"]) == 0
+    bundle = load_bundle(out)
+    heads = bundle.manifest["heads"]
+    assert heads["complete"]["arch"] == heads["autoencoder"]["arch"] == "umca"
+    assert heads["autoencoder"]["args"]["imagination"] and "imagination" not in heads["complete"]["args"]
+    assert bundle.manifest["training"]["self_distill"] and bundle.manifest["training"]["rnc_weight"] == 0.5
+    assert bundle.head("autoencoder").imagination is not None
+    report = tmp_path / "umca.json"
+    assert eval_main(["--bundle", str(out), "--data", str(feature_file), "--protocol", "fixed", "--json",
+                      str(report)]) == 0
+    assert set(json.loads(report.read_text())["restorers"]) == {"zero", "autoencoder"}
+    windows = [window(i, ["audio", "text"]) for i in range(3)]
+    decisions = FusionHead(bundle, "autoencoder").decide(WindowRestorer(bundle, "autoencoder").restore(windows))
+    assert len(decisions) == 3 and all(d.label in bundle.labels for d in decisions)

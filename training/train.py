@@ -28,12 +28,13 @@ from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
 from mmfuse.calibration import fit_temperature, pattern_name
 from mmfuse.inference import embed, head_outputs, limit_threads, resolve_device, session_context
-from mmfuse.models import (CascadedResidualAutoencoder, FusionHead, ModalityEncoder, SingleModalityHead,
-                           build_encoder, build_fusion_head)
+from mmfuse.models import (FUSION_HEADS, CascadedResidualAutoencoder, FusionHead, ModalityEncoder,
+                           SingleModalityHead, build_encoder, build_fusion_head)
 from mmfuse.diffusion import DiffusionDenoiser
 from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DiffusionRestorer, DropoutRestorer, MeanRestorer,
                               RetrievalRestorer, ZeroRestorer)
 from mmfuse.training.diffusion import train_diffusion
+from mmfuse.training.distill import DistillWeights, SelfDistillation
 from mmfuse.datasets import DataError, FeatureSet, load_features
 from mmfuse.training.data import split_by_video
 from mmfuse.training.loop import fit
@@ -75,6 +76,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=None,
                         help="feed the fusion heads the mean of the session's previous N windows (0: none); "
                              "none: 3 for media manifests whose rows form sessions (dialogues), else 0")
+    parser.add_argument("--fusion", choices=list(FUSION_HEADS), default="mlp",
+                        help="fusion head: mlp over the concatenated embeddings, or umca (Double-Flow "
+                             "Self-Distillation's multi-view cross-attention; docs/models.md)")
+    distill = parser.add_argument_group("double-flow self-distillation (heads trained on restored embeddings)")
+    distill.add_argument("--self-distill", action="store_true",
+                         help="train each restorer's head on a full and a missing flow, with a Modality "
+                              "Imagination Autoencoder refining the restored embeddings, and the MKD, RS and "
+                              "Rank-N-Contrast losses")
+    distill.add_argument("--mkd-weight", type=float, default=DistillWeights.mkd, help="weight of MKD")
+    distill.add_argument("--rs-weight", type=float, default=DistillWeights.rs, help="weight of RS")
+    distill.add_argument("--rnc-weight", type=float, default=DistillWeights.rnc, help="weight of Rank-N-Contrast")
+    distill.add_argument("--rnc-temperature", type=float, default=DistillWeights.temperature,
+                         help="tau of Rank-N-Contrast's similarity -||vi - vj|| / tau")
     parser.add_argument("--embed-dim", type=int, default=64, help="size of each modality's embedding (stage 1)")
     parser.add_argument("--encoder-epochs", type=int, default=60,
                         help="most epochs of each encoder (stage 1); the best on validation is kept")
@@ -309,10 +323,17 @@ class Trainer:
 
     # stage 3 ---------------------------------------------------------------------------------
     def train_head(self, name: str, restorer, complete_only: bool) -> tuple[FusionHead, dict]:
-        head_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim,
-                     "num_outputs": self.num_outputs, "context": self.args.context}
-        head = build_fusion_head("mlp", **head_args).to(self.device)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=self.args.lr, weight_decay=1e-2)
+        args = self.args
+        distilled = args.self_distill and not complete_only
+        head_args = {"num_modalities": len(self.modalities), "embed_dim": args.embed_dim,
+                     "num_outputs": self.num_outputs, "context": args.context,
+                     **({"imagination": True} if distilled else {})}
+        head = build_fusion_head(args.fusion, **head_args).to(self.device)
+        distillation = SelfDistillation(head, self._loss, DistillWeights(
+            args.mkd_weight, args.rs_weight, args.rnc_weight, args.rnc_temperature)).to(self.device) \
+            if distilled else None
+        trained = distillation if distillation is not None else head
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=1e-2)
         z, n = self.train.z, len(self.train.z)
         videos = self.train.data.videos
         same_video = torch.from_numpy(videos[:, None] == videos[None, :]).to(self.device)
@@ -324,21 +345,30 @@ class Trainer:
 
         # A restorer restores a row alike every time (the diffusion noise is seeded by the row), so each row is
         # restored once under each pattern, not once per epoch: the same training, many times faster.
-        patterns = self.patterns[-1:] if complete_only else self.patterns
+        # The missing flow of self-distillation draws incomplete patterns only; the full flow is `z` itself.
+        patterns = self.patterns[-1:] if complete_only else self.patterns[:-1] if distilled else self.patterns
         with torch.no_grad():
             train_fills = torch.stack([fill(p.expand(n, -1)) for p in patterns])  # [P, N, M, E]
-            val_fills = [(p, restorer.restore(self.val.z, p.expand(len(self.val.z), -1))) for p in patterns]
+            val_fills = [(p, restorer.restore(self.val.z, p.expand(len(self.val.z), -1))) for p in self.patterns
+                         if p.all() or not complete_only]
         rows = torch.arange(n, device=self.device)
+        full_context = session_context(z, self.train.previous) if args.context else None
 
         def train_epoch(_):
             if complete_only:
-                filled = train_fills[0]
+                filled, present = train_fills[0], patterns[0].expand(n, -1)
             else:
-                filled = train_fills[torch.from_numpy(self.rng.integers(len(patterns), size=n)).to(self.device), rows]
-            context = session_context(filled, self.train.previous) if self.args.context else None
+                drawn = torch.from_numpy(self.rng.integers(len(patterns), size=n)).to(self.device)
+                filled, present = train_fills[drawn, rows], patterns[drawn]
+            context = session_context(filled, self.train.previous) if args.context else None
             for batch in self._batches(n):
-                outputs = head(filled[batch], None if context is None else context[batch])
-                loss = self._loss(outputs, self.train.targets[batch])
+                def part(x):
+                    return None if x is None else x[batch]
+                if distillation is not None:
+                    loss = distillation(z[batch], filled[batch], present[batch], part(full_context), part(context),
+                                        self.train.targets[batch])
+                else:
+                    loss = self._loss(head(filled[batch], part(context), present[batch]), self.train.targets[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -347,8 +377,8 @@ class Trainer:
             return float(np.mean([headline(self._val_metrics(head, p, filled), self.output)
                                   for p, filled in val_fills]))
 
-        _, epoch = fit([head], self.args.head_epochs, train_epoch, validate, f"stage 3: {name} head")
-        return head, {"arch": "mlp", "args": head_args, "epoch": epoch}
+        _, epoch = fit([trained], args.head_epochs, train_epoch, validate, f"stage 3: {name} head")
+        return head, {"arch": args.fusion, "args": head_args, "epoch": epoch}
 
     def _val_metrics(self, head: FusionHead, pattern: torch.Tensor, filled: torch.Tensor) -> dict[str, float]:
         return self._metrics(self._val_outputs(head, pattern, filled), self.val)
@@ -358,8 +388,7 @@ class Trainer:
         """A head's outputs on the validation rows restored under `pattern`; complete rows go to the complete
         head, as in the daemon (mmfuse.inference.predict)."""
         context = session_context(filled, self.val.previous) if head.context else None
-        complete = pattern.all().expand(len(filled))
-        return head_outputs(head, filled, context, complete, self.heads.get("complete"))
+        return head_outputs(head, filled, context, pattern.expand(len(filled), -1), self.heads.get("complete"))
 
     def validate_restorer(self, head: FusionHead, restorer) -> tuple[dict[str, dict], dict[str, float]]:
         """Validation metrics under every presence pattern (and their mean over the incomplete ones), and for
