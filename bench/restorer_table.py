@@ -29,6 +29,11 @@ def rate_cell(entries: list[dict], metric: str) -> str:
     return f"{means.mean():.3f} ± {total_std:.3f}"
 
 
+def without_text(fixed: dict, metric: str) -> float:
+    """Mean of a metric over the conditions that lack text (a, v, av): where restoring has the most to do."""
+    return float(np.mean([fixed[c][metric] for c in ("a", "v", "av")]))
+
+
 def main(paths: list[str]) -> int:
     results = [json.loads(open(p).read()) for p in paths]
     metric = "acc" if results[0]["task"] == "classification" else "mae"
@@ -36,11 +41,22 @@ def main(paths: list[str]) -> int:
     print(f"{len(results)} bundle(s), metric `{metric}`, rows per validation split: "
           f"{', '.join(str(r['rows']) for r in results)}\n")
     columns = [c for c in FIXED if c in results[0]["restorers"][restorers[0]]["fixed"]]
-    print("| restorer | " + " | ".join(columns) + " |")
-    print("|---|" + "---|" * len(columns))
+    text = "t" in columns and "av" in columns
+    print("| restorer | " + " | ".join(columns) + (" | no text (a, v, av)" if text else "") + " |")
+    print("|---|" + "---|" * (len(columns) + text))
     for name in restorers:
-        cells = [cell([r["restorers"][name]["fixed"][c][metric] for r in results]) for c in columns]
+        fixed = [r["restorers"][name]["fixed"] for r in results]
+        cells = [cell([f[c][metric] for f in fixed]) for c in columns]
+        if text:
+            cells.append(cell([without_text(f, metric) for f in fixed]))
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if metric == "mae":
+        columns = [(m, c) for m in ("corr", "acc2") for c in ("full", "mean6")]
+        print("\n| restorer | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name in restorers:
+            print(f"| {name} | " + " | ".join(cell([r["restorers"][name]["fixed"][c][m] for r in results])
+                                             for m, c in columns) + " |")
     print("\n| restorer | " + " | ".join(f"r={r}" for r in RATES) + " |")
     print("|---|" + "---|" * len(RATES))
     for name in restorers:
