@@ -63,7 +63,7 @@ def evaluate(restorer, head, z_val, y_val) -> dict:
     accs, errors = [], []
     for pattern in INCOMPLETE:
         present = torch.tensor(pattern, dtype=torch.bool).expand(len(z_val), -1)
-        filled = restorer.restore(z_val, present)
+        filled = restorer.restore(z_val, present).filled
         with torch.no_grad():
             accs.append(score(head(filled).numpy(), y_val, "classification")["acc"])
         missing = (~present).unsqueeze(-1)
@@ -108,7 +108,7 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
 
         def validate():
             missing = (~val_present).unsqueeze(-1)
-            return -float(((probe.restore(z_val, val_present) - z_val).square() * missing).sum())
+            return -float(((probe.restore(z_val, val_present).filled - z_val).square() * missing).sum())
 
         started = time.monotonic()
         train_diffusion(model, z_train, args.epochs, mutual, 256, 1e-3, seed, validate, lambda epochs: epochs)

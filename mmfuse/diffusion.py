@@ -1,9 +1,10 @@
 """The conditional diffusion restorer: a DiT over modality tokens with Dynamic Modality Gating.
 
 One model restores any pattern of missing modalities in the frozen stage-1 embedding
-space (one token per modality, M tokens). Two samplers: conditional DDIM (eta = 0)
-over the missing tokens, and ADMC inpainting (joint diffusion, known tokens
-re-imposed from a forward-noised copy at every step, starting at step n).
+space (one token per modality, M tokens); one block class per conditioning (`BLOCKS`).
+`GaussianDiffusion` owns the process: noising, x0 estimates, and two samplers,
+conditional DDIM (eta = 0) over the missing tokens and ADMC inpainting (joint
+diffusion, known tokens re-imposed from a forward-noised copy at every step, from step n).
 """
 
 from __future__ import annotations
@@ -65,61 +66,91 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(width, width * ratio), nn.GELU(), nn.Linear(width * ratio, width))
 
 
-class DiTBlock(nn.Module):
-    """Self-attention, cross-attention to the condition tokens, MLP; conditioned one of four ways.
+class Block(nn.Module):
+    """What every DiT block has: self-attention, cross-attention to the condition tokens, an MLP."""
 
-    gating: x_mid = x + Z_attn * SelfAttn(LN(x)); x_out = x_mid + Z_mlp * MLP(LN(x_mid)), with
-            Z = sigmoid(W G + b) from the pooled condition G and b initialised to -5 (DMG).
-    adaln:  adaLN-Zero (DiT): shift, scale and gate from the pooled condition, zero-initialised.
-    concat: condition tokens join the self-attention sequence; no gates.
-    none:   plain residual blocks.
-    """
+    affine = True  # LayerNorms before the attention and the MLP learn their own scale (adaLN brings one)
+    cross_attention = True
 
-    def __init__(self, width: int, heads: int, conditioning: str):
+    def __init__(self, width: int, heads: int):
         super().__init__()
-        self.conditioning = conditioning
-        self.norm_attn = nn.LayerNorm(width, elementwise_affine=conditioning != "adaln")
+        self.norm_attn = nn.LayerNorm(width, elementwise_affine=self.affine)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.norm_cross = nn.LayerNorm(width)
-        self.cross = nn.MultiheadAttention(width, heads, batch_first=True) if conditioning != "concat" else None
-        self.norm_mlp = nn.LayerNorm(width, elementwise_affine=conditioning != "adaln")
+        self.cross = nn.MultiheadAttention(width, heads, batch_first=True) if self.cross_attention else None
+        self.norm_mlp = nn.LayerNorm(width, elementwise_affine=self.affine)
         self.mlp = Mlp(width)
-        if conditioning == "gating":
-            self.gate_attn = nn.Linear(width, width)
-            self.gate_mlp = nn.Linear(width, width)
-            for gate in (self.gate_attn, self.gate_mlp):
-                nn.init.constant_(gate.bias, -5.0)
-        elif conditioning == "adaln":
-            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-            nn.init.zeros_(self.modulation[1].weight)
-            nn.init.zeros_(self.modulation[1].bias)
 
-    def gates(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.sigmoid(self.gate_attn(g)).unsqueeze(1), torch.sigmoid(self.gate_mlp(g)).unsqueeze(1)
+    def self_attention(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attn(h, h, h, need_weights=False)[0]
+
+    def cross_attend(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return x + self.cross(self.norm_cross(x), condition, condition, need_weights=False)[0]
+
+
+class PlainBlock(Block):
+    """No conditioning beyond the cross-attention: plain residual blocks."""
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        if self.conditioning == "adaln":
-            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(g).unsqueeze(1).chunk(6, dim=-1)
-            h = self.norm_attn(x) * (1 + scale_a) + shift_a
-            x = x + gate_a * self.attn(h, h, h, need_weights=False)[0]
-            x = x + self.cross(self.norm_cross(x), condition, condition, need_weights=False)[0]
-            h = self.norm_mlp(x) * (1 + scale_m) + shift_m
-            return x + gate_m * self.mlp(h)
-        if self.conditioning == "concat":
-            h = self.norm_attn(torch.cat([x, condition], dim=1))
-            x = x + self.attn(h, h, h, need_weights=False)[0][:, :x.shape[1]]
-            return x + self.mlp(self.norm_mlp(x))
-        z_attn, z_mlp = self.gates(g) if self.conditioning == "gating" else (1.0, 1.0)
-        h = self.norm_attn(x)
-        x = x + z_attn * self.attn(h, h, h, need_weights=False)[0]
-        x = x + self.cross(self.norm_cross(x), condition, condition, need_weights=False)[0]
+        x = x + self.self_attention(self.norm_attn(x))
+        x = self.cross_attend(x, condition)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class GatedBlock(Block):
+    """Dynamic Modality Gating: x_mid = x + Z_attn * SelfAttn(LN(x)); x_out = x_mid + Z_mlp * MLP(LN(x_mid)),
+    Z = sigmoid(W G + b) from the pooled condition G, b initialised to -5 (the gates start nearly shut)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.gate_attn = nn.Linear(width, width)
+        self.gate_mlp = nn.Linear(width, width)
+        for gate in (self.gate_attn, self.gate_mlp):
+            nn.init.constant_(gate.bias, -5.0)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        z_attn, z_mlp = torch.sigmoid(self.gate_attn(g)).unsqueeze(1), torch.sigmoid(self.gate_mlp(g)).unsqueeze(1)
+        x = x + z_attn * self.self_attention(self.norm_attn(x))
+        x = self.cross_attend(x, condition)
         return x + z_mlp * self.mlp(self.norm_mlp(x))
+
+
+class AdaLNBlock(Block):
+    """adaLN-Zero (DiT): shift, scale and gate of the attention and the MLP from the pooled condition,
+    zero-initialised so each block starts as the identity."""
+
+    affine = False
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(g).unsqueeze(1).chunk(6, dim=-1)
+        x = x + gate_a * self.self_attention(self.norm_attn(x) * (1 + scale_a) + shift_a)
+        x = self.cross_attend(x, condition)
+        return x + gate_m * self.mlp(self.norm_mlp(x) * (1 + scale_m) + shift_m)
+
+
+class ConcatBlock(Block):
+    """The condition tokens join the self-attention sequence; no cross-attention, no gates."""
+
+    cross_attention = False
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.norm_attn(torch.cat([x, condition], dim=1)))[:, :x.shape[1]]
+        return x + self.mlp(self.norm_mlp(x))
+
+
+BLOCKS = {"gating": GatedBlock, "adaln": AdaLNBlock, "concat": ConcatBlock, "none": PlainBlock}
 
 
 class DiffusionDenoiser(nn.Module):
     """epsilon_theta(x_t, c, t): noise prediction for every modality token."""
 
-    CONDITIONINGS = ("gating", "adaln", "concat", "none")
+    CONDITIONINGS = tuple(BLOCKS)
 
     def __init__(self, num_modalities: int, embed_dim: int, width: int = 128, depth: int = 3, heads: int = 4,
                  conditioning: str = "gating", probes: int = 4):
@@ -133,7 +164,7 @@ class DiffusionDenoiser(nn.Module):
         self.condition = ConditionEmbedding(num_modalities, embed_dim, width)
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.pool = ProbePooling(width, probes)
-        self.blocks = nn.ModuleList(DiTBlock(width, heads, conditioning) for _ in range(depth))
+        self.blocks = nn.ModuleList(BLOCKS[conditioning](width, heads) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, embed_dim)
 
@@ -147,53 +178,68 @@ class DiffusionDenoiser(nn.Module):
         return self.output(self.out_norm(x))
 
 
-class DiffusionSampler:
-    """Samplers over a trained denoiser. Present tokens are never altered in the output."""
+class GaussianDiffusion:
+    """The diffusion process in embedding space: forward noising, x0 estimates, DDIM steps and the two samplers.
+    Training's losses and the restorer's sampling both go through it. Present tokens never change in a sample."""
 
-    def __init__(self, model: DiffusionDenoiser, steps: int = 10, mode: str = "ddim", admc_start: int = 50,
-                 alpha_bar: torch.Tensor | None = None, clip: float | None = None):
-        if mode not in ("ddim", "admc"):
-            raise ValueError(f"mode must be ddim or admc, got {mode!r}")
-        self.model = model.eval()
+    def __init__(self, alpha_bar: torch.Tensor | None = None, clip: float | None = None):
         self.alpha_bar = linear_alpha_bar() if alpha_bar is None else alpha_bar
-        self.steps, self.mode, self.admc_start = steps, mode, admc_start
         self.clip = clip  # bound on |x0_hat| (the data's range); None leaves the estimate as it is
 
-    def timesteps(self) -> list[int]:
-        """Descending timesteps the sampler visits: S of [0, T) for DDIM, S of [0, n) for ADMC."""
-        top = len(self.alpha_bar) if self.mode == "ddim" else self.admc_start
-        steps = min(self.steps, top)
-        return sorted({int(round(v)) for v in torch.linspace(0, top - 1, steps).tolist()}, reverse=True)
+    def a(self, t: int | torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t on the device of the tensors it scales: a scalar for an int t, [B, 1, 1] for a tensor."""
+        if isinstance(t, int):
+            return self.alpha_bar[t]
+        return self.alpha_bar.to(t.device)[t].view(-1, 1, 1)
+
+    def noised(self, z: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """q(z_t | z_0): sqrt(a_t) z + sqrt(1 - a_t) eps."""
+        a = self.a(t)
+        return a.sqrt() * z + (1 - a).sqrt() * eps
+
+    def x0_estimate(self, x_t: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """x0_hat = (x_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t)."""
+        a = self.a(t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
 
     def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
-        """z_{t-1} = sqrt(a_prev) (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev) eps  (eta = 0)."""
+        """z_{t-1} = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps  (eta = 0); t_prev = -1 is the data itself."""
         a_t = self.alpha_bar[t]
         a_prev = self.alpha_bar[t_prev] if t_prev >= 0 else torch.tensor(1.0)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = self.x0_estimate(x_t, eps, t)
         if self.clip is not None:  # early estimates divide by sqrt(a_t) ~ 0.006: keep them in range
             x0 = x0.clamp(-self.clip, self.clip)
             eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
-    def noised(self, z: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-        return self.alpha_bar[t].sqrt() * z + (1 - self.alpha_bar[t]).sqrt() * noise
+    def timesteps(self, steps: int, mode: str = "ddim", admc_start: int = 50) -> list[int]:
+        """Descending timesteps a sampler visits: `steps` of [0, T) for DDIM, of [0, admc_start) for ADMC."""
+        top = len(self.alpha_bar) if mode == "ddim" else admc_start
+        return sorted({int(round(v)) for v in torch.linspace(0, top - 1, min(steps, top)).tolist()}, reverse=True)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, present: torch.Tensor, noise: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """Restore missing tokens. `noise` [steps+1, B, M, E] supplies every Gaussian draw (determinism);
-        `prior` [M, E] is the training mean, the ADMC start point for missing tokens."""
+    def sample(self, model: DiffusionDenoiser, z: torch.Tensor, present: torch.Tensor, noise: torch.Tensor,
+               prior: torch.Tensor, steps: int = 10, mode: str = "ddim", admc_start: int = 50) -> torch.Tensor:
+        """Restore the missing tokens: conditional DDIM over them, or ADMC inpainting (joint diffusion from step
+        n, the known tokens re-imposed from a forward-noised copy at every step). `noise` [steps+1, B, M, E]
+        supplies every Gaussian draw (determinism); `prior` [M, E], the training mean, is ADMC's start point."""
+        if mode not in SAMPLERS:
+            raise ValueError(f"mode must be one of {', '.join(SAMPLERS)}, got {mode!r}")
         keep = present.unsqueeze(-1)
-        schedule = self.timesteps()
-        if self.mode == "ddim":
+        schedule = self.timesteps(steps, mode, admc_start)
+        if mode == "ddim":
             x = torch.where(keep, self.noised(z, schedule[0], noise[0]), noise[0])
             condition_present = present
-        else:  # ADMC: joint diffusion from step n; unknown tokens start from the prior forward-noised to n
+        else:  # unknown tokens start from the prior forward-noised to n; the denoiser sees no condition
             x = self.noised(torch.where(keep, z, prior.expand_as(z)), schedule[0], noise[0])
             condition_present = torch.zeros_like(present)
         for i, t in enumerate(schedule):
             t_prev = schedule[i + 1] if i + 1 < len(schedule) else -1
-            eps = self.model(x, torch.full((len(z),), t, device=z.device), z, condition_present)
+            eps = model(x, torch.full((len(z),), t, device=z.device), z, condition_present)
             x = self.ddim_step(x, eps, t, t_prev)
             if t_prev >= 0:  # re-impose the known tokens at the next noise level
                 x = torch.where(keep, self.noised(z, t_prev, noise[i + 1]), x)
         return torch.where(keep, z, x)
+
+
+SAMPLERS = ("ddim", "admc")

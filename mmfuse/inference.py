@@ -79,6 +79,6 @@ def predict(head: torch.nn.Module, restorer, z: torch.Tensor, present: torch.Ten
             previous: torch.Tensor | None = None,
             complete_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(head outputs, filled embeddings) for a batch; `previous` indexes rows of the same batch."""
-    filled = restorer.restore(z, present)
+    filled = restorer.restore(z, present).filled
     context = session_context(filled, previous) if head.context and previous is not None else None
     return head_outputs(head, filled, context, present, complete_head), filled

@@ -56,11 +56,9 @@ class WindowRestorer:
     def restore(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
         z, present = self.encoder.encode(windows)
         with torch.no_grad():
-            if isinstance(self.restorer, DiffusionRestorer):
-                filled = self.restorer.restore(z, present, seeds=[window_seed(w) for w in windows]).numpy()
-                spread = self.restorer.last_spread.tolist() if self.restorer.samples > 1 else None
-            else:
-                filled, spread = self.restorer.restore(z, present).numpy(), None
+            restoration = self.restorer.restore(z, present, seeds=[window_seed(w) for w in windows])
+        filled = restoration.filled.numpy()
+        spread = None if restoration.spread is None else restoration.spread.tolist()
         for i, window in enumerate(windows):
             window.embeddings = filled[i]
             window.restored = [m for m in window.missing if m in self.encoder.order]

@@ -1,22 +1,70 @@
 """Restorers fill the embeddings of missing modalities from the ones present.
 
-All work in the frozen stage-1 embedding space on a batch: `z` is a float tensor
-[B, M, E] (rows of missing modalities hold anything), `present` a bool tensor
-[B, M] with at least one True per row. `restore` returns a new tensor in which
-present rows are bit-identical to the input. Each restorer names the fusion head
-it is paired with: `complete` (trained on complete data only) or its own
-(trained on available + restored embeddings, stage 3).
+One protocol for all (`Restorer`), one registry (`RESTORERS`), from which mmfuse-train
+fits them and bundles rebuild them. All work in the frozen stage-1 embedding space on
+a batch: `z` is a float tensor [B, M, E] (rows of missing modalities hold anything),
+`present` a bool tensor [B, M] with at least one True per row. `restore` returns a
+`Restoration`: the filled embeddings, in which present rows are bit-identical to the
+input, and the spread of the restorer's candidates where it has several. Each restorer
+names the fusion head it is paired with: `complete` (trained on complete data only) or
+its own (trained on available + restored embeddings, stage 3).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from mmfuse.models import CascadedResidualAutoencoder
 
 
+@dataclass
+class Restoration:
+    filled: torch.Tensor               # [B, M, E]
+    spread: torch.Tensor | None = None  # [B] mean std of the candidates over the missing values; None: one answer
+
+
+@dataclass
+class FitData:
+    """What stage 2 of mmfuse-train fits a restorer from."""
+    z_train: torch.Tensor                       # [N, M, E] training embeddings
+    z_val: torch.Tensor                         # validation embeddings: a restorer's state is selected on them
+    incomplete: torch.Tensor                    # [P, M] every incomplete presence pattern
+    options: dict                               # mmfuse-train's arguments (lr, batch_size, neighbours, ...)
+    draw: Callable[[torch.Tensor, int], torch.Tensor]  # n patterns drawn with the training's generator
+    batches: Callable[[int], list[torch.Tensor]]       # shuffled index batches of n rows, likewise
+
+
+class Restorer(Protocol):
+    name: str
+    head: str
+
+    @classmethod
+    def fit(cls, data: FitData) -> tuple["Restorer", dict]:
+        """The fitted restorer and what the bundle keeps of its fitting: `args` (to rebuild it) and figures."""
+
+    def restore(self, z: torch.Tensor, present: torch.Tensor, seeds: list[int] | None = None,
+                exclude: torch.Tensor | None = None) -> Restoration:
+        """`seeds` fix each row's random draws (the same window restores alike in any batch); `exclude` [B, N]
+        hides training rows from a query (its own video, while training heads)."""
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    @classmethod
+    def from_state(cls, state: dict, args: dict) -> "Restorer": ...
+
+
 def keep_present(z: torch.Tensor, present: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
     return torch.where(present.unsqueeze(-1), z, filled)
+
+
+def missing_spread(candidates: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[B] mean standard deviation over K candidates [K, B, M, E] of the missing values of each row."""
+    missing = (~present).unsqueeze(-1).to(candidates.dtype)
+    spread = (candidates.std(dim=0, unbiased=False) * missing).sum(dim=(1, 2))
+    return spread / (missing.sum(dim=(1, 2)) * candidates.shape[-1]).clamp_min(1)
 
 
 class ZeroRestorer:
@@ -24,8 +72,12 @@ class ZeroRestorer:
     name = "zero"
     head = "complete"
 
-    def restore(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        return keep_present(z, present, torch.zeros_like(z))
+    @classmethod
+    def fit(cls, data: FitData) -> tuple["ZeroRestorer", dict]:
+        return cls(), {}
+
+    def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
+        return Restoration(keep_present(z, present, torch.zeros_like(z)))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -50,11 +102,11 @@ class MeanRestorer:
         self.means = means  # [M, E]
 
     @classmethod
-    def fit(cls, z_train: torch.Tensor) -> "MeanRestorer":
-        return cls(z_train.mean(dim=0))
+    def fit(cls, data: FitData) -> tuple["MeanRestorer", dict]:
+        return cls(data.z_train.mean(dim=0)), {}
 
-    def restore(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        return keep_present(z, present, self.means.expand_as(z))
+    def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
+        return Restoration(keep_present(z, present, self.means.expand_as(z)))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"means": self.means}
@@ -72,9 +124,37 @@ class AutoencoderRestorer:
     def __init__(self, model: CascadedResidualAutoencoder):
         self.model = model.eval()
 
+    @classmethod
+    def fit(cls, data: FitData) -> tuple["AutoencoderRestorer", dict]:
+        """Masked reconstruction error of the missing embeddings under random incomplete patterns; the state with
+        the lowest error on the validation embeddings is kept."""
+        from mmfuse.training.loop import fit
+
+        num_modalities, embed_dim = data.z_train.shape[1:]
+        model_args = {"num_modalities": num_modalities, "embed_dim": embed_dim}
+        model = CascadedResidualAutoencoder(**model_args).to(data.z_train.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=data.options["lr"], weight_decay=1e-4)
+        val_present = data.draw(data.incomplete, len(data.z_val))
+
+        def masked_error(z, present):
+            missing = (~present).unsqueeze(-1)
+            return ((model(z, present) - z).square() * missing).sum() / (missing.sum() * z.shape[-1])
+
+        def train_epoch(_):
+            for batch in data.batches(len(data.z_train)):
+                present = data.draw(data.incomplete, len(batch))
+                loss = masked_error(data.z_train[batch], present)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+        best, epoch = fit([model], data.options["restorer_epochs"], train_epoch,
+                          lambda: -float(masked_error(data.z_val, val_present)), "stage 2: autoencoder")
+        return cls(model), {"args": model_args, "validation_mse": round(-best, 5), "epoch": epoch}
+
     @torch.no_grad()
-    def restore(self, z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        return keep_present(z, present, self.model(z, present))
+    def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
+        return Restoration(keep_present(z, present, self.model(z, present)))
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
@@ -87,7 +167,8 @@ class AutoencoderRestorer:
 
 
 class RetrievalRestorer:
-    """Average of the missing embeddings of the k training samples nearest in the present ones.
+    """Average of the missing embeddings of the k training samples nearest in the present ones; their spread is
+    the restoration's.
 
     Distance: mean over present modalities of the squared L2 distance, each
     modality scaled by its spread in the bank so no modality dominates.
@@ -100,9 +181,13 @@ class RetrievalRestorer:
         self.k = k
         self.scale = bank.var(dim=0).sum(dim=-1).clamp_min(1e-6)  # [M]
 
+    @classmethod
+    def fit(cls, data: FitData) -> tuple["RetrievalRestorer", dict]:
+        k = data.options["neighbours"]
+        return cls(data.z_train, k=k), {"args": {"k": k}}
+
     @torch.no_grad()
-    def restore(self, z: torch.Tensor, present: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """`exclude` [B, N] bool hides bank rows from a query (same video, while training)."""
+    def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
         distance = torch.zeros(len(z), len(self.bank), device=z.device)
         for m in range(z.shape[1]):
             d = torch.cdist(z[:, m], self.bank[:, m]).square() / self.scale[m]
@@ -111,7 +196,9 @@ class RetrievalRestorer:
         if exclude is not None:
             distance = distance.masked_fill(exclude, float("inf"))
         nearest = distance.topk(min(self.k, len(self.bank)), dim=1, largest=False).indices  # [B, k]
-        return keep_present(z, present, self.bank[nearest].mean(dim=1))
+        neighbours = self.bank[nearest]                                                   # [B, k, M, E]
+        return Restoration(keep_present(z, present, neighbours.mean(dim=1)),
+                           missing_spread(neighbours.transpose(0, 1), present))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"bank": self.bank}
@@ -121,13 +208,10 @@ class RetrievalRestorer:
         return cls(state["bank"], **args)
 
 
-
-
 class DiffusionRestorer:
     """Conditional diffusion in the embedding space (mmfuse.diffusion), K samples averaged.
 
-    With K > 1 the spread of the samples (mean standard deviation over the missing
-    tokens) is left in `last_spread`. Noise comes from one generator per row seeded
+    With K > 1 the spread of the samples is the restoration's. Noise comes from one generator per row seeded
     by the caller, so a window restores the same whatever batch it is in.
     """
     name = "diffusion"
@@ -135,17 +219,56 @@ class DiffusionRestorer:
 
     def __init__(self, model, prior: torch.Tensor, steps: int = 10, mode: str = "ddim", admc_start: int = 50,
                  samples: int = 1, seed: int = 0, clip: float | None = 5.0):
-        from mmfuse.diffusion import DiffusionSampler
+        from mmfuse.diffusion import SAMPLERS, GaussianDiffusion
 
+        if mode not in SAMPLERS:
+            raise ValueError(f"mode must be one of {', '.join(SAMPLERS)}, got {mode!r}")
         self.model = model.eval()
         self.prior = prior  # [M, E] training mean, ADMC's starting guess
-        self.sampler = DiffusionSampler(model, steps, mode, admc_start, clip=clip)
+        self.diffusion = GaussianDiffusion(clip=clip)
+        self.steps, self.mode, self.admc_start = steps, mode, admc_start
         self.samples = samples
         self.seed = seed
-        self.last_spread = torch.zeros(0)
+
+    @classmethod
+    def fit(cls, data: FitData) -> tuple["DiffusionRestorer", dict]:
+        """L_base, then L_base + L_mutual (mmfuse.training.diffusion); the state restoring the validation
+        embeddings under random incomplete patterns best is kept."""
+        import sys
+
+        import numpy as np
+        from tqdm import tqdm
+
+        from mmfuse.diffusion import DiffusionDenoiser
+        from mmfuse.training.diffusion import train_diffusion
+
+        o = data.options
+        num_modalities, embed_dim = data.z_train.shape[1:]
+        model_args = {"num_modalities": num_modalities, "embed_dim": embed_dim, "width": o["diffusion_width"],
+                      "depth": o["diffusion_depth"], "conditioning": o["diffusion_conditioning"]}
+        model = DiffusionDenoiser(**model_args).to(data.z_train.device)
+        sampler_args = {"steps": o["diffusion_steps"], "mode": o["diffusion_mode"]}
+        restorer = cls(model, data.z_train.mean(dim=0), **sampler_args)
+        z_val = data.z_val
+        val_present = data.incomplete[torch.from_numpy(np.random.default_rng(o["seed"]).integers(
+            len(data.incomplete), size=len(z_val))).to(z_val.device)]
+
+        def validate():
+            missing = (~val_present).unsqueeze(-1)
+            error = (restorer.restore(z_val, val_present).filled - z_val).square() * missing
+            return -float(error.sum() / (missing.sum() * z_val.shape[-1]))
+
+        def progress(epochs):
+            return tqdm(epochs, desc="stage 2: diffusion", unit="epoch", file=sys.stderr, leave=False)
+
+        best, epoch = train_diffusion(model, data.z_train, o["diffusion_epochs"], o["mutual_epochs"],
+                                      o["batch_size"] * 2, o["lr"], o["seed"], validate, progress)
+        restorer.model.eval()
+        return restorer, {"args": {"model": model_args, **sampler_args}, "validation_mse": round(-best, 5),
+                          "epoch": epoch}
 
     def noise(self, rows: int, shape: tuple, seeds: list[int] | None) -> torch.Tensor:
-        draws = len(self.sampler.timesteps()) + 1
+        draws = len(self.diffusion.timesteps(self.steps, self.mode, self.admc_start)) + 1
         noise = torch.empty(self.samples, draws, rows, *shape)
         for i in range(rows):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (seeds[i] if seeds else i))
@@ -153,18 +276,16 @@ class DiffusionRestorer:
         return noise
 
     @torch.no_grad()
-    def restore(self, z: torch.Tensor, present: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+    def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
         rows, k = len(z), self.samples
         noise = self.noise(rows, tuple(z.shape[1:]), seeds)                    # [K, draws, B, M, E]
         noise = noise.transpose(0, 1).reshape(noise.shape[1], k * rows, *z.shape[1:])
         device = next(self.model.parameters()).device  # noise is drawn on the CPU: the same on every device
-        draws = self.sampler.sample(z.repeat(k, 1, 1).to(device), present.repeat(k, 1).to(device),
-                                    noise.to(device), self.prior.to(device)).to(z.device).view(k, rows, *z.shape[1:])
-        missing = (~present).unsqueeze(-1).float()
-        spread = (draws.std(dim=0, unbiased=False) * missing).sum(dim=(1, 2)) if k > 1 else \
-            torch.zeros(rows, device=z.device)
-        self.last_spread = spread / (missing.sum(dim=(1, 2)) * z.shape[-1]).clamp_min(1)
-        return keep_present(z, present, draws.mean(dim=0))
+        draws = self.diffusion.sample(self.model, z.repeat(k, 1, 1).to(device), present.repeat(k, 1).to(device),
+                                      noise.to(device), self.prior.to(device), self.steps, self.mode,
+                                      self.admc_start).to(z.device).view(k, rows, *z.shape[1:])
+        return Restoration(keep_present(z, present, draws.mean(dim=0)),
+                           missing_spread(draws, present) if k > 1 else None)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {**{f"model.{k}": v for k, v in self.model.state_dict().items()}, "prior": self.prior}
@@ -178,7 +299,7 @@ class DiffusionRestorer:
         return cls(model, state["prior"], **{k: v for k, v in args.items() if k != "model"})
 
 
-RESTORERS = {
+RESTORERS: dict[str, type[Restorer]] = {
     "zero": ZeroRestorer,
     "mean": MeanRestorer,
     "dropout": DropoutRestorer,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmfuse.diffusion import DiffusionDenoiser, DiffusionSampler, linear_alpha_bar
+from mmfuse.diffusion import BLOCKS, DiffusionDenoiser, GaussianDiffusion, GatedBlock, linear_alpha_bar
 from mmfuse.restorers import DiffusionRestorer, MeanRestorer
 from mmfuse.training.diffusion import train_diffusion
 
@@ -21,15 +21,15 @@ def small_model(conditioning="gating", seed=0):
 def test_gates_start_near_sigmoid_of_minus_five():
     model = small_model()
     g = torch.randn(4, 16)
+    assert all(isinstance(block, GatedBlock) for block in model.blocks)
     for block in model.blocks:
-        z_attn, z_mlp = block.gates(g)
-        for gate in (z_attn, z_mlp):
+        for gate in (torch.sigmoid(block.gate_attn(g)), torch.sigmoid(block.gate_mlp(g))):
             assert gate.mean().item() == pytest.approx(1 / (1 + np.exp(5)), abs=2e-3)  # 0.0067
 
 
 def test_ddim_step_matches_the_formula_by_hand():
     alpha_bar = linear_alpha_bar()
-    sampler = DiffusionSampler(small_model(), steps=1000, alpha_bar=alpha_bar)
+    sampler = GaussianDiffusion(alpha_bar)
     x_t, eps = torch.tensor([[[0.5, -1.0]]]), torch.tensor([[[0.2, 0.4]]])
     t, t_prev = 600, 599
     a_t, a_prev = alpha_bar[t].item(), alpha_bar[t_prev].item()
@@ -44,27 +44,26 @@ def test_ddim_step_matches_the_formula_by_hand():
 
 
 def test_ddim_with_all_steps_is_deterministic():
-    sampler = DiffusionSampler(small_model(), steps=1000)
-    assert sampler.timesteps() == list(range(999, -1, -1))
+    sampler, model = GaussianDiffusion(), small_model()
+    assert sampler.timesteps(1000) == list(range(999, -1, -1))
     z = torch.randn(2, 3, 8)
     present = torch.tensor([[True, False, True], [False, True, False]])
     noise = torch.randn(1001, 2, 3, 8)
-    first = sampler.sample(z, present, noise, torch.zeros(3, 8))
-    second = sampler.sample(z, present, noise, torch.zeros(3, 8))
+    first = sampler.sample(model, z, present, noise, torch.zeros(3, 8), steps=1000)
+    second = sampler.sample(model, z, present, noise, torch.zeros(3, 8), steps=1000)
     assert torch.equal(first, second)
 
 
 def test_admc_mode_starts_at_step_n_not_at_T():
-    sampler = DiffusionSampler(small_model(), steps=50, mode="admc", admc_start=50)
-    assert sampler.timesteps() == list(range(49, -1, -1))
+    sampler, model = GaussianDiffusion(), small_model()
+    assert sampler.timesteps(50, "admc", 50) == list(range(49, -1, -1))
     visited = []
-    model = sampler.model
     original = model.forward
     model.forward = lambda x, t, z, p: visited.append(int(t[0])) or original(x, t, z, p)
-    sampler.sample(torch.randn(1, 3, 8), torch.tensor([[True, False, False]]), torch.randn(51, 1, 3, 8),
-                   torch.zeros(3, 8))
+    sampler.sample(model, torch.randn(1, 3, 8), torch.tensor([[True, False, False]]), torch.randn(51, 1, 3, 8),
+                   torch.zeros(3, 8), steps=50, mode="admc", admc_start=50)
     assert visited[0] == 49 and visited[-1] == 0 and len(visited) == 50
-    assert DiffusionSampler(small_model(), steps=5, mode="admc", admc_start=20).timesteps()[0] == 19
+    assert sampler.timesteps(5, "admc", 20)[0] == 19
 
 
 @pytest.mark.parametrize("mode", ["ddim", "admc"])
@@ -73,18 +72,20 @@ def test_known_tokens_are_bit_identical_for_every_pattern(mode, conditioning):
     restorer = DiffusionRestorer(small_model(conditioning), torch.zeros(3, 8), steps=4, mode=mode, samples=2)
     z = torch.randn(len(ALL_PATTERNS), 3, 8)
     present = torch.stack(ALL_PATTERNS)
-    out = restorer.restore(z, present)
+    restoration = restorer.restore(z, present)
+    out = restoration.filled
     assert torch.equal(out[present], z[present])
     assert torch.isfinite(out).all()
-    assert restorer.last_spread.shape == (len(ALL_PATTERNS),) and restorer.last_spread[-1] == 0
+    assert restoration.spread.shape == (len(ALL_PATTERNS),) and restoration.spread[-1] == 0
+    assert isinstance(restorer.model.blocks[0], BLOCKS[conditioning])
 
 
 def test_a_window_restores_the_same_alone_or_in_a_batch():
     restorer = DiffusionRestorer(small_model(), torch.zeros(3, 8), steps=5)
     z = torch.randn(3, 3, 8)
     present = torch.tensor([[True, False, False], [False, True, True], [True, True, False]])
-    batch = restorer.restore(z, present, seeds=[11, 22, 33])
-    alone = restorer.restore(z[1:2], present[1:2], seeds=[22])
+    batch = restorer.restore(z, present, seeds=[11, 22, 33]).filled
+    alone = restorer.restore(z[1:2], present[1:2], seeds=[22]).filled
     torch.testing.assert_close(batch[1], alone[0])
 
 
@@ -104,7 +105,7 @@ def test_trained_model_restores_a_deterministic_modality_far_better_than_mean():
     restorer = DiffusionRestorer(model, train.mean(dim=0), steps=20, samples=4)
 
     def error(r):
-        return float(((r.restore(test, present) - test)[:, 2]).square().mean())
+        return float(((r.restore(test, present).filled - test)[:, 2]).square().mean())
 
     train_diffusion(model, train, epochs=100, mutual_epochs=0, batch_size=256, lr=2e-3, seed=0,
                     validate=lambda: -error(restorer), progress=lambda epochs: epochs)

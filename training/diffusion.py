@@ -7,28 +7,23 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mmfuse.diffusion import T_STEPS, DiffusionDenoiser, linear_alpha_bar
+from mmfuse.diffusion import T_STEPS, DiffusionDenoiser, GaussianDiffusion, linear_alpha_bar
 
 MUTUAL_TAU = 50          # mutual learning acts on steps t < tau
 UNCONDITIONAL_SHARE = 0.15  # rows trained with nothing present: the joint prior ADMC inpainting samples from
 
 
-def noised(alpha_bar: torch.Tensor, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    a = alpha_bar[t].view(-1, 1, 1)
-    return a.sqrt() * z + (1 - a).sqrt() * eps
-
-
-def base_loss(model: DiffusionDenoiser, alpha_bar: torch.Tensor, z: torch.Tensor, present: torch.Tensor,
+def base_loss(model: DiffusionDenoiser, diffusion: GaussianDiffusion, z: torch.Tensor, present: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
     """L_base = E || eps - eps_theta(x_t, c, t) ||^2 over the missing tokens."""
     t = torch.randint(0, T_STEPS, (len(z),), generator=generator).to(z.device)
     eps = torch.randn(z.shape, generator=generator).to(z.device)
-    predicted = model(noised(alpha_bar, z, t, eps), t, z, present)
+    predicted = model(diffusion.noised(z, t, eps), t, z, present)
     missing = (~present).unsqueeze(-1).float()
     return ((eps - predicted).square() * missing).sum() / (missing.sum() * z.shape[-1])
 
 
-def mutual_loss(model: DiffusionDenoiser, alpha_bar: torch.Tensor, z: torch.Tensor, present: torch.Tensor,
+def mutual_loss(model: DiffusionDenoiser, diffusion: GaussianDiffusion, z: torch.Tensor, present: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
     """L_mutual: at t < tau, x0_hat of a restored modality conditions the restoration of a known one.
 
@@ -42,9 +37,8 @@ def mutual_loss(model: DiffusionDenoiser, alpha_bar: torch.Tensor, z: torch.Tens
     z, present = z[rows], present[rows]
     t = torch.randint(0, MUTUAL_TAU, (len(z),), generator=generator).to(z.device)
     eps = torch.randn(z.shape, generator=generator).to(z.device)
-    x_t = noised(alpha_bar, z, t, eps)
-    a = alpha_bar[t].view(-1, 1, 1)
-    x0_hat = (x_t - (1 - a).sqrt() * model(x_t, t, z, present)) / a.sqrt()
+    x_t = diffusion.noised(z, t, eps)
+    x0_hat = diffusion.x0_estimate(x_t, model(x_t, t, z, present), t)
     restored = _pick(~present, generator)   # [B] one missing modality per row
     known = _pick(present, generator)       # [B] one present modality per row
     index = torch.arange(len(z), device=z.device)
@@ -54,7 +48,7 @@ def mutual_loss(model: DiffusionDenoiser, alpha_bar: torch.Tensor, z: torch.Tens
     present_after[index, restored] = True
     present_after[index, known] = False
     eps_other = torch.randn(z.shape, generator=generator).to(z.device)
-    predicted = model(noised(alpha_bar, z, t, eps_other), t, condition, present_after)
+    predicted = model(diffusion.noised(z, t, eps_other), t, condition, present_after)
     return (eps_other[index, known] - predicted[index, known]).square().mean()
 
 
@@ -83,7 +77,7 @@ def train_diffusion(model: DiffusionDenoiser, z_train: torch.Tensor, epochs: int
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     device = z_train.device
-    alpha_bar = linear_alpha_bar().to(device)
+    diffusion = GaussianDiffusion(linear_alpha_bar().to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     best, best_epoch, best_state = -np.inf, 0, None
     total = epochs + mutual_epochs
@@ -93,9 +87,9 @@ def train_diffusion(model: DiffusionDenoiser, z_train: torch.Tensor, epochs: int
         for start in range(0, len(order), batch_size):
             batch = z_train[order[start:start + batch_size]]
             present = training_patterns(len(batch), batch.shape[1], rng).to(device)
-            loss = base_loss(model, alpha_bar, batch, present, generator)
+            loss = base_loss(model, diffusion, batch, present, generator)
             if epoch >= epochs:
-                loss = loss + mutual_loss(model, alpha_bar, batch, present, generator)
+                loss = loss + mutual_loss(model, diffusion, batch, present, generator)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

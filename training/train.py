@@ -22,18 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
 from mmfuse.calibration import fit_temperature, pattern_name
 from mmfuse.inference import embed, head_outputs, limit_threads, resolve_device, session_context
-from mmfuse.models import (FUSION_HEADS, CascadedResidualAutoencoder, FusionHead, ModalityEncoder,
-                           SingleModalityHead, build_encoder, build_fusion_head)
+from mmfuse.models import FUSION_HEADS, FusionHead, ModalityEncoder, SingleModalityHead, build_encoder, build_fusion_head
 from mmfuse.diffusion import DiffusionDenoiser
-from mmfuse.restorers import (RESTORERS, AutoencoderRestorer, DiffusionRestorer, DropoutRestorer, MeanRestorer,
-                              RetrievalRestorer, ZeroRestorer)
-from mmfuse.training.diffusion import train_diffusion
+from mmfuse.restorers import RESTORERS, FitData
 from mmfuse.training.distill import DistillWeights, SelfDistillation
 from mmfuse.datasets import DataError, FeatureSet, load_features
 from mmfuse.training.data import split_by_video
@@ -269,58 +265,6 @@ class Trainer:
         metrics = self._metrics(head(encoder(x_val)).detach(), self.val)
         return encoder, {"args": encoder_args, "validation": metrics}
 
-    # stage 2 ---------------------------------------------------------------------------------
-    def train_autoencoder(self) -> tuple[AutoencoderRestorer, dict]:
-        model_args = {"num_modalities": len(self.modalities), "embed_dim": self.args.embed_dim}
-        model = CascadedResidualAutoencoder(**model_args).to(self.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.args.lr, weight_decay=1e-4)
-        incomplete = self.patterns[:-1]
-        z_train, z_val = self.train.z, self.val.z
-        val_present = self._draw(incomplete, len(z_val))
-
-        def masked_error(z, present):
-            missing = (~present).unsqueeze(-1)
-            return ((model(z, present) - z).square() * missing).sum() / (missing.sum() * z.shape[-1])
-
-        def train_epoch(_):
-            for batch in self._batches(len(z_train)):
-                present = self._draw(incomplete, len(batch))
-                loss = masked_error(z_train[batch], present)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-
-        best, epoch = fit([model], self.args.restorer_epochs, train_epoch, lambda: -float(masked_error(z_val, val_present)),
-                          "stage 2: autoencoder")
-        return AutoencoderRestorer(model), {"args": model_args, "validation_mse": round(-best, 5), "epoch": epoch}
-
-    def train_diffusion(self) -> tuple[DiffusionRestorer, dict]:
-        args = self.args
-        model_args = {"num_modalities": len(self.modalities), "embed_dim": args.embed_dim,
-                      "width": args.diffusion_width, "depth": args.diffusion_depth,
-                      "conditioning": args.diffusion_conditioning}
-        model = DiffusionDenoiser(**model_args).to(self.device)
-        sampler_args = {"steps": args.diffusion_steps, "mode": args.diffusion_mode}
-        restorer = DiffusionRestorer(model, self.train.z.mean(dim=0), **sampler_args)
-        incomplete = self.patterns[:-1]
-        z_val = self.val.z
-        val_present = incomplete[torch.from_numpy(np.random.default_rng(args.seed).integers(
-            len(incomplete), size=len(z_val))).to(self.device)]
-
-        def validate():
-            missing = (~val_present).unsqueeze(-1)
-            error = (restorer.restore(z_val, val_present) - z_val).square() * missing
-            return -float(error.sum() / (missing.sum() * z_val.shape[-1]))
-
-        def progress(epochs):
-            return tqdm(epochs, desc="stage 2: diffusion", unit="epoch", file=sys.stderr, leave=False)
-
-        best, epoch = train_diffusion(model, self.train.z, args.diffusion_epochs, args.mutual_epochs,
-                                      args.batch_size * 2, args.lr, args.seed, validate, progress)
-        restorer.model.eval()
-        return restorer, {"args": {"model": model_args, **sampler_args}, "validation_mse": round(-best, 5),
-                          "epoch": epoch}
-
     # stage 3 ---------------------------------------------------------------------------------
     def train_head(self, name: str, restorer, complete_only: bool) -> tuple[FusionHead, dict]:
         args = self.args
@@ -338,10 +282,8 @@ class Trainer:
         videos = self.train.data.videos
         same_video = torch.from_numpy(videos[:, None] == videos[None, :]).to(self.device)
 
-        def fill(present):
-            if isinstance(restorer, RetrievalRestorer):  # never retrieve a training sample's own video
-                return restorer.restore(z, present, exclude=same_video)
-            return restorer.restore(z, present)
+        def fill(present):  # a retrieval never takes a training sample's own video
+            return restorer.restore(z, present, exclude=same_video).filled
 
         # A restorer restores a row alike every time (the diffusion noise is seeded by the row), so each row is
         # restored once under each pattern, not once per epoch: the same training, many times faster.
@@ -349,7 +291,7 @@ class Trainer:
         patterns = self.patterns[-1:] if complete_only else self.patterns[:-1] if distilled else self.patterns
         with torch.no_grad():
             train_fills = torch.stack([fill(p.expand(n, -1)) for p in patterns])  # [P, N, M, E]
-            val_fills = [(p, restorer.restore(self.val.z, p.expand(len(self.val.z), -1))) for p in self.patterns
+            val_fills = [(p, restorer.restore(self.val.z, p.expand(len(self.val.z), -1)).filled) for p in self.patterns
                          if p.all() or not complete_only]
         rows = torch.arange(n, device=self.device)
         full_context = session_context(z, self.train.previous) if args.context else None
@@ -396,7 +338,7 @@ class Trainer:
         per_condition, temperatures = {}, {}
         for pattern in self.patterns:
             name = pattern_name(pattern.tolist(), self.modalities)
-            filled = restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1))
+            filled = restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)).filled
             outputs = self._val_outputs(head, pattern, filled)
             per_condition[name] = self._metrics(outputs, self.val)
             if self.output == "classification":
@@ -413,19 +355,8 @@ class Trainer:
         self.seconds[stage] = round(time.monotonic() - started, 2)
 
     def fit_restorer(self, name: str) -> tuple[object, dict]:
-        if name == "zero":
-            return ZeroRestorer(), {}
-        if name == "dropout":
-            return DropoutRestorer(), {}
-        if name == "mean":
-            return MeanRestorer.fit(self.train.z), {}
-        if name == "autoencoder":
-            return self.train_autoencoder()
-        if name == "retrieval":
-            return RetrievalRestorer(self.train.z, k=self.args.neighbours), {"args": {"k": self.args.neighbours}}
-        if name == "diffusion":
-            return self.train_diffusion()
-        raise ValueError(f"unknown restorer {name!r}")
+        data = FitData(self.train.z, self.val.z, self.patterns[:-1], vars(self.args), self._draw, self._batches)
+        return RESTORERS[name].fit(data)
 
     def run(self) -> dict:
         args = self.args
