@@ -92,7 +92,8 @@ class RestorerConfig(Section):
     steps: int | None = Field(None, ge=1, description="diffusion: sampling steps (default: the bundle's)")
     mode: Literal["ddim", "admc"] | None = Field(None, description="diffusion: sampler (default: the bundle's)")
     samples: int = Field(1, ge=1, description="diffusion: samples averaged per window; > 1 publishes their spread")
-    abstain_spread: float | None = Field(None, gt=0, description="diffusion: label 'abstain' above this spread")
+    abstain_spread: float | None = Field(None, gt=0, description="diffusion with samples > 1, or retrieval (the "
+                                         "spread of its k neighbours): label 'abstain' above this spread")
     abstain_below: float | None = Field(None, gt=0, lt=1, description="label a window 'abstain' when its top "
                                         "calibrated score is below this probability (classification)")
     seed: int = Field(0, description="diffusion: noise seed; with it a replay restores identically")
@@ -100,12 +101,15 @@ class RestorerConfig(Section):
     @model_validator(mode="after")
     def _diffusion_options(self):
         if self.method != "diffusion":
-            used = [k for k in ("steps", "mode", "abstain_spread") if getattr(self, k) is not None]
+            used = [k for k in ("steps", "mode") if getattr(self, k) is not None]
             used += ["samples"] if self.samples != 1 else []
             if used:
                 raise ValueError(f"{', '.join(used)} only apply to method diffusion; remove them or set "
                                  f"method: diffusion")
-        if self.abstain_spread is not None and self.samples < 2:
+            if self.abstain_spread is not None and self.method != "retrieval":
+                raise ValueError(f"abstain_spread needs a restorer that measures a spread (diffusion with "
+                                 f"samples >= 2, or retrieval), not {self.method}")
+        elif self.abstain_spread is not None and self.samples < 2:
             raise ValueError("abstain_spread needs samples >= 2 (the spread of one sample is zero)")
         return self
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mmfuse.bundle import Bundle
-from mmfuse.calibration import pattern_name, softmax
+from mmfuse.calibration import row_temperatures, softmax
 from mmfuse.frames import ClosedWindow, SessionEnd
 from mmfuse.inference import head_outputs
 from mmfuse.restoration import WindowEncoder, WindowRestorer
@@ -53,6 +53,7 @@ class FusionHead:
         self.bundle = bundle
         self.head = bundle.head(bundle.restorers[restorer]["head"])
         self.temperatures = bundle.restorers[restorer].get("temperatures", {})
+        self.spread_gain = bundle.restorers[restorer].get("spread_gain", 0.0)
         self.abstain_below = abstain_below
         self.complete_head = bundle.complete_head()
         self.encoder = WindowEncoder(bundle)
@@ -173,7 +174,9 @@ class FusionHead:
             label, scores = ("positive" if value >= 0 else "negative"), {"sentiment": round(value, 4)}
         else:
             present = [m in window.present for m in self.bundle.modality_order]
-            p = softmax(output[None], self.temperatures.get(pattern_name(present, self.bundle.modality_order), 1.0))[0]
+            p = softmax(output[None], row_temperatures(
+                np.array([present]), self.bundle.modality_order, self.temperatures,
+                None if window.spread is None else np.array([window.spread]), self.spread_gain))[0]
             label = self.bundle.labels[int(p.argmax())]
             scores = {name: round(float(v), 6) for name, v in zip(self.bundle.labels, p)}
             abstain = abstain or (self.abstain_below is not None and p.max() < self.abstain_below)

@@ -77,8 +77,9 @@ def head_outputs(head: torch.nn.Module, filled: torch.Tensor, context: torch.Ten
 @torch.no_grad()
 def predict(head: torch.nn.Module, restorer, z: torch.Tensor, present: torch.Tensor,
             previous: torch.Tensor | None = None,
-            complete_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head outputs, filled embeddings) for a batch; `previous` indexes rows of the same batch."""
-    filled = restorer.restore(z, present).filled
+            complete_head: torch.nn.Module | None = None):
+    """(head outputs, the Restoration) for a batch; `previous` indexes rows of the same batch."""
+    restoration = restorer.restore(z, present)
+    filled = restoration.filled
     context = session_context(filled, previous) if head.context and previous is not None else None
-    return head_outputs(head, filled, context, present, complete_head), filled
+    return head_outputs(head, filled, context, present, complete_head), restoration

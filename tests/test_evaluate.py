@@ -10,7 +10,8 @@ from conftest import FAST_TRAINING
 from mmfuse.bundle import load_bundle
 from mmfuse.training.evaluate import RATES, condition_masks, rate_mask
 from mmfuse.training.evaluate import main as eval_main
-from mmfuse.calibration import TEMPERATURES, fit_temperature, pattern_name, row_temperatures, softmax
+from mmfuse.calibration import (TEMPERATURES, fit_spread_gain, fit_temperature, pattern_name, row_temperatures,
+                                softmax)
 from mmfuse.training.metrics import calibration_metrics, classification_metrics, regression_metrics
 from mmfuse.training.train import main as train_main
 
@@ -100,10 +101,24 @@ def test_a_temperature_is_fitted_back_from_labels_drawn_at_it():
     assert scaled < 0.02 < calibration_metrics(softmax(logits), truth)["ece"]
 
 
+def test_a_spread_that_tells_the_uncertain_rows_raises_their_temperature_and_one_that_does_not_is_ignored():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(20_000, 2))
+    spread = rng.uniform(0, 2, size=len(logits))
+    truth = np.array([rng.choice(2, p=p) for p in softmax(logits, 1 + 3 * spread)])  # gain 3 at temperature 1
+    ones = np.ones(len(logits))
+    assert fit_spread_gain(logits, truth, ones, spread) == pytest.approx(3.0, rel=0.1)
+    flat = np.array([rng.choice(2, p=p) for p in softmax(logits, 1.0)])
+    assert fit_spread_gain(logits, flat, ones, spread) < 0.05
+    assert list(row_temperatures(np.ones((2, 3), bool), ["audio", "visual", "text"], {"avt": 2.0},
+                                 np.array([0.0, 0.5]), 4.0)) == [2.0, 6.0]
+
+
 def test_every_pattern_of_a_bundle_has_a_temperature_and_scores_use_it(bundle_dir):
     bundle = load_bundle(bundle_dir)
     for name, spec in bundle.restorers.items():
         assert set(spec["temperatures"]) == set(CONDITIONS), name
+        assert ("spread_gain" in spec) == (name == "retrieval"), name  # the fixture's diffusion draws one sample
         assert all(TEMPERATURES[0] <= t <= TEMPERATURES[-1] for t in spec["temperatures"].values()), name
     present = np.array([[True, False, True], [True, True, True]])
     assert list(row_temperatures(present, bundle.modality_order, bundle.restorers["mean"]["temperatures"])) == [

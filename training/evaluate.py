@@ -155,14 +155,17 @@ class Evaluation:
         restorer = self.bundle.restorer(restorer_name)
         head = self.bundle.head(self.bundle.restorers[restorer_name]["head"])
         present = self.presence(pattern)
-        outputs, filled = predict(head, restorer, self.z, present, self.previous, self.complete_head)
+        outputs, restoration = predict(head, restorer, self.z, present, self.previous, self.complete_head)
         metrics = score(outputs.numpy(), self.targets, self.bundle.manifest["output"])
         probabilities = None
         if self.bundle.manifest["output"] == "classification":
-            temperatures = self.bundle.restorers[restorer_name].get("temperatures", {})
-            probabilities = softmax(outputs.numpy(), row_temperatures(present.numpy(), self.order, temperatures))
+            calibration = self.bundle.restorers[restorer_name]
+            spread = None if restoration.spread is None else restoration.spread.numpy()
+            probabilities = softmax(outputs.numpy(), row_temperatures(
+                present.numpy(), self.order, calibration.get("temperatures", {}), spread,
+                calibration.get("spread_gain", 0.0)))
             metrics |= calibration_metrics(probabilities, self.targets)
-        return {k: round(v, 4) for k, v in metrics.items()}, filled, probabilities
+        return {k: round(v, 4) for k, v in metrics.items()}, restoration.filled, probabilities
 
     def fixed(self, restorer_name: str) -> dict[str, dict]:
         result = {name: self.run(restorer_name, mask)[0] for name, mask in condition_masks(self.available).items()}

@@ -25,7 +25,7 @@ from torch import nn
 
 from mmfuse import MODALITIES
 from mmfuse.bundle import save_bundle
-from mmfuse.calibration import fit_temperature, pattern_name
+from mmfuse.calibration import fit_spread_gain, fit_temperature, pattern_name
 from mmfuse.inference import embed, head_outputs, limit_threads, resolve_device, session_context
 from mmfuse.models import FUSION_HEADS, FusionHead, ModalityEncoder, SingleModalityHead, build_encoder, build_fusion_head
 from mmfuse.diffusion import DiffusionDenoiser
@@ -332,21 +332,32 @@ class Trainer:
         context = session_context(filled, self.val.previous) if head.context else None
         return head_outputs(head, filled, context, pattern.expand(len(filled), -1), self.heads.get("complete"))
 
-    def validate_restorer(self, head: FusionHead, restorer) -> tuple[dict[str, dict], dict[str, float]]:
+    def validate_restorer(self, head: FusionHead, restorer) -> tuple[dict[str, dict], dict]:
         """Validation metrics under every presence pattern (and their mean over the incomplete ones), and for
-        classification one temperature per pattern fitted on the same outputs (mmfuse.calibration)."""
-        per_condition, temperatures = {}, {}
+        classification the calibration fitted on the same outputs (mmfuse.calibration): one temperature per
+        pattern, and the gain of the restoration spread where the restorer measures one."""
+        per_condition, temperatures, spreads = {}, {}, []
+        targets = self.val.targets.cpu().numpy()
         for pattern in self.patterns:
             name = pattern_name(pattern.tolist(), self.modalities)
-            filled = restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1)).filled
-            outputs = self._val_outputs(head, pattern, filled)
+            restoration = restorer.restore(self.val.z, pattern.expand(len(self.val.z), -1))
+            outputs = self._val_outputs(head, pattern, restoration.filled)
             per_condition[name] = self._metrics(outputs, self.val)
             if self.output == "classification":
-                temperatures[name] = round(fit_temperature(outputs.cpu().numpy(), self.val.targets.cpu().numpy()), 4)
+                logits = outputs.cpu().numpy()
+                temperatures[name] = round(fit_temperature(logits, targets), 4)
+                if restoration.spread is not None and not bool(pattern.all()):
+                    spreads.append((logits, temperatures[name], restoration.spread.cpu().numpy()))
         incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
         per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
                                             for m in incomplete[0]} if incomplete else {}
-        return per_condition, temperatures
+        calibration = {"temperatures": temperatures} if temperatures else {}
+        if spreads:
+            calibration["spread_gain"] = round(fit_spread_gain(
+                np.concatenate([logits for logits, _, _ in spreads]), np.tile(targets, len(spreads)),
+                np.concatenate([np.full(len(targets), t) for _, t, _ in spreads]),
+                np.concatenate([spread for _, _, spread in spreads])), 4)
+        return per_condition, calibration
 
     @contextlib.contextmanager
     def timed(self, stage: str):
@@ -383,9 +394,8 @@ class Trainer:
         validation = {}
         with self.timed("validation_and_calibration"):
             for name, restorer in restorers.items():
-                validation[name], temperatures = self.validate_restorer(heads[restorer.head], restorer)
-                if temperatures:
-                    restorer_info[name]["temperatures"] = temperatures
+                validation[name], calibration = self.validate_restorer(heads[restorer.head], restorer)
+                restorer_info[name].update(calibration)
         return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
 
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
@@ -407,7 +417,7 @@ class Trainer:
                            for m in self.modalities},
             "heads": {name: {"arch": info["arch"], "args": info["args"]} for name, info in head_info.items()},
             "restorers": {name: {"head": restorers[name].head,
-                                 **{k: info[k] for k in ("args", "temperatures") if k in info}}
+                                 **{k: info[k] for k in ("args", "temperatures", "spread_gain") if k in info}}
                           for name, info in restorer_info.items()},
             "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
                      "train_rows": len(self.train.data), "val_rows": len(self.val.data),
@@ -420,7 +430,7 @@ class Trainer:
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
                          "stage_seconds": self.seconds,
                          **{name: {k: v for k, v in restorer_info.get(name, {}).items()
-                                   if k not in ("args", "temperatures")}
+                                   if k not in ("args", "temperatures", "spread_gain")}
                             for name in ("autoencoder", "diffusion") if name in restorer_info}},
             "metrics": {"validation": validation},
             **({"media": self.media} if self.media else {}),
