@@ -1,7 +1,8 @@
 """Model bundles: a directory with manifest.json and safetensors weight files.
 
 `mmfuse-train` writes them, the daemon and `mmfuse-eval` read them. Every weight
-file's sha256 is recorded in the manifest and checked on load.
+file's sha256 is recorded in the manifest and checked on load. Reading a manifest needs no torch
+(`mmfuse-daemon --check` answers at once); the weights import it when they are loaded.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 import mmfuse
-from mmfuse.models import build_encoder, build_fusion_head
-from mmfuse.restorers import RESTORERS
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -76,6 +77,8 @@ class Bundle:
             raise BundleError(f"{path} is missing; the bundle is incomplete, train it again")
         if sha256_file(path) != expected:
             raise BundleError(f"{path} does not match the sha256 in {MANIFEST}; the bundle is damaged")
+        from safetensors.torch import load_file
+
         return load_file(path)
 
     @property
@@ -84,6 +87,8 @@ class Bundle:
         return list(self.modalities)
 
     def encoders(self) -> dict[str, torch.nn.Module]:
+        from mmfuse.models import build_encoder
+
         result = {}
         for modality, spec in self.modalities.items():
             encoder = build_encoder(spec["encoder"]["arch"], **spec["encoder"]["args"])
@@ -107,6 +112,8 @@ class Bundle:
         return {m: tower.eval() for m, tower in towers.items()}
 
     def head(self, name: str) -> torch.nn.Module:
+        from mmfuse.models import build_fusion_head
+
         spec = self.manifest["heads"][name]
         head = build_fusion_head(spec["arch"], **spec["args"])
         head.load_state_dict(self.tensors(f"head_{name}"))
@@ -121,6 +128,8 @@ class Bundle:
         if name not in self.restorers:
             raise BundleError(f"bundle {self.id} has no '{name}' restorer (it has {', '.join(self.restorers)})")
         state = self.tensors(f"restorer_{name}") if f"restorer_{name}.safetensors" in self.manifest["files"] else {}
+        from mmfuse.restorers import RESTORERS
+
         return RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
 
     def check_fits(self, modalities: list[str], restorer: str) -> None:
@@ -158,6 +167,8 @@ def load_bundle(path: str | Path) -> Bundle:
 def save_bundle(path: str | Path, manifest: dict, weights: dict[str, dict[str, torch.Tensor]]) -> Bundle:
     """Write weight files and a manifest recording their sha256; returns the loaded bundle. The bundle is
     written beside `path` and then put in its place, so that an interruption never leaves a partial one."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     partial, retired = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.replaced")
     for leftover in (partial, retired):
