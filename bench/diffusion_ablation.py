@@ -35,7 +35,7 @@ from mmfuse.inference import embed
 from mmfuse.restorers import DiffusionRestorer
 from mmfuse.datasets import data_dir, load_features
 from mmfuse.training.data import split_by_video
-from mmfuse.training.diffusion import train_diffusion
+from mmfuse.diffusion_training import train_diffusion
 from mmfuse.training.metrics import score
 from mmfuse.training.train import main as train_main
 

@@ -128,7 +128,7 @@ class AutoencoderRestorer:
     def fit(cls, data: FitData) -> tuple["AutoencoderRestorer", dict]:
         """Masked reconstruction error of the missing embeddings under random incomplete patterns; the state with
         the lowest error on the validation embeddings is kept."""
-        from mmfuse.training.loop import fit
+        from mmfuse.fitting import fit
 
         num_modalities, embed_dim = data.z_train.shape[1:]
         model_args = {"num_modalities": num_modalities, "embed_dim": embed_dim}
@@ -232,7 +232,7 @@ class DiffusionRestorer:
 
     @classmethod
     def fit(cls, data: FitData) -> tuple["DiffusionRestorer", dict]:
-        """L_base, then L_base + L_mutual (mmfuse.training.diffusion); the state restoring the validation
+        """L_base, then L_base + L_mutual (mmfuse.diffusion_training); the state restoring the validation
         embeddings under random incomplete patterns best is kept."""
         import sys
 
@@ -240,7 +240,7 @@ class DiffusionRestorer:
         from tqdm import tqdm
 
         from mmfuse.diffusion import DiffusionDenoiser
-        from mmfuse.training.diffusion import train_diffusion
+        from mmfuse.diffusion_training import train_diffusion
 
         o = data.options
         num_modalities, embed_dim = data.z_train.shape[1:]

@@ -6,7 +6,7 @@ import torch
 
 from mmfuse.diffusion import BLOCKS, DiffusionDenoiser, GaussianDiffusion, GatedBlock, linear_alpha_bar
 from mmfuse.restorers import DiffusionRestorer, MeanRestorer
-from mmfuse.training.diffusion import train_diffusion
+from mmfuse.diffusion_training import train_diffusion
 
 torch.set_num_threads(1)
 ALL_PATTERNS = [torch.tensor(p, dtype=torch.bool) for p in

@@ -8,7 +8,7 @@ import torch
 
 from conftest import FAST_TRAINING
 from mmfuse.bundle import load_bundle
-from mmfuse.training.evaluate import RATES, condition_masks, rate_mask
+from mmfuse.training.evaluation import RATES, condition_masks, rate_mask
 from mmfuse.training.evaluate import main as eval_main
 from mmfuse.calibration import (TEMPERATURES, fit_spread_gain, fit_temperature, pattern_name, row_temperatures,
                                 softmax)

@@ -31,8 +31,21 @@ def test_modules_do_not_import_across_the_layout(folder, forbidden):
 
 
 @pytest.mark.parametrize("module", ["mmfuse.daemon.main", "mmfuse.daemon.replay", "mmfuse.daemon.record",
-                                    "mmfuse.daemon.keys", "mmfuse.commands"])
+                                    "mmfuse.daemon.keys", "mmfuse.commands", "mmfuse.training.train",
+                                    "mmfuse.training.evaluate", "mmfuse.bundle"])
 def test_command_modules_import_without_torch_so_help_answers_at_once(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_names_the_command_lines_offer_are_those_of_the_registries():
+    from mmfuse import options
+    from mmfuse.diffusion import BLOCKS, SAMPLERS
+    from mmfuse.models import FUSION_HEADS
+    from mmfuse.restorers import RESTORERS
+    from mmfuse.training.distill import DistillWeights
+
+    assert options.RESTORERS == tuple(RESTORERS) and options.FUSION_HEADS == tuple(FUSION_HEADS)
+    assert options.CONDITIONINGS == tuple(BLOCKS) and options.SAMPLERS == SAMPLERS
+    assert DistillWeights() == DistillWeights(**options.DISTILL_DEFAULTS)

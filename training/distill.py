@@ -18,17 +18,17 @@ import torch
 from torch import nn
 
 from mmfuse.models import FusionHead
+from mmfuse.options import DISTILL_DEFAULTS
 
 PROJECTION_DIM = 64
 
 
 @dataclass(frozen=True)
 class DistillWeights:
-    """The paper's code's defaults."""
-    mkd: float = 0.1
-    rs: float = 0.13
-    rnc: float = 0.5
-    temperature: float = 2.0
+    mkd: float = DISTILL_DEFAULTS["mkd"]
+    rs: float = DISTILL_DEFAULTS["rs"]
+    rnc: float = DISTILL_DEFAULTS["rnc"]
+    temperature: float = DISTILL_DEFAULTS["temperature"]
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from mmfuse.datasets import (MEDIA_KEYS, DataError, FeatureSet, MediaRow, manife
                              read_wav)
 from mmfuse.media import split_segments
 from mmfuse.towers import TowerError, build_towers, clip_config, preprocess_config, resolve_pretrained
-from mmfuse.training.loop import fit
+from mmfuse.fitting import fit
 
 
 class TowerInputs:
