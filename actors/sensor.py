@@ -168,7 +168,7 @@ class SensorActor:
             event = recv_monitor_message(monitor)["event"]
             if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.log.info("no recorder at the recorder endpoint yet; recording starts when one connects",
-                              endpoint=self.recorder_endpoint, event=zmq.Event(event).name)
+                              endpoint=self.recorder_endpoint, zmq_event=zmq.Event(event).name)
             break
         recorder.disable_monitor()
         monitor.close(linger=0)

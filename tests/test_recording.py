@@ -99,6 +99,27 @@ def recorded(tmp_path_factory, bundle_dir):
     return recording, live, accepted
 
 
+def test_a_daemon_whose_recorder_is_not_running_decides_and_counts_what_went_unrecorded(tmp_path, bundle_dir):
+    lab = Lab(tmp_path, bundle_dir, {"method": "mean"}, recorder={"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+              log={"format": "json", "stats_interval_s": 2})
+    try:
+        lab.wait_ready()
+        rng = np.random.default_rng(6)
+        for w in range(2):
+            for source in SENSORS:
+                lab.sockets[source].send_multipart(features("norec", source, w, w * WINDOW, rng))
+            time.sleep(WINDOW)
+        for source in SENSORS:
+            lab.sockets[source].send_multipart(wire.encode(wire.SensorMessage(
+                "norec", source, SENSORS[source], 2, 2 * WINDOW, kind="end")))
+        live = collect(lab.decisions, quiet_s=4)
+    finally:
+        lab.close()
+    assert len(live) == 2, lab.daemon.log(100)
+    stopped = next(json.loads(line) for line in lab.daemon.lines if '"stopped"' in line)
+    assert all(stopped[f"sensor-{name}"]["unrecorded"] >= 2 for name in SENSORS), stopped
+
+
 def test_mmfuse_record_beside_a_live_daemon_records_every_message_the_daemon_accepted(recorded):
     recording, _, accepted = recorded
     _, messages = read_recording(recording)
