@@ -124,13 +124,16 @@ class Bundle:
         return self.head("complete") if "complete" in self.manifest["heads"] else None
 
     def restorer(self, name: str, **overrides):
-        """The named restorer; `overrides` replace arguments it was trained with (diffusion sampler settings)."""
+        """The named restorer; `overrides` replace arguments it was trained with (diffusion sampler settings).
+        Where the bundle says it steps aside for some presence patterns, it comes wrapped in SteppingAside."""
         if name not in self.restorers:
             raise BundleError(f"bundle {self.id} has no '{name}' restorer (it has {', '.join(self.restorers)})")
         state = self.tensors(f"restorer_{name}") if f"restorer_{name}.safetensors" in self.manifest["files"] else {}
-        from mmfuse.restorers import RESTORERS
+        from mmfuse.restorers import RESTORERS, SteppingAside
 
-        return RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
+        restorer = RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
+        aside = self.restorers[name].get("step_aside")
+        return SteppingAside(restorer, aside, self.modality_order) if aside else restorer
 
     def check_fits(self, modalities: list[str], restorer: str) -> None:
         """Raise BundleError when a daemon with these sensors and this restorer cannot use the bundle."""

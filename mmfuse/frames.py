@@ -105,6 +105,7 @@ class ClosedWindow:
     spread: float | None = None         # diffusion with K samples: their mean standard deviation
     abstain: bool = False               # the spread is above restorer.abstain_spread
     restoration_failed: bool = False    # restoring raised: the missing modalities were left at zero
+    stepped_aside: bool = False         # the restorer steps aside for this pattern: zero-filled, complete head
 
     @property
     def complete(self) -> bool:

@@ -141,7 +141,8 @@ class FusionHead:
         # A window with nothing missing counts as complete even where the bundle knows a modality no sensor sends
         present = torch.tensor([[w.complete or m in w.present for m in self.bundle.modality_order] for w in windows])
         with torch.no_grad():
-            outputs = head_outputs(self.head, filled, context, present, self.complete_head).numpy()
+            aside = torch.tensor([w.stepped_aside for w in windows])
+            outputs = head_outputs(self.head, filled, context, present, self.complete_head, aside).numpy()
         self.redecided += len(again)
         return [self._decision(w, o) for w, o in zip(windows, outputs)]
 

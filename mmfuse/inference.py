@@ -60,15 +60,17 @@ def session_context(filled: torch.Tensor, previous: torch.Tensor) -> torch.Tenso
 
 
 def head_outputs(head: torch.nn.Module, filled: torch.Tensor, context: torch.Tensor | None,
-                 present: torch.Tensor, complete_head: torch.nn.Module | None) -> torch.Tensor:
-    """The restorer's head; rows with every modality present go to the complete-data head when there is one.
+                 present: torch.Tensor, complete_head: torch.nn.Module | None,
+                 aside: torch.Tensor | None = None) -> torch.Tensor:
+    """The restorer's head; rows with every modality present, and rows the restorer stepped `aside` on (left
+    zero-filled), go to the complete-data head when there is one.
 
     A head trained on restored inputs is the better judge of restored windows, but the
     head trained on complete data is the better one for windows that need no restoring.
     `present` [B, M] tells a head with a Modality Imagination Autoencoder which embeddings to refine.
     """
     outputs = head(filled, context, present)
-    complete = present.all(dim=1)
+    complete = present.all(dim=1) if aside is None else present.all(dim=1) | aside
     if complete_head is not None and complete_head is not head and bool(complete.any()):
         outputs[complete] = complete_head(filled[complete], None if context is None else context[complete])
     return outputs
@@ -82,4 +84,4 @@ def predict(head: torch.nn.Module, restorer, z: torch.Tensor, present: torch.Ten
     restoration = restorer.restore(z, present)
     filled = restoration.filled
     context = session_context(filled, previous) if head.context and previous is not None else None
-    return head_outputs(head, filled, context, present, complete_head), restoration
+    return head_outputs(head, filled, context, present, complete_head, restoration.aside), restoration

@@ -11,7 +11,7 @@ import torch
 from mmfuse.bundle import Bundle
 from mmfuse.frames import ClosedWindow
 from mmfuse.inference import embed
-from mmfuse.restorers import DiffusionRestorer
+from mmfuse.restorers import DiffusionRestorer, SteppingAside
 
 
 class WindowEncoder:
@@ -50,8 +50,9 @@ class WindowRestorer:
         self.method = method
         self.abstain_spread = abstain_spread
         self.device = device
-        if isinstance(self.restorer, DiffusionRestorer):
-            self.restorer.model.to(device)
+        core = self.restorer.restorer if isinstance(self.restorer, SteppingAside) else self.restorer
+        if isinstance(core, DiffusionRestorer):
+            core.model.to(device)
 
     def restore(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
         z, present = self.encoder.encode(windows)
@@ -59,10 +60,12 @@ class WindowRestorer:
             restoration = self.restorer.restore(z, present, seeds=[window_seed(w) for w in windows])
         filled = restoration.filled.numpy()
         spread = None if restoration.spread is None else restoration.spread.tolist()
+        aside = [False] * len(windows) if restoration.aside is None else restoration.aside.tolist()
         for i, window in enumerate(windows):
             window.embeddings = filled[i]
             window.restored = [m for m in window.missing if m in self.encoder.order]
-            window.restorer = self.method
+            window.restorer = "zero" if aside[i] else self.method
+            window.stepped_aside = aside[i]
             if spread is not None:
                 window.spread = round(spread[i], 5)
                 window.abstain = self.abstain_spread is not None and spread[i] > self.abstain_spread

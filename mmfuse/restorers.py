@@ -24,6 +24,7 @@ from mmfuse.models import CascadedResidualAutoencoder
 class Restoration:
     filled: torch.Tensor               # [B, M, E]
     spread: torch.Tensor | None = None  # [B] mean std of the candidates over the missing values; None: one answer
+    aside: torch.Tensor | None = None   # [B] rows left to zero-fill and the complete-data head (SteppingAside)
 
 
 @dataclass
@@ -297,6 +298,31 @@ class DiffusionRestorer:
         model = DiffusionDenoiser(**args["model"])
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
         return cls(model, state["prior"], **{k: v for k, v in args.items() if k != "model"})
+
+
+class SteppingAside:
+    """A restorer that steps aside where it restored worse than zero-fill on the validation data: windows of
+    those presence patterns (named as mmfuse.calibration.pattern_name does) are zero-filled and marked `aside`,
+    so that the complete-data head judges them, exactly as the `zero` restorer would."""
+
+    def __init__(self, restorer: Restorer, patterns: list[str], order: list[str]):
+        self.restorer, self.patterns, self.order = restorer, set(patterns), order
+        self.name, self.head = restorer.name, restorer.head
+
+    def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
+        from mmfuse.calibration import pattern_name
+
+        restoration = self.restorer.restore(z, present, seeds, exclude)
+        aside = torch.tensor([pattern_name(row, self.order) in self.patterns for row in present.tolist()],
+                             dtype=torch.bool, device=z.device)
+        if not bool(aside.any()):
+            return Restoration(restoration.filled, restoration.spread, aside)
+        zeroed = keep_present(z, present, torch.zeros_like(z))
+        spread = None if restoration.spread is None else restoration.spread.masked_fill(aside, 0.0)
+        return Restoration(torch.where(aside[:, None, None], zeroed, restoration.filled), spread, aside)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.restorer.state()
 
 
 RESTORERS: dict[str, type[Restorer]] = {

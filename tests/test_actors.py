@@ -25,7 +25,10 @@ def test_every_restorer_runs_in_the_daemon_path(bundle_dir, method):
     windows = [window(0, ["audio", "text"]), window(1, ["visual"]), window(2, ["text"])]
     restored = WindowRestorer(bundle, method).restore(windows)
     assert [w.restored for w in restored] == [["visual"], ["audio", "text"], ["audio", "visual"]]
-    assert all(w.restorer == method and w.embeddings.shape == (3, bundle.manifest["embed_dim"]) for w in restored)
+    aside = bundle.restorers[method].get("step_aside", [])  # patterns where zero-fill validated better
+    assert [w.stepped_aside for w in restored] == [p in aside for p in ("at", "v", "t")]
+    assert all(w.restorer == ("zero" if w.stepped_aside else method) for w in restored)
+    assert all(w.embeddings.shape == (3, bundle.manifest["embed_dim"]) for w in restored)
     decisions = FusionHead(bundle, method).decide(restored + [window(3, ["audio", "text", "visual"])])
     assert [d.window_id for d in decisions] == [0, 1, 2, 3]
     assert all(sum(d.scores.values()) == pytest.approx(1, abs=1e-4) for d in decisions)
@@ -50,6 +53,33 @@ def test_scores_are_calibrated_per_pattern_and_low_ones_abstain(bundle_dir):
     abstaining = FusionHead(bundle, "mean", abstain_below=threshold).decide(WindowRestorer(bundle, "mean").restore(windows))
     assert [d.label == "abstain" for d in abstaining] == [t < threshold for t in top]
     assert all(d.abstain == (d.label == "abstain") for d in abstaining)
+
+
+def test_a_restorer_stepping_aside_for_a_pattern_decides_those_windows_exactly_as_zero_fill(bundle_dir, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "aside"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    spec = manifest["restorers"]["autoencoder"]
+    spec["step_aside"] = ["at"]
+    spec["temperatures"]["at"] = manifest["restorers"]["zero"]["temperatures"]["at"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(copy)
+
+    def decided(bundle, method):
+        windows = [window(0, ["audio", "text"], rng=np.random.default_rng(7)),
+                   window(1, ["visual"], rng=np.random.default_rng(8))]
+        restored = WindowRestorer(bundle, method).restore(windows)
+        return restored, FusionHead(bundle, method).decide(restored)
+
+    restored, decisions = decided(bundle, "autoencoder")
+    zero, plain = decided(bundle, "zero")[1], decided(load_bundle(bundle_dir), "autoencoder")[1]
+    assert [w.restorer for w in restored] == ["zero", "autoencoder"] and restored[0].stepped_aside
+    assert (restored[0].embeddings[bundle.modality_order.index("visual")] == 0).all()
+    assert decisions[0].scores == zero[0].scores and decisions[0].restorer == "zero"
+    assert decisions[1].scores == plain[1].scores  # other patterns are restored as before
 
 
 def test_present_embeddings_are_what_the_encoder_gives(bundle_dir):

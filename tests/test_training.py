@@ -91,10 +91,12 @@ def test_every_restorer_leaves_present_rows_bit_identical(bundle_dir):
         assert not torch.equal(filled[~present], z[~present]), name
     zero = bundle.restorer("zero").restore(z, present).filled
     assert (zero[~present] == 0).all()
-    mean = bundle.restorer("mean").restore(z, present).filled
+    restoration = bundle.restorer("mean").restore(z, present)
     means = bundle.tensors("restorer_mean")["means"]
-    rows, modality = torch.nonzero(~present, as_tuple=True)
-    assert torch.equal(mean[rows, modality], means[modality])
+    aside = torch.zeros(len(z), dtype=torch.bool) if restoration.aside is None else restoration.aside
+    rows, modality = torch.nonzero(~present & ~aside[:, None], as_tuple=True)
+    assert torch.equal(restoration.filled[rows, modality], means[modality])
+    assert (restoration.filled[~present & aside[:, None]] == 0).all()  # where it steps aside: zero-fill
 
 
 def test_real_mosi_features_load(shared_data):
@@ -258,3 +260,22 @@ def test_umca_with_self_distillation_trains_a_bundle_that_evaluates_and_decides(
     windows = [window(i, ["audio", "text"]) for i in range(3)]
     decisions = FusionHead(bundle, "autoencoder").decide(WindowRestorer(bundle, "autoencoder").restore(windows))
     assert len(decisions) == 3 and all(d.label in bundle.labels for d in decisions)
+
+
+def test_no_restorer_of_a_bundle_validates_below_zero_fill_on_any_pattern(feature_file, tmp_path):
+    from conftest import FAST_TRAINING
+    from mmfuse.training.metrics import headline
+
+    out = tmp_path / "aside"
+    assert train_main(["--data", str(feature_file), "--out", str(out), *FAST_TRAINING, "--restorers",
+                       "zero,mean,dropout,diffusion"]) == 0
+    manifest = load_bundle(out).manifest
+    assert any(spec.get("step_aside") for spec in manifest["restorers"].values())  # the case is exercised
+    validation, zero = manifest["metrics"]["validation"], manifest["metrics"]["validation"]["zero"]
+    for name, spec in manifest["restorers"].items():
+        for pattern, metrics in validation[name].items():
+            if pattern != "mean_incomplete":
+                assert headline(metrics, "classification") >= headline(zero[pattern], "classification"), (name, pattern)
+        for pattern in spec.get("step_aside", []):
+            assert validation[name][pattern] == zero[pattern]
+            assert spec["temperatures"][pattern] == manifest["restorers"]["zero"]["temperatures"][pattern]

@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     distill.add_argument("--rnc-weight", type=float, default=DISTILL_DEFAULTS["rnc"], help="weight of Rank-N-Contrast")
     distill.add_argument("--rnc-temperature", type=float, default=DISTILL_DEFAULTS["temperature"],
                          help="tau of Rank-N-Contrast's similarity -||vi - vj|| / tau")
+    parser.add_argument("--step-aside", action=argparse.BooleanOptionalAction, default=True,
+                        help="where a restorer does worse on the validation data than zero-fill for a presence "
+                             "pattern, the bundle has it leave those windows to zero-fill and the complete-data "
+                             "head (needs `zero` among --restorers)")
     parser.add_argument("--embed-dim", type=int, default=64, help="size of each modality's embedding (stage 1)")
     parser.add_argument("--encoder-epochs", type=int, default=60,
                         help="most epochs of each encoder (stage 1); the best on validation is kept")

@@ -250,6 +250,23 @@ class Trainer:
                 np.concatenate([spread for _, _, spread in spreads])), 4)
         return per_condition, calibration
 
+    def step_aside(self, name: str, validation: dict[str, dict], restorer_info: dict[str, dict]) -> None:
+        """Where a restorer and its head did worse on the validation data than zero-fill with the complete-data
+        head, the bundle has it step aside for that presence pattern (mmfuse.restorers.SteppingAside): those
+        windows get exactly what `zero` gives them, and its validation figures and temperature."""
+        zero, info = validation["zero"], restorer_info[name]
+        worse = [p for p, metrics in validation[name].items() if p != "mean_incomplete" and metrics
+                 and headline(metrics, self.output) < headline(zero[p], self.output)]
+        if not worse:
+            return
+        info["step_aside"] = worse
+        for pattern in worse:
+            validation[name][pattern] = dict(zero[pattern])
+            if "temperatures" in info:
+                info["temperatures"][pattern] = restorer_info["zero"]["temperatures"][pattern]
+        incomplete = [v for k, v in validation[name].items() if k != "mean_incomplete" and len(k) < len(self.modalities)]
+        validation[name]["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete])) for m in incomplete[0]}
+
     @contextlib.contextmanager
     def timed(self, stage: str):
         started = time.monotonic()
@@ -287,6 +304,10 @@ class Trainer:
             for name, restorer in restorers.items():
                 validation[name], calibration = self.validate_restorer(heads[restorer.head], restorer)
                 restorer_info[name].update(calibration)
+            if self.args.step_aside and "zero" in restorers:
+                for name in restorers:
+                    if name != "zero":
+                        self.step_aside(name, validation, restorer_info)
         return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
 
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
@@ -308,7 +329,8 @@ class Trainer:
                            for m in self.modalities},
             "heads": {name: {"arch": info["arch"], "args": info["args"]} for name, info in head_info.items()},
             "restorers": {name: {"head": restorers[name].head,
-                                 **{k: info[k] for k in ("args", "temperatures", "spread_gain") if k in info}}
+                                 **{k: info[k] for k in ("args", "temperatures", "spread_gain", "step_aside")
+                                    if k in info}}
                           for name, info in restorer_info.items()},
             "data": {"path": str(dataset.path), "sha256": dataset.sha256, "rows": len(dataset),
                      "train_rows": len(self.train.data), "val_rows": len(self.val.data),
@@ -321,7 +343,7 @@ class Trainer:
                          "head_epochs_chosen": {name: info["epoch"] for name, info in head_info.items()},
                          "stage_seconds": self.seconds,
                          **{name: {k: v for k, v in restorer_info.get(name, {}).items()
-                                   if k not in ("args", "temperatures", "spread_gain")}
+                                   if k not in ("args", "temperatures", "spread_gain", "step_aside")}
                             for name in ("autoencoder", "diffusion") if name in restorer_info}},
             "metrics": {"validation": validation},
             **({"media": self.media} if self.media else {}),
