@@ -32,8 +32,9 @@ def test_modules_do_not_import_across_the_layout(folder, forbidden):
 
 @pytest.mark.parametrize("module", ["mmfuse.daemon.main", "mmfuse.daemon.replay", "mmfuse.daemon.record",
                                     "mmfuse.daemon.keys", "mmfuse.commands", "mmfuse.training.train",
-                                    "mmfuse.training.evaluate", "mmfuse.bundle"])
-def test_command_modules_import_without_torch_so_help_answers_at_once(module):
+                                    "mmfuse.training.evaluate", "mmfuse.bundle", "mmfuse.actors.aligner",
+                                    "mmfuse.actors.publisher", "mmfuse.actors.sensor"])
+def test_commands_and_the_actors_that_run_no_model_import_without_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
