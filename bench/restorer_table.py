@@ -34,6 +34,16 @@ def without_text(fixed: dict, metric: str) -> float:
     return float(np.mean([fixed[c][metric] for c in ("a", "v", "av")]))
 
 
+def metric_table(results: list[dict], restorers: list[str], metrics: tuple[str, ...]) -> None:
+    """Further metrics of the fixed protocol, on complete windows and over the incomplete conditions."""
+    columns = [(m, c) for m in metrics for c in ("full", "mean6")]
+    print("\n| restorer | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name in restorers:
+        print(f"| {name} | " + " | ".join(cell([r["restorers"][name]["fixed"][c][m] for r in results])
+                                         for m, c in columns) + " |")
+
+
 def main(paths: list[str]) -> int:
     results = [json.loads(open(p).read()) for p in paths]
     metric = "acc" if results[0]["task"] == "classification" else "mae"
@@ -51,24 +61,14 @@ def main(paths: list[str]) -> int:
             cells.append(cell([without_text(f, metric) for f in fixed]))
         print(f"| {name} | " + " | ".join(cells) + " |")
     if metric == "mae":
-        columns = [(m, c) for m in ("corr", "acc2") for c in ("full", "mean6")]
-        print("\n| restorer | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
-        print("|---|" + "---|" * len(columns))
-        for name in restorers:
-            print(f"| {name} | " + " | ".join(cell([r["restorers"][name]["fixed"][c][m] for r in results])
-                                             for m, c in columns) + " |")
+        metric_table(results, restorers, ("corr", "acc2"))
     print("\n| restorer | " + " | ".join(f"r={r}" for r in RATES) + " |")
     print("|---|" + "---|" * len(RATES))
     for name in restorers:
         cells = [rate_cell([r["restorers"][name]["rate"][rate] for r in results], metric) for rate in RATES]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if "ece" in results[0]["restorers"][restorers[0]]["fixed"]["full"]:
-        columns = [(m, c) for m in ("ece", "acc_at_80") for c in ("full", "mean6")]
-        print("\n| restorer | " + " | ".join(f"{m} ({c})" for m, c in columns) + " |")
-        print("|---|" + "---|" * len(columns))
-        for name in restorers:
-            print(f"| {name} | " + " | ".join(cell([r["restorers"][name]["fixed"][c][m] for r in results])
-                                             for m, c in columns) + " |")
+        metric_table(results, restorers, ("ece", "acc_at_80"))
     realised = [results[0]["restorers"][restorers[0]]["rate"][rate]["realised_rate"] for rate in RATES]
     print("\nrealised missing rate: " + ", ".join(f"{r:.3f}" for r in realised))
     return 0
