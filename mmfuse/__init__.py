@@ -9,4 +9,3 @@ definitions (`mmfuse.models`, `mmfuse.restorers`).
 __version__ = "0.1.0"
 
 MODALITIES = ("audio", "visual", "text")
-RESTORER_NAMES = ("zero", "mean", "dropout", "autoencoder", "retrieval", "diffusion")  # mmfuse.restorers.RESTORERS

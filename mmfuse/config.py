@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mmfuse import RESTORER_NAMES
+from mmfuse.options import RESTORERS as RESTORER_NAMES
 
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 

@@ -141,7 +141,7 @@ class FusionHead:
         # A window with nothing missing counts as complete even where the bundle knows a modality no sensor sends
         present = torch.tensor([[w.complete or m in w.present for m in self.bundle.modality_order] for w in windows])
         with torch.no_grad():
-            aside = torch.tensor([w.stepped_aside for w in windows])
+            aside = torch.tensor([w.stepped_aside or w.restoration_failed for w in windows])  # zero-filled ones
             outputs = head_outputs(self.head, filled, context, present, self.complete_head, aside).numpy()
         self.redecided += len(again)
         return [self._decision(w, o) for w, o in zip(windows, outputs)]

@@ -104,7 +104,8 @@ class FusionHead(nn.Module):
 
 
 class MlpFusion(FusionHead):
-    """MLP over the concatenated modality embeddings (and context); the fused vector is its hidden layer."""
+    """MLP over the concatenated modality embeddings (and context); the fused vector is its hidden layer, before
+    the output's dropout (so that two flows through it compare their features, not two dropout masks)."""
 
     def __init__(self, num_modalities: int, embed_dim: int, num_outputs: int, hidden: int = 128,
                  dropout: float = 0.3, context: int = 0, imagination: bool = False):
@@ -123,10 +124,10 @@ class MlpFusion(FusionHead):
         parts = [z.flatten(1)]
         if self.context:
             parts.append((context if context is not None else torch.zeros_like(z)).flatten(1))
-        return self.net[:4](torch.cat(parts, dim=-1))
+        return self.net[:3](torch.cat(parts, dim=-1))
 
     def output(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.net[4](fused)
+        return self.net[3:](fused)
 
 
 def modality_views(num_modalities: int) -> list[tuple[int, ...]]:

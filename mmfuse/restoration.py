@@ -66,7 +66,7 @@ class WindowRestorer:
             window.restored = [m for m in window.missing if m in self.encoder.order]
             window.restorer = "zero" if aside[i] else self.method
             window.stepped_aside = aside[i]
-            if spread is not None:
+            if spread is not None and not aside[i]:
                 window.spread = round(spread[i], 5)
                 window.abstain = self.abstain_spread is not None and spread[i] > self.abstain_spread
         return windows

@@ -302,24 +302,33 @@ class DiffusionRestorer:
 
 class SteppingAside:
     """A restorer that steps aside where it restored worse than zero-fill on the validation data: windows of
-    those presence patterns (named as mmfuse.calibration.pattern_name does) are zero-filled and marked `aside`,
-    so that the complete-data head judges them, exactly as the `zero` restorer would."""
+    those presence patterns (named as mmfuse.calibration.pattern_name does) are zero-filled, with no spread,
+    and marked `aside`, so that the complete-data head judges them, exactly as the `zero` restorer would. Only
+    the other windows are restored; anything else is the wrapped restorer's (`model`, `samples`, ...)."""
 
     def __init__(self, restorer: Restorer, patterns: list[str], order: list[str]):
         self.restorer, self.patterns, self.order = restorer, set(patterns), order
-        self.name, self.head = restorer.name, restorer.head
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["restorer"], name)
 
     def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
         from mmfuse.calibration import pattern_name
 
-        restoration = self.restorer.restore(z, present, seeds, exclude)
         aside = torch.tensor([pattern_name(row, self.order) in self.patterns for row in present.tolist()],
                              dtype=torch.bool, device=z.device)
-        if not bool(aside.any()):
-            return Restoration(restoration.filled, restoration.spread, aside)
-        zeroed = keep_present(z, present, torch.zeros_like(z))
-        spread = None if restoration.spread is None else restoration.spread.masked_fill(aside, 0.0)
-        return Restoration(torch.where(aside[:, None, None], zeroed, restoration.filled), spread, aside)
+        filled = keep_present(z, present, torch.zeros_like(z))
+        spread = None
+        kept = torch.nonzero(~aside).squeeze(1)
+        if len(kept):
+            rows = kept.tolist()  # without seeds a row's draws follow its index: keep the index it had
+            restoration = self.restorer.restore(z[kept], present[kept], rows if seeds is None else
+                                                [seeds[i] for i in rows], None if exclude is None else exclude[kept])
+            filled[kept] = restoration.filled
+            if restoration.spread is not None:
+                spread = torch.zeros(len(z), device=z.device, dtype=restoration.spread.dtype)
+                spread[kept] = restoration.spread
+        return Restoration(filled, spread, aside)
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.restorer.state()

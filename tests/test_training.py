@@ -204,9 +204,8 @@ def test_default_restorers_leave_diffusion_out_and_all_takes_every_one():
 def test_rank_n_contrast_equals_its_definition_for_classes_and_scores():
     from mmfuse.training.distill import rank_n_contrast
 
-    def by_definition(features, labels, temperature):
+    def by_definition(features, gap, temperature):
         similarity = -torch.cdist(features, features) / temperature
-        gap = (labels[:, None] - labels[None]).abs()
         n, terms = len(features), []
         for i in range(n):
             for j in range(n):
@@ -217,10 +216,13 @@ def test_rank_n_contrast_equals_its_definition_for_classes_and_scores():
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(16, 5, generator=generator)
-    for labels in (torch.randint(0, 3, (16,), generator=generator).float(),
-                   torch.randn(16, generator=generator).round(decimals=1)):  # ties among scores too
-        assert float(rank_n_contrast(features, labels, 2.0)) == pytest.approx(float(by_definition(features, labels, 2.0)),
-                                                                              rel=1e-5)
+    scores = torch.randn(16, generator=generator).round(decimals=1)  # ties among scores too
+    classes = torch.randint(0, 4, (16,), generator=generator)
+    assert float(rank_n_contrast(features, scores, 2.0)) == pytest.approx(
+        float(by_definition(features, (scores[:, None] - scores[None]).abs(), 2.0)), rel=1e-5)
+    # classes have no order: only same class or not counts, whatever their indices
+    assert float(rank_n_contrast(features, classes, 2.0, categorical=True)) == pytest.approx(
+        float(by_definition(features, (classes[:, None] != classes[None]).float(), 2.0)), rel=1e-5)
 
 
 def test_umca_fusion_answers_every_view_and_its_imagination_touches_only_missing_embeddings():
@@ -279,3 +281,25 @@ def test_no_restorer_of_a_bundle_validates_below_zero_fill_on_any_pattern(featur
         for pattern in spec.get("step_aside", []):
             assert validation[name][pattern] == zero[pattern]
             assert spec["temperatures"][pattern] == manifest["restorers"]["zero"]["temperatures"][pattern]
+
+
+def test_stepping_aside_zero_fills_its_patterns_and_restores_the_rest_as_the_plain_restorer_would(bundle_dir):
+    from mmfuse.restorers import SteppingAside
+
+    bundle = load_bundle(bundle_dir)
+    z = torch.randn(5, 3, bundle.manifest["embed_dim"])
+    present = torch.tensor([[True, False, True], [False, True, False], [True, True, True], [True, False, True],
+                            [False, False, True]])
+    for name in ("retrieval", "diffusion"):
+        plain = bundle.restorer(name)
+        aside = SteppingAside(plain, ["at", "t"], bundle.modality_order)
+        assert aside.name == name and aside.head == plain.head  # the wrapped restorer's own attributes
+        expected, got = plain.restore(z, present), aside.restore(z, present)
+        assert got.aside.tolist() == [True, False, False, True, True]
+        torch.testing.assert_close(got.filled[1:3], expected.filled[1:3])  # rows keep their draws (seeds by index)
+        assert (got.filled[~present & got.aside[:, None]] == 0).all()
+        assert torch.equal(got.filled[present], z[present])
+        if got.spread is not None:
+            assert (got.spread[got.aside] == 0).all()
+        everything = SteppingAside(plain, ["at", "v", "avt", "t"], bundle.modality_order).restore(z, present)
+        assert everything.aside.all() and everything.spread is None

@@ -5,8 +5,8 @@ missing embeddings filled by the bundle's restorer and refined by the head's Mod
 Autoencoder) through the same head. Loss: the task loss on both flows (0.5 / 0.5); MKD, the RMSE between the
 missing flow's refined embeddings of the missing modalities and the full flow's (the full side carries no
 gradient); RS, the RMSE between the two flows' fused vectors; RNC, Rank-N-Contrast (Zha et al. 2023) over both
-flows' fused vectors through a 2-layer projection to 64-d. For classification the class index is RNC's label
-distance: with two classes it pulls same-class windows together and pushes the others away.
+flows' fused vectors through a 2-layer projection to 64-d. For classification RNC's label distance is 0 for the
+same class and 1 for another (classes have no order): same-class windows are pulled together, the others apart.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).square().mean().clamp_min(1e-12).sqrt()
 
 
-def rank_n_contrast(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def rank_n_contrast(features: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    categorical: bool = False) -> torch.Tensor:
     """L_RNC: for each anchor i and other sample j, -log of exp(s_ij) over the sum of exp(s_ik) for every k != i
-    at least as far from i in label as j is; s = -||v_i - v_j||_2 / temperature.
+    at least as far from i in label as j is; s = -||v_i - v_j||_2 / temperature. The label distance is
+    |y_i - y_j|, or for `categorical` labels 0 for the same class and 1 for another (classes have no order).
 
     Each anchor's others are sorted by label distance, farthest first, so every pair's denominator is one entry
     of a cumulative log-sum-exp: O(N^2 log N), not the N^3 of comparing every pair with every other sample.
@@ -47,7 +49,8 @@ def rank_n_contrast(features: torch.Tensor, labels: torch.Tensor, temperature: f
     squared = features.square().sum(dim=1)
     distance = (squared[:, None] + squared[None] - 2 * features @ features.T).clamp_min(1e-12).sqrt()
     similarity = -distance / temperature                                               # [N, N]
-    label_distance = (labels[:, None] - labels[None]).abs().float().masked_fill(~others, -1.0)  # self sorts last
+    gap = (labels[:, None] != labels[None]) if categorical else (labels[:, None] - labels[None]).abs()
+    label_distance = gap.float().masked_fill(~others, -1.0)  # self sorts last
     order = label_distance.argsort(dim=1, descending=True)
     cumulative = torch.logcumsumexp(similarity.masked_fill(~others, float("-inf")).gather(1, order), dim=1)
     ascending = -label_distance.gather(1, order)           # ascending negated distances, for searchsorted
@@ -59,8 +62,9 @@ def rank_n_contrast(features: torch.Tensor, labels: torch.Tensor, temperature: f
 class SelfDistillation(nn.Module):
     """The double-flow loss of one head; owns the RNC projection, which is used in training only."""
 
-    def __init__(self, head: FusionHead, task_loss: Callable, weights: DistillWeights):
+    def __init__(self, head: FusionHead, task_loss: Callable, weights: DistillWeights, categorical: bool):
         super().__init__()
+        self.categorical = categorical  # classification: RNC's label distance is same class or not
         if head.imagination is None:
             raise ValueError("self-distillation needs a head built with imagination=True")
         self.head, self.task_loss, self.weights = head, task_loss, weights
@@ -84,5 +88,5 @@ class SelfDistillation(nn.Module):
         if w.rnc:
             labels = targets.reshape(len(targets), -1)[:, 0].repeat(2)
             loss = loss + w.rnc * rank_n_contrast(self.projection(torch.cat([fused_full, fused_missing])),
-                                                  labels, w.temperature)
+                                                  labels, w.temperature, categorical=self.categorical)
         return loss

@@ -2,9 +2,10 @@
 
 Stage 1: one encoder per modality, each trained alone through its own head, then
 frozen. Stage 2: the restorers, in that embedding space (mean, autoencoder,
-retrieval; zero and dropout need no fitting). Stage 3: fusion heads, one trained
-on complete data (used with `zero` and `mean`), and one per learned restorer on
-available + restored embeddings. Every model is selected on the validation data,
+retrieval, diffusion; zero and dropout need no fitting). Stage 3: fusion heads, one
+trained on complete data (used with `zero` and `mean`), and one per learned restorer
+on available + restored embeddings; then calibration, and where a restorer did worse
+than zero-fill for a presence pattern it steps aside there. Every model is selected on the validation data,
 never on test data: the `--val` file when given (never trained on), else a split of
 whole videos of `--data`.
 """

@@ -165,8 +165,8 @@ class Trainer:
                      **({"imagination": True} if distilled else {})}
         head = build_fusion_head(args.fusion, **head_args).to(self.device)
         distillation = SelfDistillation(head, self._loss, DistillWeights(
-            args.mkd_weight, args.rs_weight, args.rnc_weight, args.rnc_temperature)).to(self.device) \
-            if distilled else None
+            args.mkd_weight, args.rs_weight, args.rnc_weight, args.rnc_temperature),
+            categorical=self.output == "classification").to(self.device) if distilled else None
         trained = distillation if distillation is not None else head
         optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr, weight_decay=1e-2)
         z, n = self.train.z, len(self.train.z)
@@ -223,10 +223,10 @@ class Trainer:
         context = session_context(filled, self.val.previous) if head.context else None
         return head_outputs(head, filled, context, pattern.expand(len(filled), -1), self.heads.get("complete"))
 
-    def validate_restorer(self, head: FusionHead, restorer) -> tuple[dict[str, dict], dict]:
-        """Validation metrics under every presence pattern (and their mean over the incomplete ones), and for
-        classification the calibration fitted on the same outputs (mmfuse.calibration): one temperature per
-        pattern, and the gain of the restoration spread where the restorer measures one."""
+    def validate_restorer(self, head: FusionHead, restorer) -> tuple[dict[str, dict], dict, list[tuple]]:
+        """Validation metrics under every presence pattern (and their mean over the incomplete ones), for
+        classification one temperature per pattern fitted on the same outputs (mmfuse.calibration), and where the
+        restorer measures a spread, (pattern, logits, temperature, spread) of each incomplete pattern."""
         per_condition, temperatures, spreads = {}, {}, []
         targets = self.val.targets.cpu().numpy()
         for pattern in self.patterns:
@@ -238,17 +238,21 @@ class Trainer:
                 logits = outputs.cpu().numpy()
                 temperatures[name] = round(fit_temperature(logits, targets), 4)
                 if restoration.spread is not None and not bool(pattern.all()):
-                    spreads.append((logits, temperatures[name], restoration.spread.cpu().numpy()))
+                    spreads.append((name, logits, temperatures[name], restoration.spread.cpu().numpy()))
         incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
         per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
                                             for m in incomplete[0]} if incomplete else {}
-        calibration = {"temperatures": temperatures} if temperatures else {}
-        if spreads:
-            calibration["spread_gain"] = round(fit_spread_gain(
-                np.concatenate([logits for logits, _, _ in spreads]), np.tile(targets, len(spreads)),
-                np.concatenate([np.full(len(targets), t) for _, t, _ in spreads]),
-                np.concatenate([spread for _, _, spread in spreads])), 4)
-        return per_condition, calibration
+        return per_condition, {"temperatures": temperatures} if temperatures else {}, spreads
+
+    def fit_spread_gain(self, spreads: list[tuple], stepped_aside: list[str]) -> float | None:
+        """The spread gain over the patterns the restorer keeps (where it steps aside there is no spread)."""
+        kept = [entry for entry in spreads if entry[0] not in stepped_aside]
+        if not kept:
+            return None
+        targets = self.val.targets.cpu().numpy()
+        return round(fit_spread_gain(np.concatenate([logits for _, logits, _, _ in kept]), np.tile(targets, len(kept)),
+                                     np.concatenate([np.full(len(targets), t) for _, _, t, _ in kept]),
+                                     np.concatenate([spread for _, _, _, spread in kept])), 4)
 
     def step_aside(self, name: str, validation: dict[str, dict], restorer_info: dict[str, dict]) -> None:
         """Where a restorer and its head did worse on the validation data than zero-fill with the complete-data
@@ -301,13 +305,18 @@ class Trainer:
 
         validation = {}
         with self.timed("validation_and_calibration"):
+            spreads = {}
             for name, restorer in restorers.items():
-                validation[name], calibration = self.validate_restorer(heads[restorer.head], restorer)
+                validation[name], calibration, spreads[name] = self.validate_restorer(heads[restorer.head], restorer)
                 restorer_info[name].update(calibration)
             if self.args.step_aside and "zero" in restorers:
                 for name in restorers:
                     if name != "zero":
                         self.step_aside(name, validation, restorer_info)
+            for name, entries in spreads.items():
+                gain = self.fit_spread_gain(entries, restorer_info[name].get("step_aside", []))
+                if gain is not None:
+                    restorer_info[name]["spread_gain"] = gain
         return self._save(encoders, encoder_info, restorers, restorer_info, heads, head_info, validation)
 
     def _save(self, encoders, encoder_info, restorers, restorer_info, heads, head_info, validation) -> dict:
