@@ -212,13 +212,16 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
     # Ray waits this long for the news of an actor's death before failing calls to it, and calls to its
     # restarted incarnation queue behind them: 1 s by default, most of an actor's restart (measured)
     os.environ.setdefault("RAY_timeout_ms_task_wait_for_death_info", "100")
+    # Ray keeps an event record of every actor call in its GCS for its state API and dashboard, which the daemon
+    # uses neither of: at a few calls per window that grew the GCS by 8 MiB a minute (bench/soak.py) up to its cap
+    os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
     import ray
 
     from mmfuse.daemon.supervisor import PING_S, Supervisor
 
     started = time.monotonic()
-    runtime_env = {"env_vars": {"RAY_timeout_ms_task_wait_for_death_info":
-                                os.environ["RAY_timeout_ms_task_wait_for_death_info"]}} if config.ray.address else None
+    runtime_env = {"env_vars": {name: os.environ[name] for name in (
+        "RAY_timeout_ms_task_wait_for_death_info", "RAY_task_events_report_interval_ms")}} if config.ray.address else None
     signals.deferring = True
     try:
         ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
