@@ -144,6 +144,8 @@ class Supervisor:
                     continue
                 watched.answered = now
                 if watched.incarnation is not None and incarnation.token != watched.incarnation.token:
+                    # Ray can restart a killed actor between two pings: a new life means the old one died
+                    self._died(watched, "a new incarnation answered")
                     watched.incarnation = incarnation
                     self._restarted(watched)
                 elif watched.down_since is not None:  # it was only slow: the same life answers again

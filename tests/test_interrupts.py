@@ -20,7 +20,9 @@ BIN = Path(sys.executable).parent
 def interrupted(command: list[str], after_s: float, signum=signal.SIGINT) -> tuple[int, str, float, list]:
     """(exit status, stderr, seconds from the signal to the exit, the processes it had started) of a command
     signalled `after_s` in."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: SIGINT at its default, whatever this test process inherited or a library set in it
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(after_s)
     children = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signum)
