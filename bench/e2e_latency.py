@@ -137,6 +137,16 @@ def live_lab(workdir: Path, bundle_path: Path, window_s: float, restorer: str, c
     return config_path, sockets, listener
 
 
+def start_daemon(config_path: Path) -> tuple[subprocess.Popen, list[str]]:
+    """`mmfuse-daemon` on this configuration, with its JSON log lines collected as they come."""
+    daemon = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
+                               "--log-json"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log_lines: list[str] = []
+    threading.Thread(target=lambda: log_lines.extend(daemon.stderr), daemon=True).start()
+    return daemon, log_lines
+
+
 def main() -> int:
     args = parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="mmfuse-bench-"))
@@ -146,12 +156,8 @@ def main() -> int:
     context = zmq.Context()
     config_path, sockets, listener = live_lab(workdir, bundle_path, args.window_s, args.restorer, context)
 
-    daemon = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
-                               "--log-json"],
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    daemon, log_lines = start_daemon(config_path)
     try:
-        log_lines: list[str] = []
-        threading.Thread(target=lambda: log_lines.extend(daemon.stderr), daemon=True).start()
         for sock in sockets.values():
             if not sock.poll(180_000):
                 print("daemon did not subscribe:\n" + "".join(log_lines[-40:]), file=sys.stderr)

@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_latency import SENSORS, ensure_bundle, free_port, live_lab  # noqa: E402
+from e2e_latency import SENSORS, ensure_bundle, free_port, live_lab, start_daemon  # noqa: E402
 from mmfuse import wire  # noqa: E402
 from mmfuse.bundle import load_bundle  # noqa: E402
 from mmfuse.daemon.main import tree_rss_mb  # noqa: E402
@@ -105,11 +104,7 @@ def raw_pyzmq_rate(seconds: float, dim: int) -> dict:
 def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path) -> dict:
     context = zmq.Context()
     config_path, sockets, listener = live_lab(workdir, bundle, args.window_s, "mean", context)
-    daemon = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
-                               "--log-json"], stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log_lines: list[str] = []
-    threading.Thread(target=lambda: log_lines.extend(daemon.stderr), daemon=True).start()
+    daemon, log_lines = start_daemon(config_path)
     try:
         for sock in sockets.values():
             if not sock.poll(180_000):

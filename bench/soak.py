@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_latency import SENSORS, ensure_bundle, live_lab  # noqa: E402
+from e2e_latency import SENSORS, ensure_bundle, live_lab, start_daemon  # noqa: E402
 from mmfuse import wire  # noqa: E402
 from mmfuse.bundle import load_bundle  # noqa: E402
 from mmfuse.daemon.main import tree_rss_mb  # noqa: E402
@@ -63,11 +62,7 @@ def main() -> int:
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle).modalities.items()}
     context = zmq.Context()
     config_path, sockets, listener = live_lab(workdir, bundle, args.window_s, "autoencoder", context)
-    daemon = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(config_path),
-                               "--log-json"], stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log_lines: list[str] = []
-    threading.Thread(target=lambda: log_lines.extend(daemon.stderr), daemon=True).start()
+    daemon, log_lines = start_daemon(config_path)
     decided: set[tuple[str, int]] = set()
     stop = threading.Event()
 
