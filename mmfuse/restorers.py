@@ -12,11 +12,16 @@ its own (trained on available + restored embeddings, stage 3).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
+from mmfuse.calibration import pattern_name
+from mmfuse import fitting
 from mmfuse.models import CascadedResidualAutoencoder
 
 
@@ -129,8 +134,6 @@ class AutoencoderRestorer:
     def fit(cls, data: FitData) -> tuple["AutoencoderRestorer", dict]:
         """Masked reconstruction error of the missing embeddings under random incomplete patterns; the state with
         the lowest error on the validation embeddings is kept."""
-        from mmfuse.fitting import fit
-
         num_modalities, embed_dim = data.z_train.shape[1:]
         model_args = {"num_modalities": num_modalities, "embed_dim": embed_dim}
         model = CascadedResidualAutoencoder(**model_args).to(data.z_train.device)
@@ -149,7 +152,7 @@ class AutoencoderRestorer:
                 loss.backward()
                 optimizer.step()
 
-        best, epoch = fit([model], data.options["restorer_epochs"], train_epoch,
+        best, epoch = fitting.fit([model], data.options["restorer_epochs"], train_epoch,
                           lambda: -float(masked_error(data.z_val, val_present)), "stage 2: autoencoder")
         return cls(model), {"args": model_args, "validation_mse": round(-best, 5), "epoch": epoch}
 
@@ -235,11 +238,6 @@ class DiffusionRestorer:
     def fit(cls, data: FitData) -> tuple["DiffusionRestorer", dict]:
         """L_base, then L_base + L_mutual (mmfuse.diffusion_training); the state restoring the validation
         embeddings under random incomplete patterns best is kept."""
-        import sys
-
-        import numpy as np
-        from tqdm import tqdm
-
         from mmfuse.diffusion import DiffusionDenoiser
         from mmfuse.diffusion_training import train_diffusion
 
@@ -313,8 +311,6 @@ class SteppingAside:
         return getattr(self.__dict__["restorer"], name)
 
     def restore(self, z, present, seeds=None, exclude=None) -> Restoration:
-        from mmfuse.calibration import pattern_name
-
         aside = torch.tensor([pattern_name(row, self.order) in self.patterns for row in present.tolist()],
                              dtype=torch.bool, device=z.device)
         filled = keep_present(z, present, torch.zeros_like(z))

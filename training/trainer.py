@@ -195,13 +195,13 @@ class Trainer:
                 filled, present = train_fills[drawn, rows], patterns[drawn]
             context = session_context(filled, self.train.previous) if args.context else None
             for batch in self._batches(n):
-                def part(x):
-                    return None if x is None else x[batch]
+                batch_context = None if context is None else context[batch]
                 if distillation is not None:
-                    loss = distillation(z[batch], filled[batch], present[batch], part(full_context), part(context),
+                    loss = distillation(z[batch], filled[batch], present[batch],
+                                        None if full_context is None else full_context[batch], batch_context,
                                         self.train.targets[batch])
                 else:
-                    loss = self._loss(head(filled[batch], part(context), present[batch]), self.train.targets[batch])
+                    loss = self._loss(head(filled[batch], batch_context, present[batch]), self.train.targets[batch])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -239,9 +239,7 @@ class Trainer:
                 temperatures[name] = round(fit_temperature(logits, targets), 4)
                 if restoration.spread is not None and not bool(pattern.all()):
                     spreads.append((name, logits, temperatures[name], restoration.spread.cpu().numpy()))
-        incomplete = [v for k, v in per_condition.items() if len(k) < len(self.modalities)]
-        per_condition["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete]))
-                                            for m in incomplete[0]} if incomplete else {}
+        per_condition["mean_incomplete"] = self._mean_incomplete(per_condition)
         return per_condition, {"temperatures": temperatures} if temperatures else {}, spreads
 
     def fit_spread_gain(self, spreads: list[tuple], stepped_aside: list[str]) -> float | None:
@@ -268,8 +266,12 @@ class Trainer:
             validation[name][pattern] = dict(zero[pattern])
             if "temperatures" in info:
                 info["temperatures"][pattern] = restorer_info["zero"]["temperatures"][pattern]
-        incomplete = [v for k, v in validation[name].items() if k != "mean_incomplete" and len(k) < len(self.modalities)]
-        validation[name]["mean_incomplete"] = {m: float(np.mean([v[m] for v in incomplete])) for m in incomplete[0]}
+        validation[name]["mean_incomplete"] = self._mean_incomplete(validation[name])
+
+    def _mean_incomplete(self, per_condition: dict[str, dict]) -> dict[str, float]:
+        """Each metric's mean over the incomplete presence patterns ({} with one modality)."""
+        incomplete = [v for k, v in per_condition.items() if k != "mean_incomplete" and len(k) < len(self.modalities)]
+        return {m: float(np.mean([v[m] for v in incomplete])) for m in incomplete[0]} if incomplete else {}
 
     @contextlib.contextmanager
     def timed(self, stage: str):
