@@ -23,6 +23,8 @@ PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
 SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
 SEQ_JUMP = 100      # a seq further ahead than this breaks with its stream: 3 s of a 30 fps camera lost at once
 MAX_FEATURE = 1e6   # |feature value| above this is no feature (CMU-MOSI's reach 373) but overflow in the making
+SAFE_SQUARES = 0.99 * MAX_FEATURE ** 2  # a sum of squares below this (NaN is not) leaves every value finite and
+                                      # within MAX_FEATURE, with room for rounding of the sum
 
 
 @dataclass(slots=True)
@@ -187,17 +189,21 @@ class SensorIngest:
                         f"at most {self.max_span:g} s (seconds, not milliseconds?)")
             return None
         if message.encoding == "features":
-            vectors = message.array().astype(np.float32).reshape(-1, message.shape[-1])
+            vectors = message.array().reshape(-1, message.shape[-1])
+            if message.dtype != "<f4":
+                vectors = vectors.astype(np.float32)
             if self.dim is not None and vectors.shape[1] != self.dim:
                 self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
                 return None
-            if not np.isfinite(vectors).all():
-                self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
-                return None
-            if np.abs(vectors).max() > MAX_FEATURE:
-                self.reject("out_of_range", f"{message.session}/{message.source} seq {message.seq}: a value beyond "
-                            f"±{MAX_FEATURE:g}, which window sums and the models would turn into inf or NaN")
-                return None
+            flat = vectors.reshape(-1).astype(np.float64)  # float32 squares of huge values would overflow
+            if not np.dot(flat, flat) <= SAFE_SQUARES:  # one sum clears nearly every message: see SAFE_SQUARES
+                if not np.isfinite(vectors).all():
+                    self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
+                    return None
+                if np.abs(vectors).max() > MAX_FEATURE:
+                    self.reject("out_of_range", f"{message.session}/{message.source} seq {message.seq}: a value "
+                                f"beyond ±{MAX_FEATURE:g}, which window sums and the models would turn into inf or NaN")
+                    return None
             frame.vectors = vectors
         elif self.media is not None and self.media.accepts(message.encoding):
             stream = self.streams.get((message.session, message.source))
@@ -263,11 +269,15 @@ class SensorIngest:
             stream.restart()
         message = self._on_stream_time(stream, message, arrived_at, restarted)
         if frame.vectors is not None:
-            self._count_arrival(message)
-            step = message.duration / len(frame.vectors)
-            for i, vector in enumerate(frame.vectors):
-                self._add_span(message.session, message.source, stream.run, message.t + i * step,
-                               message.t + (i + 1) * step, vector)
+            windows = self._count_arrival(message)
+            if len(frame.vectors) == 1:
+                self._add_span(message.session, message.source, stream.run, message.t, message.t + message.duration,
+                               frame.vectors[0], windows)
+            else:
+                step = message.duration / len(frame.vectors)
+                for i, vector in enumerate(frame.vectors):
+                    self._add_span(message.session, message.source, stream.run, message.t + i * step,
+                                   message.t + (i + 1) * step, vector)
         elif frame.item is not None:
             self.media.add(message, frame.item)
             self._count_arrival(message)
@@ -328,14 +338,19 @@ class SensorIngest:
     def _clock_fields(stream: StreamState) -> dict:
         return {key: round(value, 4) for key, value in stream.clock.estimate().items()}
 
-    def _count_arrival(self, message: wire.SensorMessage) -> None:
-        for k in windows_overlapping(message.t, message.t + message.duration, self.length, self.hop):
+    def _count_arrival(self, message: wire.SensorMessage) -> range:
+        """Count a data message for every window it overlaps; those windows."""
+        windows = windows_overlapping(message.t, message.t + message.duration, self.length, self.hop)
+        for k in windows:
             key = (message.session, message.source, message.run, k)
             self.arrivals[key] = self.arrivals.get(key, 0) + 1
+        return windows
 
-    def _add_span(self, session: str, source: str, run: int, start: float, end: float, vector: np.ndarray) -> None:
-        """Add a vector covering [start, end] to every window it overlaps, weighted by the overlap."""
-        for k in windows_overlapping(start, end, self.length, self.hop):
+    def _add_span(self, session: str, source: str, run: int, start: float, end: float, vector: np.ndarray,
+                  windows: range | None = None) -> None:
+        """Add a vector covering [start, end] to every window it overlaps (`windows`, when known), weighted by
+        the overlap."""
+        for k in windows_overlapping(start, end, self.length, self.hop) if windows is None else windows:
             if end > start:
                 w_start = k * self.hop
                 weight = (min(end, w_start + self.length) - max(start, w_start)) / (end - start)
@@ -346,7 +361,7 @@ class SensorIngest:
             if delta is None:
                 self.deltas[key] = WindowDelta(session, source, self.modality, k, vector * weight, weight, 0, run)
             else:
-                delta.total += vector * weight
+                delta.total += vector if weight == 1.0 else vector * weight
                 delta.weight += weight
 
     def reject(self, reason: str, detail: str) -> None:

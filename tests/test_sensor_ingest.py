@@ -196,3 +196,17 @@ def test_features_too_large_to_sum_are_rejected_before_they_overflow_a_window():
     sensor = ingest()
     send(sensor, 0, 0.0, np.full(4, 3.0e38))  # finite float32, but two of them sum to inf
     assert sensor.rejected.counts == {"out_of_range": 1} and not sensor.streams
+
+
+@pytest.mark.parametrize("values, reason", [
+    ([0.0, 0.0, 1.0000001e6, 0.0], "out_of_range"),  # just past the limit: the quick sum-of-squares check defers
+    ([1e20, 1.0, 1.0, 1.0], "out_of_range"),         # its square would overflow float32
+    ([np.nan, 0.0, 0.0, 0.0], "non_finite"),
+    ([-np.inf, 0.0, 0.0, 0.0], "non_finite"),
+])
+def test_every_feature_value_past_the_limit_is_caught_however_the_rest_look(values, reason):
+    sensor = ingest()
+    send(sensor, 0, 0.0, np.array(values))
+    assert sensor.rejected.counts == {reason: 1} and not sensor.streams
+    send(sensor, 0, 0.0, np.array([1e6, -1e6, 1e6, -1e6]))  # at the limit is a value
+    assert sensor.accepted == 1
