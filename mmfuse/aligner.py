@@ -24,8 +24,11 @@ class OpenWindow:
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     frames: dict[str, float] = field(default_factory=dict)  # fractional where a clock shift split a stream window
+    gaps: dict[str, int] = field(default_factory=dict)      # messages lost by seq around the window, per modality
 
-    def add(self, modality: str, total: np.ndarray, weight: float, frames: float) -> None:
+    def add(self, modality: str, total: np.ndarray, weight: float, frames: float, gaps: int = 0) -> None:
+        if gaps:
+            self.gaps[modality] = self.gaps.get(modality, 0) + gaps
         if modality in self.totals:
             self.totals[modality] = self.totals[modality] + total
             self.weights[modality] += weight
@@ -42,7 +45,7 @@ class KeptWindow:
     window: OpenWindow
     seq: int  # of its first closing
     revision: int = 0
-    late: bool = False  # late data arrived since it was last closed
+    late: dict[str, int] = field(default_factory=dict)  # late messages per modality since it was last closed
 
 
 @dataclass
@@ -248,13 +251,16 @@ class Aligner:
         if session.next_window is None:
             session.next_window = k
         if k >= session.next_window:
-            session.windows.setdefault(k, OpenWindow()).add(delta.modality, total, weight, frames)
+            session.windows.setdefault(k, OpenWindow()).add(delta.modality, total, weight, frames, delta.gaps)
             return
-        self.counts["late"] += 1
+        if not delta.frames:  # only news of a seq gap, for a window decided already
+            return
+        late = math.ceil(frames)  # messages (a clock shift may split one between two windows: then both count it)
+        self.counts["late"] += late
         kept = session.kept.get(k)
         if kept is not None:
-            kept.window.add(delta.modality, total, weight, frames)
-            kept.late = True
+            kept.window.add(delta.modality, total, weight, frames, delta.gaps)
+            kept.late[delta.modality] = kept.late.get(delta.modality, 0) + late
 
     def poll(self, now: float) -> list[ClosedWindow]:
         closed, self.retired = self.retired, []
@@ -409,10 +415,10 @@ class Aligner:
             kept = session.kept[k]
             if kept.late:
                 result = self._closed(name, session, k, k * self.hop, k * self.hop + self.length, kept.window, now)
-                kept.late = False
+                late, kept.late = kept.late, {}
                 if result is not None:
                     kept.revision += 1
-                    result.revision, result.seq = kept.revision, kept.seq
+                    result.revision, result.seq, result.late = kept.revision, kept.seq, late
                     revised.append(result)
                     session.revised += 1
                     self.counts["revised"] += 1
@@ -433,7 +439,8 @@ class Aligner:
         missing = [m for m in self.modalities if m not in features]
         dropped = sorted({source for source in session.streams if session.progress(source) < end - self._slack(
             session, source)} | set(self._unheard(session)))
-        return ClosedWindow(name, k, start, end, features, present, missing, dropped, now, epoch=session.epoch)
+        return ClosedWindow(name, k, start, end, features, present, missing, dropped, now, epoch=session.epoch,
+                            seq_gaps=dict(sorted(window.gaps.items())))
 
     def stats(self) -> dict:
         return {**self.counts, "sessions": len(self.sessions),
@@ -507,7 +514,8 @@ class UtteranceAligner(Aligner):
             if slot is None or share <= 0:
                 continue
             for modality, total in slot.totals.items():
-                window.add(modality, total * share, slot.weights[modality] * share, slot.frames[modality] * share)
+                window.add(modality, total * share, slot.weights[modality] * share, slot.frames[modality] * share,
+                           slot.gaps.get(modality, 0))
         result = self._closed(name, session, session.next_id, start, end, window, now)
         session.next_id += 1
         if result is None:

@@ -29,6 +29,7 @@ class WindowDelta:
     weight: float
     frames: int            # data messages that arrived for this window (encoded or not)
     run: int = 0           # the stream's run (wire key `run`): a new run is a new life of the session
+    gaps: int = 0          # messages missing by seq in a stretch of the stream overlapping this window
 
 
 @dataclass(slots=True)
@@ -106,6 +107,8 @@ class ClosedWindow:
     abstain: bool = False               # the spread is above restorer.abstain_spread
     restoration_failed: bool = False    # restoring raised: the missing modalities were left at zero
     stepped_aside: bool = False         # the restorer steps aside for this pattern: zero-filled, complete head
+    seq_gaps: dict[str, int] = field(default_factory=dict)  # modality -> messages its streams lost around it
+    late: dict[str, int] = field(default_factory=dict)      # a revision: modality -> late messages it took in
 
     @property
     def complete(self) -> bool:

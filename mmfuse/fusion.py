@@ -188,4 +188,5 @@ class FusionHead:
                         restored=window.restored, dropped=window.dropped, restorer=window.restorer, latency_ms=0.0,
                         bundle=self.bundle.id, closed_at=window.closed_at, spread=window.spread,
                         abstain=abstain, restoration_failed=window.restoration_failed,
-                        revision=window.revision, dispatched_at=window.dispatched_at, key=window.key)
+                        revision=window.revision, dispatched_at=window.dispatched_at, key=window.key,
+                        seq_gaps=window.seq_gaps, late=window.late)

@@ -22,6 +22,7 @@ DELAY_MEMORY = 64  # arrivals over which the delay jitter is taken
 PERIOD_MEMORY = 32  # message intervals over which a stream's period is learned
 SLIVER_S = 1e-9     # overlaps shorter than this are rounding error (0.1 * 300 != 30.0), not data
 SEQ_JUMP = 100      # a seq further ahead than this breaks with its stream: 3 s of a 30 fps camera lost at once
+GAP_WINDOWS = 100   # a seq gap is reported in at most this many windows before the message that revealed it
 MAX_FEATURE = 1e6   # |feature value| above this is no feature (CMU-MOSI's reach 373) but overflow in the making
 SAFE_SQUARES = 0.99 * MAX_FEATURE ** 2  # a sum of squares below this (NaN is not) leaves every value finite and
                                       # within MAX_FEATURE, with room for rounding of the sum
@@ -43,6 +44,7 @@ class StreamState:
     source: str
     modality: str
     last_seq: int = -1
+    last_end: float = -math.inf  # where the latest message ended, on the stream's continuous timeline
     progress: float = -math.inf
     arrived_at: float = 0.0
     ended: bool = False
@@ -292,9 +294,12 @@ class SensorIngest:
             self.spans.append(Span(message.session, message.source, message.t, message.t + message.duration,
                                    stream.run))
         if stream.last_seq >= 0 and message.seq > stream.last_seq + 1:
-            stream.seq_gaps += message.seq - stream.last_seq - 1
+            missing = message.seq - stream.last_seq - 1
+            stream.seq_gaps += missing
+            self._count_gap(message, stream, missing)
         stream.last_seq = message.seq
         delivered = message.t + message.duration
+        stream.last_end = delivered
         reached = delivered
         if self.media is not None:
             if message.kind == "end":
@@ -345,6 +350,21 @@ class SensorIngest:
             key = (message.session, message.source, message.run, k)
             self.arrivals[key] = self.arrivals.get(key, 0) + 1
         return windows
+
+    def _count_gap(self, message: wire.SensorMessage, stream: StreamState, missing: int) -> None:
+        """Mark the windows between the stream's previous message and this one as missing `missing` messages
+        (each of them: the seq does not say where in the stretch they were), so their decisions say so."""
+        if self.dim is None:
+            return
+        start = stream.last_end if math.isfinite(stream.last_end) else message.t
+        windows = windows_overlapping(min(start, message.t), message.t, self.length, self.hop)
+        for k in windows[-GAP_WINDOWS:]:
+            key = (message.session, message.source, stream.run, k)
+            delta = self.deltas.get(key)
+            if delta is None:
+                delta = self.deltas[key] = WindowDelta(message.session, message.source, self.modality, k,
+                                                       np.zeros(self.dim, np.float32), 0.0, 0, stream.run)
+            delta.gaps += missing
 
     def _add_span(self, session: str, source: str, run: int, start: float, end: float, vector: np.ndarray,
                   windows: range | None = None) -> None:

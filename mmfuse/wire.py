@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
@@ -87,6 +87,8 @@ class Decision:
     abstain: bool = False
     restoration_failed: bool = False
     revision: int = 0       # > 0: a corrected decision for a window decided before
+    seq_gaps: dict[str, int] = field(default_factory=dict)  # modality -> messages its streams lost around the window
+    late: dict[str, int] = field(default_factory=dict)      # a revision: modality -> late messages it took in
     key: tuple = ()         # the window's identity (mmfuse.frames.WindowKey); not on the wire
 
     @property
@@ -285,6 +287,10 @@ def encode_decision(decision: Decision) -> list[bytes]:
         payload["abstain"] = True
     if decision.restoration_failed:
         payload["restoration_failed"] = True
+    if decision.seq_gaps:
+        payload["seq_gaps"] = decision.seq_gaps
+    if decision.late:
+        payload["late"] = decision.late
     return [decision.topic.encode(), msgpack.packb(payload, use_bin_type=True)]
 
 

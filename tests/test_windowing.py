@@ -136,9 +136,13 @@ def test_late_data_is_counted_and_within_the_allowed_lateness_revises_the_window
     revised = {w.window_id: w for w in closed if w.revision}
     assert sorted(revised) == [2, 3] and all(w.present == ALL and w.revision == 1 for w in revised.values())
     assert_means_in_place(revised.values())
-    assert aligner.counts["late"] == aligner.counts["revised"] == 2
+    late_frames = {k: sum(1 for at, name, m in stalled if name == "cam0" and m.kind == "data" and k <= m.t < k + 1
+                          and at >= START + 4.7) for k in (2, 3)}  # the camera's messages in each 1 s window
+    assert all(late_frames.values())
+    assert {k: w.late for k, w in revised.items()} == {k: {"visual": n} for k, n in late_frames.items()}
+    assert aligner.counts["revised"] == 2 and aligner.counts["late"] == sum(late_frames.values())  # messages
     closed, _, aligner = run(stalled)  # no allowed lateness: counted, not merged
-    assert aligner.counts["late"] == 2 and not any(w.revision for w in closed)
+    assert aligner.counts["late"] == sum(late_frames.values()) and not any(w.revision for w in closed)
 
 
 def test_a_watermark_bound_waits_for_sources_that_deliver_out_of_order():
@@ -252,3 +256,13 @@ def test_overlapping_segments_of_two_recognisers_are_each_a_whole_window():
     closed, _, _ = run(events, slot=0.1)
     assert [(round(w.start, 6), round(w.end, 6)) for w in closed if "text" in w.present] == \
         [(0.0, 2.0), (2.0, 5.0), (4.0, 8.0)]
+
+
+def test_messages_lost_before_the_daemon_are_named_in_the_windows_they_were_lost_from():
+    # the camera's messages 23-25 (t 2.3-2.5 s) never arrive; its seq says three are missing
+    events = [e for name in SENSORS for e in stream(name, 5.0)]
+    lost = [(at, name, m) for at, name, m in events if not (name == "cam0" and 23 <= m.seq <= 25)]
+    closed, ingests, _ = run(lost)
+    gaps = {w.window_id: w.seq_gaps for w in closed}
+    assert gaps == {0: {}, 1: {}, 2: {"visual": 3}, 3: {}, 4: {}}
+    assert ingests["cam0"].stats()["seq_gaps"] == 3

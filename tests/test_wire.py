@@ -120,3 +120,10 @@ def test_a_shape_whose_product_overflows_is_a_shape_error():
     with pytest.raises(wire.WireError) as raised:
         wire.decode([b"visual/s", msgpack.packb(body, use_bin_type=True)])
     assert raised.value.reason == "shape"
+
+
+def test_a_decision_names_the_messages_it_went_without():
+    decision = wire.Decision("s1", 4, 8.0, 10.0, "sentiment", "positive", {"positive": 1.0}, ["visual"], [], [],
+                             "none", 1.0, "demo-1", revision=1, seq_gaps={"visual": 3}, late={"audio": 7})
+    decoded = wire.decode_decision(wire.encode_decision(decision))
+    assert decoded["seq_gaps"] == {"visual": 3} and decoded["late"] == {"audio": 7}
