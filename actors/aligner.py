@@ -16,6 +16,7 @@ from mmfuse.delivery import Outbox
 from mmfuse.frames import ClosedWindow, SensorBatch, WindowKey
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
+from mmfuse.metrics import aligner_families
 from mmfuse.pipeline import PIPELINE, build_aligner
 from mmfuse.virtual_clock import TICK_S, AlignerTicks, Tick
 
@@ -206,6 +207,14 @@ class AlignerActor:
             if self.restored:
                 self._dispatch(self.aligner.drain(time.time()))
         return self.stats()
+
+    def read_metrics(self) -> tuple[str, list]:
+        with self.lock:
+            return self.incarnation.token, aligner_families(self.aligner.stream_states(), self.aligner.stats())
+
+    def stream_states(self) -> dict[str, dict[str, tuple[str, str]]]:
+        with self.lock:
+            return self.aligner.stream_states()
 
     def stats(self) -> dict:
         with self.lock:

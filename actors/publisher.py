@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 
 import structlog
 import zmq
@@ -14,9 +15,11 @@ from mmfuse.config import DaemonConfig
 from mmfuse.delivery import Published
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
+from mmfuse.metrics import DecisionMetrics
 from mmfuse.security import CONSUMERS, Gatekeeper, daemon_keys, serve
 
 RECONNECT_WAIT_S = 1.0  # how long a new publisher waits for a first subscriber before it publishes
+RECENT_KEPT = 1024      # decisions kept for the live view (mmfuse.daemon.monitor reads them about once a second)
 
 
 class PublisherActor:
@@ -49,6 +52,8 @@ class PublisherActor:
         self.subscribed = False
         self.sent = Published()
         self.published = 0
+        self.metrics = DecisionMetrics()
+        self.recent: deque[tuple[int, dict]] = deque(maxlen=RECENT_KEPT)  # (number published, wire payload)
         self.aligner = None
 
     def ping(self) -> Incarnation:
@@ -81,6 +86,9 @@ class PublisherActor:
             decision = dataclasses.replace(decision, latency_ms=round((now - decision.dispatched_at) * 1000, 3))
             self.socket.send_multipart(wire.encode_decision(decision))
             self.published += 1
+            payload = wire.decision_payload(decision)
+            self.metrics.count(payload)
+            self.recent.append((self.published, payload | {"published_at": now}))
             self.log.debug("decision", session=decision.session, window=decision.window_id,
                            label=decision.label, restored=decision.restored, dropped=decision.dropped)
         if self.aligner is None:
@@ -90,6 +98,13 @@ class PublisherActor:
     def drain(self) -> dict:
         self.socket.close()  # LINGER lets queued decisions go out first
         return self.stats()
+
+    def read_metrics(self) -> tuple[str, list]:
+        return self.incarnation.token, self.metrics.read()
+
+    def recent_decisions(self, after: int) -> tuple[str, list[tuple[int, dict]]]:
+        """The decisions published after the `after`-th one of this incarnation, as far as they are kept."""
+        return self.incarnation.token, [(n, payload) for n, payload in self.recent if n > after]
 
     def stats(self) -> dict:
         refused = {} if self.gate is None else {"auth_refused": self.gate.refused_count}

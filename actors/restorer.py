@@ -14,6 +14,7 @@ from mmfuse.config import DaemonConfig
 from mmfuse.frames import ClosedWindow, SessionEnd
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
+from mmfuse.metrics import RestoreMetrics
 from mmfuse.pipeline import build_fusion, build_restorer
 
 IN_FLIGHT_KEPT = 64
@@ -41,6 +42,7 @@ class RestorerActor:
         self.in_flight: list = []
         self.stages: dict = {}
         self.windows = self.batches = self.failed = self.decided = 0
+        self.metrics = RestoreMetrics()
         threading.Thread(target=self._work, name="restorer", daemon=True).start()
         self.log.info("restorer ready", method=config.restorer.method, bundle=self.bundle.id, device=device,
                       incarnation=self.incarnation.token)
@@ -103,7 +105,8 @@ class RestorerActor:
         if not incomplete:
             return windows
         try:
-            self.restorer.restore(incomplete)
+            with self.metrics.seconds.time():
+                self.restorer.restore(incomplete)
         except Exception as exc:  # a lost window would hold back its session's decisions for good
             self.log.exception("restoration failed; the windows are decided zero-filled", windows=len(incomplete),
                                error=repr(exc))
@@ -131,6 +134,9 @@ class RestorerActor:
             while self.queue or self.busy:
                 self.condition.wait()
         return self.stats()
+
+    def read_metrics(self) -> tuple[str, list]:
+        return self.incarnation.token, self.metrics.read()
 
     def stats(self) -> dict:
         return {"windows": self.windows, "batches": self.batches, "failed": self.failed,

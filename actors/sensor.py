@@ -15,10 +15,12 @@ from mmfuse.config import DaemonConfig
 from mmfuse.frames import SensorBatch
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import Tally, configure
+from mmfuse.metrics import sensor_families
 from mmfuse.pipeline import build_ingest
 from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick
 
 RECORDER_WAIT_S = 2.0  # for a listening mmfuse-record to complete its handshake
+STOP_HANDLING_S = 10.0  # at stop, messages still queued are handled this long, then counted unread
 RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
 
 
@@ -129,12 +131,23 @@ class SensorActor:
                                                                self.flush_interval):
                 in_flight = self._push(aligner, in_flight)
                 last_push = time.monotonic()
+        handle_until = time.monotonic() + STOP_HANDLING_S
+        unread = 0
         while True:  # drain what is already queued, then hand over the last batch
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
             except zmq.Again:
                 break
-            in_flight = self._receive_safely(aligner, frames, in_flight)
+            if time.monotonic() < handle_until:
+                in_flight = self._receive_safely(aligner, frames, in_flight)
+            else:
+                unread += 1
+        if unread:
+            with self.lock:
+                self.ingest.rejected.counts["unread_at_stop"] = unread
+            self.log.warning("messages queued at stop left unread", count=unread, handled_for_s=STOP_HANDLING_S,
+                             hint="the sensor was behind its sensors when the daemon stopped: it reads more "
+                             "messages per second than this machine can handle")
         if recorder is not None:
             self._forward(recorder)
             recorder.close(linger=1000)
@@ -295,6 +308,11 @@ class SensorActor:
         if self.thread.is_alive():
             self.thread.join(timeout=30)
         return self.stats()
+
+    def read_metrics(self) -> tuple[str, list]:
+        up = self.started.is_set() and self.start_error is None and self.thread.is_alive() \
+            and not self.stopping.is_set()
+        return self.incarnation.token, sensor_families(self.sensor.name, self.stats(), up)
 
     def stats(self) -> dict:
         with self.lock:

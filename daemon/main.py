@@ -80,11 +80,26 @@ def unavailable_resources(config: DaemonConfig) -> list[str]:
                             f"free port")
         finally:
             probe.close()
+    if config.http is not None:
+        problem = unavailable_port(config.http.host, config.http.port)
+        problems += [f"http: cannot listen on {config.http.host}:{config.http.port} ({problem}); is another "
+                     f"daemon running on it? choose a free http.port"] if problem else []
     asked = gpu_requests(config)
     if asked and config.ray.address is None:  # torch is imported only when GPUs are asked for
         problem = gpu_problem(asked, local_gpus(), "this machine has", "to run on the CPU")
         problems += [problem] if problem else []
     return problems
+
+
+def unavailable_port(host: str, port: int) -> str | None:
+    """Why a TCP port cannot be listened on, or None."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def gpu_requests(config: DaemonConfig) -> dict[str, float]:
@@ -217,13 +232,24 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
     os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
     import ray
 
+    from mmfuse.daemon.monitor import Monitor
     from mmfuse.daemon.supervisor import PING_S, Supervisor
 
     started = time.monotonic()
+    monitor, web = Monitor(bundle.id), None
     runtime_env = {"env_vars": {name: os.environ[name] for name in (
         "RAY_timeout_ms_task_wait_for_death_info", "RAY_task_events_report_interval_ms")}} if config.ray.address else None
     signals.deferring = True
     try:
+        if config.http is not None:  # up before Ray, so that probes get an answer (not ready) while it starts
+            from mmfuse.daemon.web import WebServer
+
+            web = WebServer(monitor, config.http.host, config.http.port)
+            problem = web.start()
+            if problem:
+                log.error("start-up failed", problem=problem)
+                return EXIT_STARTUP
+            log.info("http endpoint up", live_view=f"{web.address}/", metrics=f"{web.address}/metrics")
         ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
                  configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
                  runtime_env=runtime_env)
@@ -238,6 +264,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
             for problem in problems:
                 log.error("start-up failed", problem=problem)
             return EXIT_STARTUP
+        monitor.attach(supervisor)
         signals.ready = True
         if signals.received is not None:
             signals.stop.set()
@@ -247,6 +274,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         next_stats, last_stats = time.monotonic() + config.log.stats_interval_s, None
         while not signals.stop.wait(PING_S):
             supervisor.watch()
+            monitor.poll()
             if time.monotonic() >= next_stats:
                 stats = supervisor.stats()
                 if stats != last_stats:  # a quiet daemon says nothing
@@ -254,11 +282,14 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
                     last_stats = stats
                 next_stats = time.monotonic() + config.log.stats_interval_s
         log.info("draining", signal=signal.Signals(signals.received).name)
+        monitor.set_phase("draining")
         final = supervisor.drain()
         log.info("stopped", **final, rss_mb=tree_rss_mb())
         return signals.exit_status
     finally:
         signals.deferring, signals.ready = True, False  # a second Ctrl-C must not cut Ray's shutdown short
+        if web is not None:
+            web.stop()
         ray.shutdown()
 
 

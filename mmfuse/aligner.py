@@ -442,6 +442,18 @@ class Aligner:
         return ClosedWindow(name, k, start, end, features, present, missing, dropped, now, epoch=session.epoch,
                             seq_gaps=dict(sorted(window.gaps.items())))
 
+    def stream_states(self) -> dict[str, dict[str, tuple[str, str]]]:
+        """session -> source -> (modality, state): live, dropped or ended as last tracked; a configured sensor
+        not heard in the session, nor its modality, is `unheard`."""
+        states = {}
+        for name, session in self.sessions.items():
+            streams = {source: (stream.modality, "ended" if stream.ended else
+                                "dropped" if source in session.dropped else "live")
+                       for source, stream in session.streams.items()}
+            streams |= {sensor: (self.sensors[sensor], "unheard") for sensor in self._unheard(session)}
+            states[name] = streams
+        return states
+
     def stats(self) -> dict:
         return {**self.counts, "sessions": len(self.sessions),
                 "open_windows": sum(len(s.windows) for s in self.sessions.values())}

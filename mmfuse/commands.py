@@ -16,6 +16,7 @@ COMMANDS = {  # command -> (module with main(), what an interruption leaves behi
     "mmfuse-keys": ("mmfuse.daemon.keys", "stopped: no key was written"),
     "mmfuse-train": ("mmfuse.training.train", "stopped: no bundle was written (an earlier one in --out is as it was)"),
     "mmfuse-eval": ("mmfuse.training.evaluate", "stopped: no results were written"),
+    "mmfuse-tap": ("mmfuse.daemon.tap", "stopped"),
 }
 
 
@@ -50,3 +51,7 @@ def train() -> int:
 
 def evaluate() -> int:
     return run("mmfuse-eval")
+
+
+def tap() -> int:
+    return run("mmfuse-tap")

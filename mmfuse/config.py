@@ -169,6 +169,12 @@ class PipelineConfig(Section):
     session_idle_s: float = Field(60.0, gt=0, description="forget a session silent this long")
 
 
+class HttpConfig(Section):
+    host: str = Field("127.0.0.1", min_length=1, description="address the HTTP endpoint listens on; 0.0.0.0 for "
+                      "every interface (a monitoring stack on another machine)")
+    port: int = Field(9464, ge=1, le=65535, description="its port: /metrics, /healthz, /readyz and the live view")
+
+
 class LogConfig(Section):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -189,6 +195,8 @@ class DaemonConfig(Section):
     ray: RayConfig = RayConfig()
     pipeline: PipelineConfig = PipelineConfig()
     log: LogConfig = LogConfig()
+    http: HttpConfig | None = Field(None, description="serve /metrics, /healthz, /readyz and the live view at / "
+                                    "over HTTP; absent: off")
 
     @model_validator(mode="after")
     def _unique_sensors(self):

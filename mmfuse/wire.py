@@ -275,6 +275,11 @@ def _array_header(body: dict, encoding: str, nbytes: int) -> tuple[tuple[int, ..
 
 
 def encode_decision(decision: Decision) -> list[bytes]:
+    return [decision.topic.encode(), msgpack.packb(decision_payload(decision), use_bin_type=True)]
+
+
+def decision_payload(decision: Decision) -> dict:
+    """The map a decision carries on the wire (what decode_decision gives a consumer)."""
     payload = {"v": VERSION, "session": decision.session,
                "window": {"id": decision.window_id, "start": decision.start, "end": decision.end,
                           "revision": decision.revision},
@@ -291,7 +296,22 @@ def encode_decision(decision: Decision) -> list[bytes]:
         payload["seq_gaps"] = decision.seq_gaps
     if decision.late:
         payload["late"] = decision.late
-    return [decision.topic.encode(), msgpack.packb(payload, use_bin_type=True)]
+    return payload
+
+
+OUTCOMES = ("complete", "restored", "abstain", "restoration_failed", "revised")
+
+
+def decision_outcome(payload: dict) -> str:
+    """What became of a decided window, one of OUTCOMES: a revision, else restoration failed, else abstained,
+    else restored (something was missing and filled), else complete."""
+    if payload["window"]["revision"]:
+        return "revised"
+    if payload.get("restoration_failed"):
+        return "restoration_failed"
+    if payload.get("abstain"):
+        return "abstain"
+    return "restored" if payload["restored"] else "complete"
 
 
 def decode_decision(frames: list[bytes]) -> dict:

@@ -33,7 +33,8 @@ def test_modules_do_not_import_across_the_layout(folder, forbidden):
 @pytest.mark.parametrize("module", ["mmfuse.daemon.main", "mmfuse.daemon.replay", "mmfuse.daemon.record",
                                     "mmfuse.daemon.keys", "mmfuse.commands", "mmfuse.training.train",
                                     "mmfuse.training.evaluate", "mmfuse.bundle", "mmfuse.actors.aligner",
-                                    "mmfuse.actors.publisher", "mmfuse.actors.sensor"])
+                                    "mmfuse.actors.publisher", "mmfuse.actors.sensor", "mmfuse.daemon.tap",
+                                    "mmfuse.daemon.monitor", "mmfuse.daemon.web"])
 def test_commands_and_the_actors_that_run_no_model_import_without_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,0 +1,86 @@
+"""The daemon's HTTP endpoint (`http: {host, port}`; off by default): /metrics for Prometheus, /healthz and
+/readyz for probes, the live view at / with its server-sent events at /events, and /view.json. aiohttp on
+an event loop of its own in a thread of the driver; it only reads the Monitor, so a slow or stuck client
+holds up nothing of the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from importlib import resources
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from mmfuse.daemon.monitor import Monitor
+
+EVENT_INTERVAL_S = 1.0
+PAGE = resources.files("mmfuse.daemon").joinpath("live_view.html")
+
+
+def application(monitor: Monitor) -> web.Application:
+    page = PAGE.read_text()
+
+    async def healthz(_request):
+        return web.json_response({"status": "alive", "phase": monitor.phase})
+
+    async def readyz(_request):
+        not_ready = monitor.not_ready()
+        return web.json_response({"ready": not not_ready, "not_ready": not_ready}, status=503 if not_ready else 200)
+
+    async def live_view(_request):
+        return web.Response(text=page, content_type="text/html")
+
+    async def view(_request):
+        return web.json_response(monitor.view())
+
+    async def events(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(f"data: {json.dumps(monitor.view())}\n\n".encode())
+                await asyncio.sleep(EVENT_INTERVAL_S)
+        except (ConnectionResetError, asyncio.CancelledError):
+            return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(monitor.registry))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/view.json", view)
+    app.router.add_get("/events", events)
+    app.router.add_get("/", live_view)
+    return app
+
+
+class WebServer:
+    """start() binds (or says why it cannot), then serves until stop()."""
+
+    def __init__(self, monitor: Monitor, host: str, port: int):
+        self.monitor, self.host, self.port = monitor, host, port
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(application(monitor), access_log=None, shutdown_timeout=1.0)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
+
+    def start(self) -> str | None:
+        try:
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, self.host, self.port).start())
+        except OSError as exc:
+            self.loop.run_until_complete(self.runner.cleanup())
+            return f"http: cannot listen on {self.host}:{self.port} ({exc.strerror}); choose a free http.port"
+        self.thread.start()
+        return None
+
+    @property
+    def address(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)

@@ -1,0 +1,229 @@
+"""Watching a live daemon: /metrics scraped and parsed as Prometheus does, /healthz and /readyz as probes
+ask, the live view in a real browser, and mmfuse-tap as a consumer."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port
+from mmfuse.daemon.monitor import Monitor
+from mmfuse.daemon.web import WebServer
+from mmfuse.metrics import DecisionMetrics, sensor_families
+from test_end_to_end import SENSORS, WINDOW, Lab, collect, message
+
+OUT = Path(__file__).resolve().parents[1] / "out"
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed with prometheus_client's own parser: (sample name, sorted labels) -> value."""
+    status, text = get(f"{base}/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, l), v in samples.items() if n == name and labels.items() <= dict(l).items())
+
+
+def decision(session="s", window=0, restored=(), latency_ms=12.0, revision=0):
+    return {"session": session, "window": {"id": window, "revision": revision, "start": 0.0, "end": 1.0},
+            "label": "positive", "scores": {"positive": 0.8, "negative": 0.2}, "restored": list(restored),
+            "dropped": list(restored), "latency_ms": latency_ms, "published_at": time.time()}
+
+
+def test_counters_served_never_go_back_when_an_actor_restarts():
+    monitor = Monitor("bundle-x")
+    first, second = DecisionMetrics(), DecisionMetrics()
+    for k in range(5):
+        first.count(decision(window=k, restored=["visual"] if k % 2 else []))
+    monitor.take([("publisher", "metrics", ("life-1", first.read()))])
+    second.count(decision(window=5))
+    monitor.take([("publisher", "metrics", ("life-2", second.read()))])  # a new life counts from zero
+    ingest = {"accepted": 7, "rejected": {"msgpack": 2}, "unsupported": {}, "seq_gaps": 1}
+    monitor.take([("sensor-cam0", "metrics", ("s-1", sensor_families("cam0", ingest, True)))])
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in monitor.collect() for s in family.samples}
+    assert total(samples, "mmfuse_windows_total") == 6
+    assert total(samples, "mmfuse_windows_total", outcome="restored") == 2
+    assert total(samples, "mmfuse_decision_latency_seconds_count") == 6
+    assert total(samples, "mmfuse_messages_total", sensor="cam0", result="msgpack") == 2
+    assert total(samples, "mmfuse_build_info", bundle="bundle-x") == 1
+
+
+def test_probes_and_page_answer_while_the_daemon_starts():
+    monitor = Monitor("bundle-x")
+    port = free_port()
+    server = WebServer(monitor, "127.0.0.1", port)
+    assert server.start() is None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert get(f"{base}/healthz")[0] == 200
+        status, body = get(f"{base}/readyz")
+        assert status == 503 and json.loads(body)["not_ready"] == {"daemon": "starting"}
+        status, page = get(f"{base}/")
+        assert status == 200 and "EventSource" in page and "http://" not in page.replace(
+            "http://www.w3.org/2000/svg", "")  # nothing fetched from elsewhere
+        assert ("mmfuse_build_info", (("bundle", "bundle-x"), ("version", "0.1.0"))) in scrape(base)
+        taken = WebServer(Monitor("bundle-y"), "127.0.0.1", port).start()
+        assert "http.port" in taken
+    finally:
+        server.stop()
+
+
+class Watched(Lab):
+    """A Lab whose daemon serves HTTP; records what /readyz said before the daemon was ready."""
+
+    def __init__(self, directory, bundle_dir):
+        self.http_port = free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        super().__init__(directory, bundle_dir, {"method": "mean"},
+                         http={"host": "127.0.0.1", "port": self.http_port})
+        self.config_path = directory / "lab.yaml"
+        self.early: list[tuple[int, dict]] = []
+        deadline = time.monotonic() + 120
+        while not self.daemon.ready.is_set() and time.monotonic() < deadline:
+            try:
+                status, body = get(f"{self.base}/readyz")
+                self.early.append((status, json.loads(body)))
+            except (urllib.error.URLError, ConnectionError):
+                pass  # not listening yet
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory, bundle_dir):
+    lab = Watched(tmp_path_factory.mktemp("watched"), bundle_dir)
+    try:
+        lab.wait_ready()
+        yield lab
+    finally:
+        lab.close()
+
+
+def send_sessions(lab, sessions, windows, stops=None, malformed=0, rng=None):
+    """Each session's sensors send one message per window in real time, then `end`; `stops` (session, sensor,
+    after window) goes silent instead. Returns the data messages sent per sensor."""
+    rng = rng or np.random.default_rng(0)
+    seq = {(s, n): 0 for s in sessions for n in SENSORS}
+    start = time.monotonic()
+    for k in range(windows):
+        time.sleep(max(0.0, start + (k + 1) * WINDOW - time.monotonic()))
+        for session in sessions:
+            for name in SENSORS:
+                if stops and stops[:2] == (session, name) and k > stops[2]:
+                    continue
+                lab.sockets[name].send_multipart(message(session, name, seq[session, name], k * WINDOW, rng=rng))
+                seq[session, name] += 1
+        if k == 2:
+            for i in range(malformed):
+                lab.sockets["mic0"].send_multipart([b"audio/" + sessions[0].encode(), b"\xc1 not msgpack %d" % i])
+    for session in sessions:
+        for name in SENSORS:
+            if not (stops and stops[:2] == (session, name)):
+                lab.sockets[name].send_multipart(message(session, name, seq[session, name], windows * WINDOW, "end"))
+    return {name: sum(n for (s, m), n in seq.items() if m == name) for name in SENSORS}
+
+
+def test_readyz_is_503_until_the_sensors_are_open_then_200(watched):
+    assert watched.early, "the HTTP endpoint never answered while the daemon started"
+    status, body = watched.early[0]
+    assert status == 503 and not body["ready"] and body["not_ready"]
+    deadline = time.monotonic() + 15
+    while (answer := get(f"{watched.base}/readyz"))[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answer[0] == 200, answer
+    assert json.loads(answer[1]) == {"ready": True, "not_ready": {}}
+    assert get(f"{watched.base}/healthz")[0] == 200
+
+
+def test_metrics_count_the_decisions_received_and_the_rejects_sent_and_tap_prints_them(watched):
+    tap = subprocess.Popen([str(Path(sys.executable).parent / "mmfuse-tap"), "--config", str(watched.config_path),
+                            "--json", "--duration-s", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    assert "listening on" in tap.stderr.readline()
+    time.sleep(0.5)  # its subscription reaches the publisher
+    malformed = 7
+    sent = send_sessions(watched, ["gamma", "delta"], windows=6, malformed=malformed)
+    received = collect(watched.decisions, quiet_s=3.0)
+    assert len(received) >= 10 and {d["session"] for d in received} == {"gamma", "delta"}
+    deadline = time.monotonic() + 15
+    while total(samples := scrape(watched.base), "mmfuse_windows_total") < len(received) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert total(samples, "mmfuse_windows_total") == len(received)
+    restored = sum(1 for d in received if d["restored"] and not d["window"]["revision"])
+    assert total(samples, "mmfuse_windows_total", outcome="restored") == restored
+    assert total(samples, "mmfuse_decision_latency_seconds_count") == len(received)
+    rejected = total(samples, "mmfuse_messages_total", sensor="mic0") \
+        - total(samples, "mmfuse_messages_total", sensor="mic0", result="accepted")
+    assert rejected == malformed
+    for name, count in sent.items():  # every data message and the two ends
+        assert total(samples, "mmfuse_messages_total", sensor=name, result="accepted") == count + 2
+    assert total(samples, "mmfuse_actor_restarts_total") == 0
+    assert total(samples, "mmfuse_sensor_up") == len(SENSORS)
+    assert ("mmfuse_streams", (("state", "live"),)) in samples
+
+    tap.send_signal(signal.SIGINT)
+    out, err = tap.communicate(timeout=30)
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert sorted((d["session"], d["window"]["id"]) for d in printed) == \
+        sorted((d["session"], d["window"]["id"]) for d in received), err
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_live_view_in_a_browser_shows_both_sessions_the_stopped_sensor_and_decisions(watched):
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium found (Debian: apt-get install chromium; .ci/run installs it)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extras")
+    sending = threading.Thread(target=send_sessions, args=(watched, ["north", "south"], 24, ("south", "mic0", 3)),
+                               daemon=True)
+    sending.start()
+    OUT.mkdir(exist_ok=True)
+    shot = OUT / "live_view.png"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page.goto(f"{watched.base}/")
+            page.wait_for_selector('[data-session="north"] tr.decision', timeout=20_000)
+            page.wait_for_selector('[data-session="south"] [data-source="mic0"][data-state="down"]', timeout=20_000)
+            page.wait_for_selector('[data-session="south"] tr.decision', timeout=20_000)
+            assert page.locator('[data-session="north"] [data-source="mic0"]').get_attribute("data-state") == "up"
+            assert page.locator("#readiness").inner_text() == "ready"
+            time.sleep(2.0)  # a few more decisions and plot points
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    sending.join(timeout=30)
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (760, 1280)
+    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # not blank
