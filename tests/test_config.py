@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,11 @@ def test_check_and_start_up_name_an_endpoint_in_use_and_a_gpu_this_machine_lacks
     output = f"tcp://127.0.0.1:{free_port()}"
     taken = zmq.Context.instance().socket(zmq.PAIR)
     taken.bind(output)
+    http = socket.create_server(("127.0.0.1", free_port()))
     path = tmp_path / "busy.yaml"
     path.write_text(yaml.safe_dump({**MINIMAL, "bundle": str(bundle_dir), "output": {"endpoint": output},
-                                    "restorer": {"method": "mean", "num_gpus": local_gpus() + 1}}))
+                                    "restorer": {"method": "mean", "num_gpus": local_gpus() + 1},
+                                    "http": {"host": "127.0.0.1", "port": http.getsockname()[1]}}))
     try:
         for flags in (["--check"], []):
             result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(path), *flags],
@@ -96,8 +99,20 @@ def test_check_and_start_up_name_an_endpoint_in_use_and_a_gpu_this_machine_lacks
             assert result.returncode == 3, result.stderr
             assert f"output.endpoint: cannot bind {output}" in result.stderr
             assert "restorer.num_gpus" in result.stderr and "set restorer.num_gpus: 0" in result.stderr
+            assert f"http: cannot listen on 127.0.0.1:{http.getsockname()[1]}" in result.stderr
+            assert "choose a free http.port" in result.stderr
     finally:
         taken.close(linger=0)
+        http.close()
+
+
+def test_http_is_off_by_default_and_a_bad_port_names_the_key(tmp_path):
+    assert parse_config({**MINIMAL, "bundle": "b"}).http is None
+    assert parse_config({**MINIMAL, "bundle": "b", "http": {}}).http.port == 9464
+    path = tmp_path / "port.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "bundle": "b", "http": {"host": "127.0.0.1", "port": 70000}}))
+    with pytest.raises(ConfigError, match="http.port"):
+        load_config(path)
 
 
 def test_check_rejects_wrong_type_naming_the_key(tmp_path):
