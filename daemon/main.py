@@ -233,7 +233,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
     import ray
 
     from mmfuse.daemon.monitor import Monitor
-    from mmfuse.daemon.supervisor import PING_S, Supervisor
+    from mmfuse.daemon.supervisor import PING_S, Supervisor, placement_problems
 
     started = time.monotonic()
     monitor, web = Monitor(bundle.id), None
@@ -254,9 +254,11 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
                  configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
                  runtime_env=runtime_env)
         signals.after_ray_init()
-        problem = cluster_gpu_problem(config) if config.ray.address else None
-        if problem:
-            log.error("start-up failed", problem=problem)
+        problems = placement_problems(config, ray.nodes())
+        problems += [p for p in [cluster_gpu_problem(config) if config.ray.address else None] if p]
+        if problems:
+            for problem in problems:
+                log.error("start-up failed", problem=problem)
             return EXIT_STARTUP
         supervisor = Supervisor(config, bundle, log_format, virtual_clock, log)
         problems = supervisor.start()

@@ -23,6 +23,7 @@ a time limit and a failure is logged and counted.
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +51,44 @@ class Watched:
     down_since: float | None = None
     deaths: int = 0
     restarts: int = 0
+
+
+def placement(section) -> dict:
+    """The Ray options that place an actor as its configuration section asks: custom resources, GPUs."""
+    return {"num_gpus": getattr(section, "num_gpus", 0.0), "resources": dict(section.resources)}
+
+
+def placements(config: DaemonConfig) -> list[tuple[str, str, dict[str, float]]]:
+    """(actor, configuration key, what it asks of one node) of every actor that asks for GPUs or resources."""
+    asks = [(f"sensor-{s.name}", f"sensors[{i}]", s) for i, s in enumerate(config.sensors)]
+    asks += [(name, name, getattr(config, name)) for name in ("aligner", "restorer", "fusion", "publisher")]
+    found = []
+    for actor, key, section in asks:
+        ask = dict(section.resources) | ({"GPU": section.num_gpus} if getattr(section, "num_gpus", 0) else {})
+        if ask:
+            found.append((actor, key, ask))
+    return found
+
+
+def placement_problems(config: DaemonConfig, nodes: list[dict]) -> list[str]:
+    """Actors no live node of the cluster could ever hold (Ray would wait for ever to place them), named with
+    the resource no node has enough of. `nodes`: ray.nodes()."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    problems = []
+    for actor, key, ask in placements(config):
+        if any(all(node.get(name, 0) >= amount for name, amount in ask.items()) for node in alive):
+            continue
+        short = {name: amount for name, amount in ask.items() if not any(node.get(name, 0) >= amount
+                                                                         for node in alive)}
+        together, short = not short, short or ask  # each is somewhere, but no node has them all
+        custom = {name: amount for name, amount in short.items() if name != "GPU"}
+        fixes = ([f"start a node with a GPU, or set {key}.num_gpus: 0"] if "GPU" in short else []) + \
+            ([f"start a node that has {' and '.join(custom)} (ray start --address ... --resources "
+              f"'{json.dumps(dict.fromkeys(custom, 1))}'), or change {key}.resources"] if custom else [])
+        problems.append(f"{actor} cannot be placed: no live node of the Ray cluster has "
+                        f"{', '.join(f'{n}: {a:g}' for n, a in short.items())}{' on one node' if together else ''}; "
+                        f"{'; or '.join(fixes)}")
+    return problems
 
 
 class Supervisor:
@@ -81,15 +120,14 @@ class Supervisor:
         one_at_a_time = {"max_concurrency": 1}  # calls from one caller run in order; one thread owns each socket
         if stage.name == "sensor":  # two at a time: it answers pings and hands its kept batches over while stop() waits
             return [(f"sensor-{s.name}", (config, s.name, bundle.modalities[s.modality]["dim"], log_format,
-                                          virtual_clock), {"max_concurrency": 2, "num_gpus": s.num_gpus})
+                                          virtual_clock), {"max_concurrency": 2} | placement(s))
                     for s in config.sensors]
         if stage.name == "aligner":
-            return [("aligner", (config, sorted(bundle.modalities), log_format, virtual_clock), one_at_a_time)]
-        if stage.name == "restorer":
-            return [("restorer", (config, log_format), {"num_gpus": config.restorer.num_gpus})]
+            return [("aligner", (config, sorted(bundle.modalities), log_format, virtual_clock),
+                     one_at_a_time | placement(config.aligner))]
         if stage.name == "publisher":
-            return [("publisher", (config, log_format), one_at_a_time)]
-        return [(stage.name, (config, log_format), {})]
+            return [("publisher", (config, log_format), one_at_a_time | placement(config.publisher))]
+        return [(stage.name, (config, log_format), placement(getattr(config, stage.name)))]
 
     def start(self) -> list[str]:
         """Wait until every actor is up, restore the aligner (empty), then open the sensor sockets; returns the

@@ -29,6 +29,24 @@ def _check_endpoint(value: str) -> str:
     return value
 
 
+RAY_BUILT_IN = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _check_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if name in RAY_BUILT_IN:
+            raise ValueError(f"{name} is one of Ray's own resources; ask for GPUs with num_gpus, and name only "
+                             f"custom resources here (those given to `ray start --resources`)")
+        if not name or amount <= 0:
+            raise ValueError(f"resource {name!r}: {amount}; give each custom resource a name and an amount > 0, "
+                             f"for example {{lab_pc_1: 0.01}}")
+    return value
+
+
+RESOURCES_HELP = ("Ray custom resources this actor needs, {NAME: AMOUNT}: it runs only on a node started with them "
+                  "(ray start --resources)")
+
+
 class SensorConfig(Section):
     name: str = Field(min_length=1, description="sensor id; also the `source` its messages carry")
     modality: Literal["audio", "visual", "text"]
@@ -39,8 +57,10 @@ class SensorConfig(Section):
                                     "(NAME.key); its messages are accepted from that key only")
     num_gpus: float = Field(0.0, ge=0, description="GPUs this sensor's actor asks Ray for, to run its raw-media "
                             "tower there; 0 runs it on the CPU")
+    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP)
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
+    _resources = field_validator("resources")(_check_resources)
 
 
 class WindowConfig(Section):
@@ -97,6 +117,9 @@ class RestorerConfig(Section):
     abstain_below: float | None = Field(None, gt=0, lt=1, description="label a window 'abstain' when its top "
                                         "calibrated score is below this probability (classification)")
     seed: int = Field(0, description="diffusion: noise seed; with it a replay restores identically")
+    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP)
+
+    _resources = field_validator("resources")(_check_resources)
 
     @model_validator(mode="after")
     def _diffusion_options(self):
@@ -126,6 +149,13 @@ class RestorerConfig(Section):
         if value not in RESTORER_NAMES:
             raise ValueError(f"unknown restorer {value!r}; choose one of {', '.join(sorted(RESTORER_NAMES))}")
         return value
+
+
+class PlacementConfig(Section):
+    """Where the aligner, fusion or publisher actor runs."""
+    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP)
+
+    _resources = field_validator("resources")(_check_resources)
 
 
 class OutputConfig(Section):
@@ -187,7 +217,10 @@ class DaemonConfig(Section):
     window: WindowConfig = WindowConfig()
     drop: DropConfig = DropConfig()
     clock: ClockConfig = ClockConfig()
+    aligner: PlacementConfig = PlacementConfig()
     restorer: RestorerConfig = RestorerConfig()
+    fusion: PlacementConfig = PlacementConfig()
+    publisher: PlacementConfig = PlacementConfig()
     output: OutputConfig = OutputConfig()
     recorder: RecorderConfig | None = Field(None, description="hand mmfuse-record the messages the daemon "
                                             "accepted; empty: mmfuse-record subscribes to the sensors itself")
