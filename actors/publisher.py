@@ -62,6 +62,12 @@ class PublisherActor:
     def ready(self) -> str | None:
         return self.error
 
+    def address(self) -> str:
+        """Where consumers connect, from any machine: the output endpoint, a wildcard host made this node's."""
+        import ray
+
+        return wire.connect_address(self.endpoint, ray.util.get_node_ip_address())
+
     def _read_subscriptions(self, wait_s: float = 0.0) -> None:
         while self.socket.poll(wait_s * 1000, zmq.POLLIN):
             self.subscribed |= self.socket.recv()[:1] == b"\x01"

@@ -109,7 +109,9 @@ class SensorActor:
             self.started.set()
             return
         recorder = None if self.recorder_endpoint is None else self._connect_recorder(context)
-        self.log.info("sensor listening", endpoint=self.sensor.endpoint, bind=self.sensor.bind,
+        where = {"connect_to": wire.connect_address(self.sensor.endpoint, ray.util.get_node_ip_address())} \
+            if self.sensor.bind else {}
+        self.log.info("sensor listening", endpoint=self.sensor.endpoint, bind=self.sensor.bind, **where,
                       virtual_clock=self.virtual_clock, incarnation=self.incarnation.token,
                       authenticated=self.keys is not None)
         self.started.set()

@@ -67,7 +67,8 @@ def unavailable_resources(config: DaemonConfig) -> list[str]:
     import zmq
 
     problems = []
-    binds = [("output.endpoint", config.output.endpoint)] + [
+    # in a Ray cluster the endpoints bind on the nodes Ray places their actors on, which say so at start-up
+    binds = [] if config.ray.address is not None else [("output.endpoint", config.output.endpoint)] + [
         (f"sensors[{i}].endpoint ({s.name}, bind: true)", s.endpoint) for i, s in enumerate(config.sensors) if s.bind]
     context = zmq.Context.instance()
     for key, endpoint in binds:
@@ -254,7 +255,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
                  configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
                  runtime_env=runtime_env)
         signals.after_ray_init()
-        problems = placement_problems(config, ray.nodes())
+        problems = [problem for _, problem in placement_problems(config, ray.nodes())]
         problems += [p for p in [cluster_gpu_problem(config) if config.ray.address else None] if p]
         if problems:
             for problem in problems:
@@ -271,7 +272,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         if signals.received is not None:
             signals.stop.set()
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
-                 output=config.output.endpoint, restorer=config.restorer.method, virtual_clock=virtual_clock,
+                 output=supervisor.output_address, restorer=config.restorer.method, virtual_clock=virtual_clock,
                  startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
         next_stats, last_stats = time.monotonic() + config.log.stats_interval_s, None
         while not signals.stop.wait(PING_S):

@@ -163,7 +163,8 @@ class Monitor:
             problems = {}
             for name, watched in self.supervisor.actors.items():
                 if watched.down_since is not None:
-                    problems[name] = f"down for {time.monotonic() - watched.down_since:.1f} s"
+                    problems[name] = f"down for {time.monotonic() - watched.down_since:.1f} s" + \
+                        (f"; {watched.unplaced}" if watched.unplaced else "")
                 elif watched.stage.name == "sensor":
                     up = self._sensor_up(name)
                     if up is not True:

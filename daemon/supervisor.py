@@ -35,6 +35,7 @@ from mmfuse.pipeline import PIPELINE, Stage
 
 PING_S = 0.2           # how often each actor is asked for its incarnation, and the aligner for a snapshot
 SILENT_AFTER_S = 2.0   # an actor on another node that has not answered for this long counts as down
+UNPLACED_AFTER_S = 5.0  # an actor down this long is checked for a node that could hold it
 START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 5.0   # stats and recovery calls
 DRAIN_TIMEOUT_S = 30.0
@@ -51,6 +52,7 @@ class Watched:
     down_since: float | None = None
     deaths: int = 0
     restarts: int = 0
+    unplaced: str | None = None         # why Ray cannot restart it now: no live node has what it asks for
 
 
 def placement(section) -> dict:
@@ -70,12 +72,15 @@ def placements(config: DaemonConfig) -> list[tuple[str, str, dict[str, float]]]:
     return found
 
 
-def placement_problems(config: DaemonConfig, nodes: list[dict]) -> list[str]:
-    """Actors no live node of the cluster could ever hold (Ray would wait for ever to place them), named with
-    the resource no node has enough of. `nodes`: ray.nodes()."""
+def placement_problems(config: DaemonConfig, nodes: list[dict], actors: list[str] | None = None) \
+        -> list[tuple[str, str]]:
+    """(actor, problem) of the actors (default all) no live node of the cluster could hold now (Ray would wait
+    for ever to place them), naming the resource no node has enough of and the fix. `nodes`: ray.nodes()."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
     problems = []
     for actor, key, ask in placements(config):
+        if actors is not None and actor not in actors:
+            continue
         if any(all(node.get(name, 0) >= amount for name, amount in ask.items()) for node in alive):
             continue
         short = {name: amount for name, amount in ask.items() if not any(node.get(name, 0) >= amount
@@ -85,9 +90,9 @@ def placement_problems(config: DaemonConfig, nodes: list[dict]) -> list[str]:
         fixes = ([f"start a node with a GPU, or set {key}.num_gpus: 0"] if "GPU" in short else []) + \
             ([f"start a node that has {' and '.join(custom)} (ray start --address ... --resources "
               f"'{json.dumps(dict.fromkeys(custom, 1))}'), or change {key}.resources"] if custom else [])
-        problems.append(f"{actor} cannot be placed: no live node of the Ray cluster has "
+        problems.append((actor, f"{actor} cannot be placed: no live node of the Ray cluster has "
                         f"{', '.join(f'{n}: {a:g}' for n, a in short.items())}{' on one node' if together else ''}; "
-                        f"{'; or '.join(fixes)}")
+                        f"{'; or '.join(fixes)}"))
     return problems
 
 
@@ -113,6 +118,8 @@ class Supervisor:
         self.fresh = False  # a snapshot was read since the aligner last died or was told to drain
         self.pending: list[tuple[str, str, object]] = []  # (actor, what, call) to check later
         self.restoring = False
+        self.output_address = self.config.output.endpoint
+        self.placed_checked = 0.0  # when the placement of actors long down was last checked
 
     def _instances(self, stage: Stage, bundle, log_format: dict, virtual_clock: bool):
         """(actor name, constructor arguments, Ray options) of each actor of a stage."""
@@ -138,6 +145,7 @@ class Supervisor:
             incarnations = ray.get([w.handle.ping.remote() for w in self.actors.values() if w not in self.sensors],
                                    timeout=START_TIMEOUT_S)
             problems = [ray.get(self.actors["publisher"].handle.ready.remote(), timeout=START_TIMEOUT_S)]
+            self.output_address = ray.get(self.actors["publisher"].handle.address.remote(), timeout=START_TIMEOUT_S)
             ray.get(self.aligner.handle.restore.remote(None, {}, frozenset()), timeout=START_TIMEOUT_S)
             for watched, incarnation in zip([w for w in self.actors.values() if w not in self.sensors], incarnations):
                 watched.incarnation = incarnation
@@ -194,6 +202,23 @@ class Supervisor:
                            f"silent for {now - watched.answered:.1f} s")
         self._keep_snapshot()
         self._check_pending()
+        self._check_placement(now)
+
+    def _check_placement(self, now: float) -> None:
+        """Actors down for UNPLACED_AFTER_S whose node is gone, and no other live node has what they ask for: Ray
+        restarts them once a node that has it joins. Said once per life lost."""
+        import ray
+
+        down = [w for w in self.actors.values() if w.down_since is not None and now - w.down_since > UNPLACED_AFTER_S]
+        if not down or now - self.placed_checked < UNPLACED_AFTER_S:
+            return
+        self.placed_checked = now
+        problems = dict(placement_problems(self.config, ray.nodes(), [w.name for w in down]))
+        for watched in down:
+            problem = problems.get(watched.name)
+            if problem and problem != watched.unplaced:
+                self.log.error("actor cannot be placed", actor=watched.name, problem=problem)
+            watched.unplaced = problem
 
     def _local(self, watched: Watched) -> bool:
         return watched.incarnation is not None and watched.incarnation.node == self.node
@@ -222,7 +247,7 @@ class Supervisor:
             self.fresh = False
 
     def _back(self, watched: Watched) -> None:
-        watched.down_since = None
+        watched.down_since, watched.unplaced = None, None
         self.log.info("actor answers again", actor=watched.name, pid=watched.incarnation.pid)
         if watched.stage.model:
             self._tell_aligner("set_down", self.down())
@@ -231,7 +256,7 @@ class Supervisor:
         import ray
 
         since = watched.down_since if watched.down_since is not None else watched.answered
-        watched.down_since = None
+        watched.down_since, watched.unplaced = None, None
         watched.restarts += 1
         self.log.info("actor restarted", actor=watched.name, took_s=round(time.monotonic() - since, 3),
                       pid=watched.incarnation.pid, restarts=watched.restarts)
@@ -324,7 +349,7 @@ class Supervisor:
         import ray
 
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        stops = [w.handle.stop.remote() for w in self.sensors]
+        stops = [w.handle.stop.remote() for w in self.sensors if w.down_since is None]  # a lost one never answers
         while ray.wait(stops, num_returns=len(stops), timeout=0)[1] and time.monotonic() < deadline:
             self.watch()
             time.sleep(PING_S)

@@ -299,6 +299,15 @@ def decision_payload(decision: Decision) -> dict:
     return payload
 
 
+def connect_address(endpoint: str, node_ip: str) -> str:
+    """The endpoint peers on other machines connect to, for one bound on the node with address `node_ip`: a
+    wildcard host (tcp://*:PORT, tcp://0.0.0.0:PORT) is that node's address."""
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if endpoint.startswith(wildcard):
+            return f"tcp://{node_ip}:{endpoint.removeprefix(wildcard)}"
+    return endpoint
+
+
 OUTCOMES = ("complete", "restored", "abstain", "restoration_failed", "revised")
 
 

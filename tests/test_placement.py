@@ -42,14 +42,14 @@ def test_a_placement_no_node_satisfies_names_the_actor_the_resource_and_the_fix(
     gpu = {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}}
     assert placement_problems(config, [head, lab_pc, gpu]) == []
     problems = placement_problems(config, [head, {**lab_pc, "Alive": False}, gpu])
-    assert problems == ["sensor-cam0 cannot be placed: no live node of the Ray cluster has lab_pc_1: 0.01; start a "
+    assert problems == [("sensor-cam0", "sensor-cam0 cannot be placed: no live node of the Ray cluster has lab_pc_1: 0.01; start a "
                         "node that has lab_pc_1 (ray start --address ... --resources '{\"lab_pc_1\": 1}'), or "
-                        "change sensors[0].resources"]
+                        "change sensors[0].resources")]
     both = parse_config({**AS_WRITTEN, "restorer": {"method": "mean", "num_gpus": 1, "resources": {"head": 0.01}}})
-    assert placement_problems(both, [head, lab_pc, gpu]) == [
+    assert placement_problems(both, [head, lab_pc, gpu], ["restorer"]) == [("restorer",
         "restorer cannot be placed: no live node of the Ray cluster has head: 0.01, GPU: 1 on one node; start a "
         "node with a GPU, or set restorer.num_gpus: 0; or start a node that has head (ray start --address ... "
-        "--resources '{\"head\": 1}'), or change restorer.resources"]
+        "--resources '{\"head\": 1}'), or change restorer.resources")]
 
 
 def test_the_daemon_fails_start_up_at_once_when_a_sensor_asks_for_a_resource_no_node_has(tmp_path, bundle_dir):
