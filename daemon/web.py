@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from importlib import resources
 
@@ -59,6 +60,9 @@ class WebServer:
     """start() binds (or says why it cannot), then serves until stop()."""
 
     def __init__(self, monitor: Monitor, host: str, port: int):
+        # aiohttp logs a traceback for every malformed request, outside the daemon's log format: one client
+        # could fill the log with them. It answers them 400 all the same.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
         self.monitor, self.host, self.port = monitor, host, port
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(application(monitor), access_log=None, shutdown_timeout=1.0)
