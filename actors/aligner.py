@@ -208,13 +208,12 @@ class AlignerActor:
                 self._dispatch(self.aligner.drain(time.time()))
         return self.stats()
 
-    def read_metrics(self) -> tuple[str, list]:
+    def read_metrics(self) -> tuple[str, list, dict[str, dict[str, tuple[str, str]]]]:
+        """Its metrics, and the streams' states they count (mmfuse.aligner.Aligner.stream_states) for the live
+        view: worked out once, under the lock the batches wait for."""
         with self.lock:
-            return self.incarnation.token, aligner_families(self.aligner.stream_states(), self.aligner.stats())
-
-    def stream_states(self) -> dict[str, dict[str, tuple[str, str]]]:
-        with self.lock:
-            return self.aligner.stream_states()
+            states = self.aligner.stream_states()
+            return self.incarnation.token, aligner_families(states, self.aligner.stats()), states
 
     def stats(self) -> dict:
         with self.lock:

@@ -90,9 +90,9 @@ class PublisherActor:
             if not self.sent.first_time(decision.key):
                 continue
             decision = dataclasses.replace(decision, latency_ms=round((now - decision.dispatched_at) * 1000, 3))
-            self.socket.send_multipart(wire.encode_decision(decision))
-            self.published += 1
             payload = wire.decision_payload(decision)
+            self.socket.send_multipart(wire.encode_decision(decision, payload))
+            self.published += 1
             self.metrics.count(payload)
             self.recent.append((self.published, payload | {"published_at": now}))
             self.log.debug("decision", session=decision.session, window=decision.window_id,

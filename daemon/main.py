@@ -256,7 +256,8 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
                  runtime_env=runtime_env)
         signals.after_ray_init()
         problems = [problem for _, problem in placement_problems(config, ray.nodes())]
-        problems += [p for p in [cluster_gpu_problem(config) if config.ray.address else None] if p]
+        if not problems and config.ray.address:  # each actor fits somewhere: do their GPUs, all together?
+            problems = [p for p in [cluster_gpu_problem(config)] if p]
         if problems:
             for problem in problems:
                 log.error("start-up failed", problem=problem)

@@ -1,8 +1,8 @@
 """What the driver knows of the running daemon, for /metrics, /readyz and the live view (mmfuse.daemon.web).
 
 The main loop calls `poll` every supervision round; about once a second it asks the actors that count
-metrics for them (one Ray call each), the aligner for its streams' states and the publisher for the
-decisions published since the last poll, and takes the answers up in a later round: no call is waited
+metrics for them (one Ray call each; the aligner's answer also carries its streams' states) and the
+publisher for the decisions published since the last poll, and takes the answers up in a later round: no call is waited
 on, and an actor that does not answer keeps its last reading. A restarted actor counts from zero again;
 its previous life's last reading is carried, so the counters served never go back (the aligner takes its
 counts up from its snapshot and carries its own). The web thread only reads, under the lock.
@@ -77,8 +77,6 @@ class Monitor:
                 if watched.down_since is not None or watched.stage.name not in METERED:
                     continue
                 self.calls.append((name, "metrics", watched.handle.read_metrics.remote()))
-                if name == "aligner":
-                    self.calls.append((name, "streams", watched.handle.stream_states.remote()))
                 if name == "publisher":
                     token, after = self.published
                     self.calls.append((name, "decisions", watched.handle.recent_decisions.remote(after)))
@@ -88,9 +86,10 @@ class Monitor:
         with self.lock:
             for actor, what, answer in answers:
                 if what == "metrics":
-                    self._reading(actor, *answer)
-                elif what == "streams":
-                    self._streams(answer, now)
+                    token, families, *streams = answer  # the aligner's also has its streams' states
+                    self._reading(actor, token, families)
+                    if streams:
+                        self._streams(streams[0], now)
                 else:
                     self._decisions(*answer)
             for name in [n for n, s in self.sessions.items() if s.heard_at < now - VIEW_S]:

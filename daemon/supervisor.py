@@ -66,7 +66,8 @@ def placements(config: DaemonConfig) -> list[tuple[str, str, dict[str, float]]]:
     asks += [(name, name, getattr(config, name)) for name in ("aligner", "restorer", "fusion", "publisher")]
     found = []
     for actor, key, section in asks:
-        ask = dict(section.resources) | ({"GPU": section.num_gpus} if getattr(section, "num_gpus", 0) else {})
+        options = placement(section)
+        ask = options["resources"] | ({"GPU": options["num_gpus"]} if options["num_gpus"] else {})
         if ask:
             found.append((actor, key, ask))
     return found

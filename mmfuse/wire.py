@@ -274,8 +274,9 @@ def _array_header(body: dict, encoding: str, nbytes: int) -> tuple[tuple[int, ..
     return tuple(shape), dtype
 
 
-def encode_decision(decision: Decision) -> list[bytes]:
-    return [decision.topic.encode(), msgpack.packb(decision_payload(decision), use_bin_type=True)]
+def encode_decision(decision: Decision, payload: dict | None = None) -> list[bytes]:
+    """[topic, msgpack payload]; `payload`: decision_payload(decision), when the caller has it already."""
+    return [decision.topic.encode(), msgpack.packb(payload or decision_payload(decision), use_bin_type=True)]
 
 
 def decision_payload(decision: Decision) -> dict:
