@@ -18,17 +18,19 @@ IN_FLIGHT_KEPT = 64
 class FusionActor:
     def __init__(self, config: DaemonConfig, log_format: dict):
         from mmfuse.bundle import load_bundle
-        from mmfuse.inference import limit_threads
+        from mmfuse.inference import actor_device, limit_threads
 
         limit_threads()
         configure(**log_format)
         self.log = structlog.get_logger().bind(actor="fusion")
         self.incarnation = Incarnation.here()
         bundle = load_bundle(config.bundle)
-        self.head = build_fusion(config, bundle, stand_in=build_restorer(config, bundle))
+        device = actor_device(config.fusion.num_gpus)
+        self.head = build_fusion(config, bundle, build_restorer(config, bundle, device), device)
         self.publisher = None
         self.in_flight: list = []
         self.decisions = self.batches = self.failed = 0
+        self.log.info("fusion ready", bundle=bundle.id, device=device, incarnation=self.incarnation.token)
 
     def ping(self) -> Incarnation:
         return self.incarnation

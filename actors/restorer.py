@@ -31,8 +31,8 @@ class RestorerActor:
         self.incarnation = Incarnation.here()
         self.config = config
         self.bundle = load_bundle(config.bundle)
-        device = actor_device(config.restorer.num_gpus)
-        self.restorer = build_restorer(config, self.bundle, device)
+        self.device = actor_device(config.restorer.num_gpus)
+        self.restorer = build_restorer(config, self.bundle, self.device)
         self.fusion = None  # a FusionHead while standing in for the fusion stage
         self.max_batch, self.max_wait = config.restorer.max_batch, config.restorer.max_wait_ms / 1000
         self.queue: list[tuple[float, ClosedWindow, bool]] = []
@@ -44,7 +44,7 @@ class RestorerActor:
         self.windows = self.batches = self.failed = self.decided = 0
         self.metrics = RestoreMetrics()
         threading.Thread(target=self._work, name="restorer", daemon=True).start()
-        self.log.info("restorer ready", method=config.restorer.method, bundle=self.bundle.id, device=device,
+        self.log.info("restorer ready", method=config.restorer.method, bundle=self.bundle.id, device=self.device,
                       incarnation=self.incarnation.token)
 
     def ping(self) -> Incarnation:
@@ -60,7 +60,7 @@ class RestorerActor:
     def resume(self, floors: dict[tuple[str, int], int]) -> None:
         """Stand in for fusion from these floors of each session's close order (FusionHead.resume)."""
         with self.condition:
-            self.fusion = build_fusion(self.config, self.bundle, stand_in=self.restorer)
+            self.fusion = build_fusion(self.config, self.bundle, self.restorer, self.device)
             self._publish(self.fusion.resume(floors))
 
     def stand_down(self) -> None:

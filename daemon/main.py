@@ -105,7 +105,8 @@ def unavailable_port(host: str, port: int) -> str | None:
 
 def gpu_requests(config: DaemonConfig) -> dict[str, float]:
     """The GPUs the actors ask Ray for, by the configuration key that asks."""
-    asked = {"restorer.num_gpus": config.restorer.num_gpus} if config.restorer.num_gpus else {}
+    asked = {f"{key}.num_gpus": getattr(config, key).num_gpus for key in ("restorer", "fusion")
+             if getattr(config, key).num_gpus}
     return asked | {f"sensors[{i}].num_gpus": s.num_gpus for i, s in enumerate(config.sensors) if s.num_gpus}
 
 

@@ -158,6 +158,12 @@ class PlacementConfig(Section):
     _resources = field_validator("resources")(_check_resources)
 
 
+class FusionConfig(PlacementConfig):
+    """Where the fusion actor runs, and on what."""
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the fusion actor asks Ray for, to run its heads and, "
+                            "while the restorer is down, its restoring there; 0 runs on the CPU")
+
+
 class OutputConfig(Section):
     endpoint: str = "tcp://127.0.0.1:5560"
     authorized_keys: Path | None = Field(None, description="with security.curve: directory of the public "
@@ -219,7 +225,7 @@ class DaemonConfig(Section):
     clock: ClockConfig = ClockConfig()
     aligner: PlacementConfig = PlacementConfig()
     restorer: RestorerConfig = RestorerConfig()
-    fusion: PlacementConfig = PlacementConfig()
+    fusion: FusionConfig = FusionConfig()
     publisher: PlacementConfig = PlacementConfig()
     output: OutputConfig = OutputConfig()
     recorder: RecorderConfig | None = Field(None, description="hand mmfuse-record the messages the daemon "

@@ -49,13 +49,14 @@ class FusionHead:
     (mmfuse.calibration); with `abstain_below`, a window whose top score is below it is labelled `abstain`."""
 
     def __init__(self, bundle: Bundle, restorer: str, stand_in: WindowRestorer | None = None,
-                 abstain_below: float | None = None):
+                 abstain_below: float | None = None, device: str = "cpu"):
         self.bundle = bundle
-        self.head = bundle.head(bundle.restorers[restorer]["head"])
+        self.device = device
+        self.head = bundle.head(bundle.restorers[restorer]["head"]).to(device)
         self.temperatures = bundle.restorers[restorer].get("temperatures", {})
         self.spread_gain = bundle.restorers[restorer].get("spread_gain", 0.0)
         self.abstain_below = abstain_below
-        self.complete_head = bundle.complete_head()
+        self.complete_head = None if (complete := bundle.complete_head()) is None else complete.to(device)
         self.encoder = WindowEncoder(bundle)
         self.stand_in = stand_in
         self.context = bundle.context
@@ -142,7 +143,9 @@ class FusionHead:
         present = torch.tensor([[w.complete or m in w.present for m in self.bundle.modality_order] for w in windows])
         with torch.no_grad():
             aside = torch.tensor([w.stepped_aside or w.restoration_failed for w in windows])  # zero-filled ones
-            outputs = head_outputs(self.head, filled, context, present, self.complete_head, aside).numpy()
+            outputs = head_outputs(self.head, filled.to(self.device), None if context is None else
+                                   context.to(self.device), present.to(self.device), self.complete_head,
+                                   aside.to(self.device)).cpu().numpy()
         self.redecided += len(again)
         return [self._decision(w, o) for w, o in zip(windows, outputs)]
 

@@ -115,10 +115,10 @@ def build_restorer(config: DaemonConfig, bundle, device: str = "cpu"):
     return WindowRestorer(bundle, restorer.method, restorer.overrides(), restorer.abstain_spread, device)
 
 
-def build_fusion(config: DaemonConfig, bundle, stand_in=None):
+def build_fusion(config: DaemonConfig, bundle, stand_in=None, device: str = "cpu"):
     from mmfuse.fusion import FusionHead
 
-    return FusionHead(bundle, config.restorer.method, stand_in, config.restorer.abstain_below)
+    return FusionHead(bundle, config.restorer.method, stand_in, config.restorer.abstain_below, device)
 
 
 @dataclass

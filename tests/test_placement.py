@@ -29,6 +29,19 @@ def test_the_placement_keys_become_ray_options():
     assert placement(config.aligner) == placement(config.fusion) == {"num_gpus": 0.0, "resources": {}}
 
 
+def test_fusion_asks_for_gpus_like_the_restorer_and_too_many_name_both_keys():
+    from mmfuse.daemon.main import gpu_problem, gpu_requests
+
+    config = parse_config({**AS_WRITTEN, "fusion": {"num_gpus": 0.5, "resources": {"head": 0.01}}})
+    assert placement(config.fusion) == {"num_gpus": 0.5, "resources": {"head": 0.01}}
+    assert gpu_requests(config) == {"restorer.num_gpus": 1.0, "fusion.num_gpus": 0.5}
+    assert gpu_problem(gpu_requests(config), 1, "this machine has", "or add a GPU") == (
+        "restorer.num_gpus, fusion.num_gpus: 1.5 GPU(s) asked for, this machine has 1; set restorer.num_gpus and "
+        "fusion.num_gpus: 0 or add a GPU")
+    gpu_only = {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}}
+    assert [actor for actor, _ in placement_problems(config, [gpu_only], ["fusion"])] == ["fusion"]
+
+
 def test_ray_built_in_resources_and_empty_amounts_are_refused_naming_the_key():
     for resources, hint in (({"GPU": 1}, "num_gpus"), ({"lab_pc_1": 0}, "amount > 0")):
         with pytest.raises(ConfigError, match=rf"aligner.resources.*{hint}"):
