@@ -1,6 +1,7 @@
 """The daemon on a Ray cluster of three nodes on this machine (a head and two "acquisition PCs" with custom
-resources): each actor runs on the node its `resources` name, and when the node holding a sensor is lost
-the sessions go on deciding every window once, the lost sensor's modality restored."""
+resources): each actor runs on the node its `resources` name; when the node holding a sensor is lost the
+sessions go on deciding every window once, the lost sensor's modality restored, and when a node with its
+resources joins, the sensor is restarted there and its modality is back in the decisions."""
 
 import os
 import signal
@@ -46,8 +47,8 @@ def placed() -> dict[str, str]:
             if actor["ActorClassName"].endswith("Actor") and actor["State"] == "ALIVE"}
 
 
-def test_actors_run_where_their_resources_say_and_losing_a_sensor_node_loses_no_window(cluster, tmp_path,
-                                                                                      bundle_dir):
+def test_actors_run_where_their_resources_say_and_a_lost_sensor_node_loses_no_window_until_it_is_back(
+        cluster, tmp_path, bundle_dir):
     cluster, nodes = cluster
     context = zmq.Context()
     ports = {name: free_port() for name in SENSORS}
@@ -83,17 +84,27 @@ def test_actors_run_where_their_resources_say_and_losing_a_sensor_node_loses_no_
             assert where[f"sensor-{sensor}"] == nodes[node].node_id, (sensor, where)
 
         rng = np.random.default_rng(0)
-        sessions, windows, lost_at = ("east", "west"), 24, 8
+        sessions, lost_at, after_back = ("east", "west"), 8, 8
         seq = {(s, n): 0 for s in sessions for n in SENSORS}
+        replacement, back_at, k = None, None, 0
         start = time.monotonic()
-        for k in range(windows):
+        while back_at is None or k < back_at + after_back:
+            assert k < 200, f"cam0 was not back on the replacement node:\n{daemon.log()}"
             time.sleep(max(0.0, start + (k + 1) * WINDOW - time.monotonic()))
             if k == lost_at:
                 cluster.remove_node(nodes["lab_pc_1"], allow_graceful=False)  # cam0's acquisition PC
+            log = "".join(daemon.lines)
+            if replacement is None and "actor cannot be placed" in log:  # a PC with lab_pc_1's resource joins
+                replacement = cluster.add_node(num_cpus=1, resources={"lab_pc_1": 1})  # blocks: Ray's main thread only
+            while back_at is None and replacement is not None and sockets["cam0"].poll(0):
+                if sockets["cam0"].recv()[:1] == b"\x01":  # the restarted sensor subscribes again
+                    back_at = k + 1
             for session in sessions:
                 for name in SENSORS:
                     sockets[name].send_multipart(message(session, name, seq[session, name], k * WINDOW, rng=rng))
                     seq[session, name] += 1
+            k += 1
+        windows = k
         for session in sessions:
             for name in SENSORS:
                 sockets[name].send_multipart(message(session, name, seq[session, name], windows * WINDOW, "end"))
@@ -102,11 +113,15 @@ def test_actors_run_where_their_resources_say_and_losing_a_sensor_node_loses_no_
         for session in sessions:
             ids = sorted(d["window"]["id"] for d in received if d["session"] == session)
             assert ids == list(range(windows)), (session, ids, daemon.log())
-            late = [d for d in received if d["session"] == session and d["window"]["id"] >= lost_at + 6]
-            assert late and all("visual" in d["restored"] for d in late), late
+            mine = {d["window"]["id"]: d for d in received if d["session"] == session}
+            lost = [mine[i] for i in range(lost_at + 6, back_at - 2)]
+            assert lost and all("visual" in d["restored"] for d in lost), lost
+            back = [mine[i] for i in range(back_at + 2, windows)]
+            assert back and all("visual" in d["present"] and not d["restored"] for d in back), back
         log = "".join(daemon.lines)
         assert "actor cannot be placed" in log and "sensor-cam0" in log and "lab_pc_1" in log, daemon.log()
-        assert f"sensor-{'mic0'}" in placed() and "sensor-cam0" not in placed()
+        assert placed()["sensor-cam0"] == replacement.node_id != nodes["lab_pc_1"].node_id
+        assert placed()["sensor-mic0"] == nodes["lab_pc_2"].node_id
 
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(60) == 0, daemon.log()
