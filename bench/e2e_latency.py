@@ -36,10 +36,15 @@ import zmq
 
 from mmfuse import wire
 from mmfuse.bundle import load_bundle
-from mmfuse.daemon.main import tree_rss_mb
+from mmfuse.daemon.main import tree_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 SENSORS = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
+
+
+def peak_memory(peak: dict[str, float], sample: dict[str, float]) -> dict[str, float]:
+    """The larger of each figure (rss_mb, pss_mb) of the peak so far and a new sample of tree_memory_mb."""
+    return {key: max(peak.get(key, 0.0), value) for key, value in sample.items()}
 
 
 def free_port() -> int:
@@ -173,7 +178,7 @@ def main() -> int:
         received: dict[tuple[str, int], tuple[float, dict]] = {}
         duplicates = 0
         incomplete = 0
-        peak_rss = 0.0
+        peak = {}
         seq = {(s, n): 0 for s in sessions for n in SENSORS}
 
         def drain(until: float) -> None:
@@ -223,7 +228,7 @@ def main() -> int:
                     seq[session, name] += 1
                 sent_at[(session, k)] = time.monotonic()
             if k % 5 == 0:
-                peak_rss = max(peak_rss, tree_rss_mb(daemon.pid))
+                peak = peak_memory(peak, tree_memory_mb(daemon.pid))
         drain(time.monotonic() + 3.0)
         elapsed = time.monotonic() - start
 
@@ -253,7 +258,7 @@ def main() -> int:
                                            "p99": round(float(np.percentile(internal, 99)), 2)},
             "decisions_per_s": round(len(received) / elapsed, 2),
             "ray_calls_per_window": round(calls / closed, 3) if closed else None,
-            "daemon_rss_mb": {"peak_sampled": round(peak_rss, 1), "at_exit": final.get("rss_mb")},
+            "daemon_memory_mb": {"peak_sampled": peak, "at_exit": {k: final.get(k) for k in ("rss_mb", "pss_mb")}},
             "daemon_exit_code": daemon.returncode,
             "daemon_log": str(workdir / "daemon.log"),
             "aligner": final.get("aligner"),

@@ -8,8 +8,8 @@ time, every session's windows complete. At the end of the step every stream send
 and its final stats read. Per rate: messages sent; accepted by the sensor actors; rejected and unsupported by
 reason; sequence gaps (messages lost before the daemon saw them); messages the aligner counted late; windows
 decided, degraded ones (decided without a modality that was sent for them) and those whose decision names
-`seq_gaps`; decision latency from the window's end to its decision arriving (p50, p99); the daemon's RSS
-(whole process tree, peak of samples); and the share of one core the sender itself used (it runs on the same
+`seq_gaps`; decision latency from the window's end to its decision arriving (p50, p99); the daemon's memory
+(whole process tree, peak of samples: RSS summed, and PSS, which counts each shared page once); and the share of one core the sender itself used (it runs on the same
 cores as the daemon).
 
 The same run first measures this machine's raw pyzmq PUB -> SUB rate for the same messages between two
@@ -35,10 +35,10 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_latency import SENSORS, ensure_bundle, free_port, live_lab, start_daemon  # noqa: E402
+from e2e_latency import SENSORS, ensure_bundle, free_port, live_lab, peak_memory, start_daemon  # noqa: E402
 from mmfuse import wire  # noqa: E402
 from mmfuse.bundle import load_bundle  # noqa: E402
-from mmfuse.daemon.main import tree_rss_mb  # noqa: E402
+from mmfuse.daemon.main import tree_memory_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,10 +139,10 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
 
         listening = threading.Thread(target=listen, daemon=True)
         listening.start()
-        sent, seq, peak_rss = 0, 0, 0.0
+        sent, seq, peak = 0, 0, {}
         window_end_at: dict[int, float] = {}
         start, sender_cpu = time.monotonic(), time.thread_time()
-        next_rss = start
+        next_memory = start
         while (elapsed := time.monotonic() - start) < args.step_s:
             due = int(elapsed / period) + 1            # messages each stream should have sent by now
             for s, name in streams:
@@ -156,8 +156,8 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
             for w in range(int(seq * period / args.window_s), int(due * period / args.window_s)):
                 window_end_at.setdefault(w, start + (w + 1) * args.window_s)
             seq = due
-            if time.monotonic() >= next_rss:
-                peak_rss, next_rss = max(peak_rss, tree_rss_mb(daemon.pid)), time.monotonic() + 2.0
+            if time.monotonic() >= next_memory:
+                peak, next_memory = peak_memory(peak, tree_memory_mb(daemon.pid)), time.monotonic() + 2.0
             time.sleep(0.002)
         sender_cpu = time.thread_time() - sender_cpu
         for s, name in streams:
@@ -206,7 +206,7 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
         "windows_degraded": len(degraded), "windows_with_seq_gaps": len(gapped), "duplicates": duplicates,
         "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 1),
                        "p99": round(float(np.percentile(latencies, 99)), 1)} if len(latencies) else None,
-        "daemon_rss_mb": {"peak_sampled": round(peak_rss, 1), "at_exit": final.get("rss_mb")},
+        "daemon_memory_mb": {"peak_sampled": peak, "at_exit": {k: final.get(k) for k in ("rss_mb", "pss_mb")}},
         "daemon_exit_code": daemon.returncode,
     }
 

@@ -2,9 +2,10 @@
 
     python bench/soak.py --sessions 32 --duration-s 1800
 
-Samples the RSS of the daemon's whole process tree (driver, Ray's processes, every actor) every
-`--sample-s` seconds and reports its growth per hour after `--warmup-s` (a least-squares slope over the
-samples after warm-up, as a share of their mean), with the decisions counted against the windows sent.
+Samples the memory of the daemon's whole process tree (driver, Ray's processes, every actor) every
+`--sample-s` seconds, as RSS summed over the processes and as PSS (each shared page counted once: what the tree
+holds of the machine), and reports the growth of each per hour after `--warmup-s` (a least-squares slope over
+the samples after warm-up, as a share of their mean), with the decisions counted against the windows sent.
 Writes JSON (default bench/results/soak.json) after every sample, so a run cut short keeps what it measured.
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_latency import SENSORS, ensure_bundle, live_lab, start_daemon  # noqa: E402
 from mmfuse import wire  # noqa: E402
 from mmfuse.bundle import load_bundle  # noqa: E402
-from mmfuse.daemon.main import tree_rss_mb  # noqa: E402
+from mmfuse.daemon.main import tree_memory_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +47,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def growth_per_hour(samples: list[tuple[float, float]], warmup_s: float) -> float | None:
-    """Least-squares slope of RSS over time after warm-up, in percent of the mean RSS per hour."""
-    kept = [(t, rss) for t, rss in samples if t >= warmup_s]
+    """Least-squares slope of (time, MiB) samples after warm-up, in percent of their mean per hour."""
+    kept = [(t, mib) for t, mib in samples if t >= warmup_s]
     if len(kept) < 3:
         return None
-    t, rss = np.array(kept).T
-    slope = np.polyfit(t, rss, 1)[0]  # MiB per second
-    return round(float(slope * 3600 / rss.mean() * 100), 3)
+    t, mib = np.array(kept).T
+    slope = np.polyfit(t, mib, 1)[0]  # MiB per second
+    return round(float(slope * 3600 / mib.mean() * 100), 3)
+
+
+def growth(samples: list[dict], warmup_s: float) -> dict[str, float | None]:
+    return {key: growth_per_hour([(s["t"], s[key]) for s in samples], warmup_s) for key in ("rss_mb", "pss_mb")}
 
 
 def main() -> int:
@@ -99,12 +104,14 @@ def main() -> int:
                     seq[session, name] += 1
             if time.monotonic() >= next_sample:
                 now = time.monotonic() - start
-                result["samples"].append((round(now, 1), round(tree_rss_mb(daemon.pid), 1)))
-                result["growth_percent_per_hour"] = growth_per_hour(result["samples"], args.warmup_s)
+                result["samples"].append({"t": round(now, 1), **tree_memory_mb(daemon.pid)})
+                result["growth_percent_per_hour"] = growth(result["samples"], args.warmup_s)
                 result["windows_sent"], result["decisions"] = k * len(sessions), len(decided)
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-                print(f"{now:7.0f} s  RSS {result['samples'][-1][1]:8.1f} MiB  decisions {len(decided)}", flush=True)
+                sample = result["samples"][-1]
+                print(f"{now:7.0f} s  RSS {sample['rss_mb']:8.1f} MiB  PSS {sample['pss_mb']:8.1f} MiB  "
+                      f"decisions {len(decided)}", flush=True)
                 next_sample += args.sample_s
             time.sleep(max(0.0, start + (k + 1) * args.window_s - time.monotonic()))
         for session in sessions:
@@ -122,7 +129,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 daemon.kill()
         context.destroy(linger=0)
-    result["growth_percent_per_hour"] = growth_per_hour(result["samples"], args.warmup_s)
+    result["growth_percent_per_hour"] = growth(result["samples"], args.warmup_s)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     return 0

@@ -133,20 +133,24 @@ def cluster_gpu_problem(config: DaemonConfig) -> str | None:
                        f"the Ray cluster at {config.ray.address} has", "or add a GPU node")
 
 
-def tree_rss_mb(pid: int | None = None) -> float:
-    """RSS of a process (default this one) and all its children, Ray's processes included, in MiB."""
+def tree_memory_mb(pid: int | None = None) -> dict[str, float]:
+    """Memory of a process (default this one) and all its children, Ray's processes included, in MiB:
+    `rss_mb` sums each process's resident set, so a page shared by several (torch's libraries, loaded by
+    every actor that runs a model) counts once per process; `pss_mb` sums their proportional shares, each
+    resident page counted once: what the tree holds of the machine's memory."""
     try:
         process = psutil.Process(pid)
-        total = process.memory_info().rss
-        children = process.children(recursive=True)
+        processes = [process, *process.children(recursive=True)]
     except psutil.Error:
-        return 0.0
-    for child in children:
+        return {"rss_mb": 0.0, "pss_mb": 0.0}
+    rss = pss = 0
+    for each in processes:
         try:
-            total += child.memory_info().rss
+            memory = each.memory_full_info()
         except psutil.Error:
-            pass
-    return round(total / 2**20, 1)
+            continue
+        rss, pss = rss + memory.rss, pss + memory.pss
+    return {"rss_mb": round(rss / 2**20, 1), "pss_mb": round(pss / 2**20, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,13 +287,13 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
             if time.monotonic() >= next_stats:
                 stats = supervisor.stats()
                 if stats != last_stats:  # a quiet daemon says nothing
-                    log.info("stats", **stats, rss_mb=tree_rss_mb())
+                    log.info("stats", **stats, **tree_memory_mb())
                     last_stats = stats
                 next_stats = time.monotonic() + config.log.stats_interval_s
         log.info("draining", signal=signal.Signals(signals.received).name)
         monitor.set_phase("draining")
         final = supervisor.drain()
-        log.info("stopped", **final, rss_mb=tree_rss_mb())
+        log.info("stopped", **final, **tree_memory_mb())
         return signals.exit_status
     finally:
         signals.deferring, signals.ready = True, False  # a second Ctrl-C must not cut Ray's shutdown short

@@ -227,3 +227,21 @@ def test_live_view_in_a_browser_shows_both_sessions_the_stopped_sensor_and_decis
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[:2] == (760, 1280)
     assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # not blank
+
+
+def test_the_memory_of_a_process_tree_counts_its_children_and_shared_pages_once_in_pss():
+    from mmfuse.daemon.main import tree_memory_mb
+
+    alone = tree_memory_mb()
+    children = [subprocess.Popen([sys.executable, "-c", "import numpy, sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+                for _ in range(2)]
+    try:
+        time.sleep(2.0)  # both have loaded python and numpy: the same library pages, mapped by three processes
+        child = tree_memory_mb(children[0].pid)
+        tree = tree_memory_mb()
+        assert child["rss_mb"] > 0 and tree["rss_mb"] >= alone["rss_mb"] + 2 * child["rss_mb"] * 0.9
+        assert 0 < tree["pss_mb"] < tree["rss_mb"]
+    finally:
+        for process in children:
+            process.kill()
+            process.wait()
