@@ -38,6 +38,7 @@ class AlignerActor:
         self.outbox = Outbox()
         self.applied: dict[tuple[str, str], int] = {}  # (sensor, incarnation) -> number of its last batch applied
         self.down: frozenset[str] = frozenset()        # stages the supervisor reports down
+        self.fusion_in_restorer = config.pipeline.shared_model_process
         self.stages: dict = {}
         self.lock = threading.RLock()  # restore() replays held calls, which take it too
         self.restored = False
@@ -166,13 +167,16 @@ class AlignerActor:
 
     def _decider(self) -> str:
         """The stage that decides: fusion, or the restorer standing in for it."""
+        if self.fusion_in_restorer:
+            return "restorer"
         return "restorer" if "fusion" in self.down and "restorer" not in self.down else "fusion"
 
     def _hand_on(self, windows: list[ClosedWindow]) -> None:
         decider = self._decider()
         routed: dict[str, list[ClosedWindow]] = {}
         for window in windows:
-            routed.setdefault(PIPELINE.route(window, self.down), []).append(window)
+            stage = "restorer" if self.fusion_in_restorer else PIPELINE.route(window, self.down)
+            routed.setdefault(stage, []).append(window)
         for stage, group in routed.items():
             if stage == "restorer":
                 self._call("restorer", "restore", group, decider == "restorer")

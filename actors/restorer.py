@@ -33,7 +33,9 @@ class RestorerActor:
         self.bundle = load_bundle(config.bundle)
         self.device = actor_device(config.restorer.num_gpus)
         self.restorer = build_restorer(config, self.bundle, self.device)
-        self.fusion = None  # a FusionHead while standing in for the fusion stage
+        self.fusion = None  # a FusionHead while standing in for the fusion stage, or always in a shared process
+        if config.pipeline.shared_model_process:
+            self.fusion = build_fusion(config, self.bundle, self.restorer, self.device)
         self.max_batch, self.max_wait = config.restorer.max_batch, config.restorer.max_wait_ms / 1000
         self.queue: list[tuple[float, ClosedWindow, bool]] = []
         self.condition = threading.Condition()
@@ -58,9 +60,12 @@ class RestorerActor:
             self.condition.notify()
 
     def resume(self, floors: dict[tuple[str, int], int]) -> None:
-        """Stand in for fusion from these floors of each session's close order (FusionHead.resume)."""
+        """Decide from these floors of each session's close order on (FusionHead.resume): as fusion's stand-in
+        from now, or as before (the publisher restarted). A head kept keeps the sessions' order: a fresh one would
+        wait for windows above a floor that were published already."""
         with self.condition:
-            self.fusion = build_fusion(self.config, self.bundle, self.restorer, self.device)
+            if self.fusion is None:
+                self.fusion = build_fusion(self.config, self.bundle, self.restorer, self.device)
             self._publish(self.fusion.resume(floors))
 
     def stand_down(self) -> None:

@@ -118,7 +118,8 @@ def report(result: dict, path: str) -> None:
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def live_lab(workdir: Path, bundle_path: Path, window_s: float, restorer: str, context: zmq.Context):
+def live_lab(workdir: Path, bundle_path: Path, window_s: float, restorer: str, context: zmq.Context,
+             shared_model_process: bool = False):
     """A daemon configuration on free ports, written to workdir, with the sensors' XPUB sockets bound and a
     decision subscriber connected: (configuration path, sockets by sensor, listener)."""
     ports = {name: free_port() for name in SENSORS}
@@ -128,7 +129,7 @@ def live_lab(workdir: Path, bundle_path: Path, window_s: float, restorer: str, c
                           for n, m in SENSORS.items()],
               "window": {"length_s": window_s, "hop_s": window_s}, "drop": {"timeout_s": 1.0},
               "restorer": {"method": restorer}, "output": {"endpoint": output},
-              "log": {"stats_interval_s": 3600}}
+              "log": {"stats_interval_s": 3600}, "pipeline": {"shared_model_process": shared_model_process}}
     config_path = workdir / "bench.yaml"
     config_path.write_text(yaml.safe_dump(config))
     sockets = {}

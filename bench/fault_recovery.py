@@ -8,7 +8,8 @@ daemon's `daemon ready` and `actor restarted` lines). For each kill it reports t
 windows sent in its phase that were never decided (lost), decided more than once
 (doubled), decided without data that reached the daemon (degraded: only expected for
 the sensor's own windows while it restarts), the time from the kill to the first
-decision after it (resume) and the longest silence of the output after it.
+decision after it (resume) and the longest silence of the output after it. With
+`--shared-model-process` fusion runs in the restorer's process and has none of its own to kill.
 
     python bench/fault_recovery.py --sessions 16
 
@@ -46,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--phase", type=int, default=12, help="windows between two kills")
     parser.add_argument("--incomplete", type=float, default=0.3, help="share of windows missing one modality")
     parser.add_argument("--restorer", default="mean")
+    parser.add_argument("--shared-model-process", action="store_true",
+                        help="pipeline.shared_model_process: fusion in the restorer's process")
     parser.add_argument("--bundle", default=None, help="bundle directory; default: train one on generated data")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "fault_recovery.json"))
     return parser.parse_args()
@@ -74,11 +77,13 @@ class Daemon:
 
 def main() -> int:
     args = parse_args()
+    kills_in_turn = [a for a in KILLS if not (args.shared_model_process and a == "fusion")]  # none of its own
     workdir = Path(tempfile.mkdtemp(prefix="mmfuse-faults-"))
     bundle_path = ensure_bundle(args.bundle, workdir, media=False)
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
     context = zmq.Context()
-    config_path, sockets, listener = live_lab(workdir, bundle_path, 1.0, args.restorer, context)
+    config_path, sockets, listener = live_lab(workdir, bundle_path, 1.0, args.restorer, context,
+                                                 args.shared_model_process)
     daemon = Daemon(config_path)
     received: list[tuple[float, dict]] = []
     try:
@@ -95,7 +100,7 @@ def main() -> int:
 
         rng = np.random.default_rng(0)
         sessions = [f"s{i:02d}" for i in range(args.sessions)]
-        windows = args.phase * (len(KILLS) + 1)
+        windows = args.phase * (len(kills_in_turn) + 1)
         sent: dict[tuple[str, int], list[str]] = {}
         kills: dict[str, float] = {}
         start = time.monotonic()
@@ -121,8 +126,8 @@ def main() -> int:
                     seq[session, name] += 1
                 sent[(session, k)] = sorted(SENSORS[n] for n in SENSORS if n != leave_out)
             phase, into = divmod(k + 1, args.phase)
-            if into == 0 and 1 <= phase <= len(KILLS):
-                actor = KILLS[phase - 1]
+            if into == 0 and 1 <= phase <= len(kills_in_turn):
+                actor = kills_in_turn[phase - 1]
                 pid = daemon.pid(actor)
                 os.kill(pid, signal.SIGKILL)
                 kills[actor] = time.monotonic()
@@ -145,7 +150,7 @@ def main() -> int:
         counts[key] = counts.get(key, 0) + 1
     decided = {(d["session"], d["window"]["id"]): d for _, d in received}
     results = {}
-    for phase, actor in enumerate(KILLS, 1):
+    for phase, actor in enumerate(kills_in_turn, 1):
         ks = range(phase * args.phase - 1, (phase + 1) * args.phase - 1)  # from the window sent at the kill on
         keys = [(s, k) for s in sessions for k in ks]
         phase_keys = set(keys)
@@ -163,7 +168,7 @@ def main() -> int:
             "restart_s": restarted[0].get("took_s") if restarted else None,
         }
     result = {"sessions": args.sessions, "window_s": 1.0, "phase_windows": args.phase, "restorer": args.restorer,
-              "windows_sent": len(sent), "windows_decided": len(decided),
+              "shared_model_process": args.shared_model_process, "windows_sent": len(sent), "windows_decided": len(decided),
               "lost_total": sum(key not in decided for key in sent),
               "doubled_total": sum(n - 1 for n in counts.values() if n > 1), "kills": results,
               "daemon_exit_code": exit_code, "daemon_log": str(workdir / "daemon.log"), "cpu": os.cpu_count()}

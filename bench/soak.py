@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window-s", type=float, default=1.0)
     parser.add_argument("--sample-s", type=float, default=30.0)
     parser.add_argument("--warmup-s", type=float, default=300.0)
+    parser.add_argument("--shared-model-process", action="store_true",
+                        help="pipeline.shared_model_process: fusion in the restorer's process")
     parser.add_argument("--bundle", default=None, help="features bundle; default: train one on generated data")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "soak.json"))
     return parser.parse_args()
@@ -66,7 +68,8 @@ def main() -> int:
     bundle = ensure_bundle(args.bundle, workdir, media=False)
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle).modalities.items()}
     context = zmq.Context()
-    config_path, sockets, listener = live_lab(workdir, bundle, args.window_s, "autoencoder", context)
+    config_path, sockets, listener = live_lab(workdir, bundle, args.window_s, "autoencoder", context,
+                                                 args.shared_model_process)
     daemon, log_lines = start_daemon(config_path)
     decided: set[tuple[str, int]] = set()
     stop = threading.Event()
@@ -81,7 +84,8 @@ def main() -> int:
                         break
                     decided.add((decision["session"], decision["window"]["id"]))
 
-    result: dict = {"sessions": args.sessions, "duration_s": args.duration_s, "samples": []}
+    result: dict = {"sessions": args.sessions, "duration_s": args.duration_s,
+                    "shared_model_process": args.shared_model_process, "samples": []}
     try:
         for sock in sockets.values():
             if not sock.poll(180_000):

@@ -60,10 +60,16 @@ def placement(section) -> dict:
     return {"num_gpus": getattr(section, "num_gpus", 0.0), "resources": dict(section.resources)}
 
 
+def stage_actors(config: DaemonConfig) -> list[str]:
+    """The actors of the stages after the sensors; fusion has none of its own in a shared model process."""
+    shared = config.pipeline.shared_model_process
+    return [name for name in ("aligner", "restorer", "fusion", "publisher") if not (shared and name == "fusion")]
+
+
 def placements(config: DaemonConfig) -> list[tuple[str, str, dict[str, float]]]:
     """(actor, configuration key, what it asks of one node) of every actor that asks for GPUs or resources."""
     asks = [(f"sensor-{s.name}", f"sensors[{i}]", s) for i, s in enumerate(config.sensors)]
-    asks += [(name, name, getattr(config, name)) for name in ("aligner", "restorer", "fusion", "publisher")]
+    asks += [(name, name, getattr(config, name)) for name in stage_actors(config)]
     found = []
     for actor, key, section in asks:
         options = placement(section)
@@ -135,6 +141,8 @@ class Supervisor:
                      one_at_a_time | placement(config.aligner))]
         if stage.name == "publisher":
             return [("publisher", (config, log_format), one_at_a_time | placement(config.publisher))]
+        if stage.name not in stage_actors(config):
+            return []
         return [(stage.name, (config, log_format), placement(getattr(config, stage.name)))]
 
     def start(self) -> list[str]:
@@ -368,7 +376,7 @@ class Supervisor:
             time.sleep(PING_S)
         if self.unacknowledged:
             self.log.error("windows not published when the drain timed out", count=self.unacknowledged)
-        for name in ("restorer", "fusion", "publisher"):
+        for name in [n for n in ("restorer", "fusion", "publisher") if n in self.actors]:
             try:
                 ray.get(self.actors[name].handle.drain.remote(), timeout=CALL_TIMEOUT_S)
             except ray.exceptions.RayError as exc:

@@ -203,6 +203,9 @@ class PipelineConfig(Section):
                                      "no window is due; keep it below drop.timeout_s")
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="larger sensor messages are rejected")
     session_idle_s: float = Field(60.0, gt=0, description="forget a session silent this long")
+    shared_model_process: bool = Field(False, description="run fusion in the restorer's process: one process "
+                                       "imports torch instead of two (about 400 MiB less, docs/results.md), but "
+                                       "while it restarts no stage stands in and decisions wait for it")
 
 
 class HttpConfig(Section):
@@ -253,6 +256,9 @@ class DaemonConfig(Section):
             if keyed:
                 raise ValueError(f"{', '.join(keyed)} only apply with CURVE authentication; add security.curve "
                                  f"(secret_key, authorized_keys) or remove them")
+        if self.pipeline.shared_model_process and (self.fusion.resources or self.fusion.num_gpus):
+            raise ValueError("fusion.resources and fusion.num_gpus do not apply with pipeline.shared_model_process "
+                             "(fusion runs in the restorer's process); set restorer.resources and restorer.num_gpus")
         endpoints = [s.endpoint for s in self.sensors] + [self.output.endpoint]
         endpoints += [self.recorder.endpoint] if self.recorder is not None else []
         shared = sorted({e for e in endpoints if endpoints.count(e) > 1})
