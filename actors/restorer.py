@@ -1,7 +1,7 @@
 """Restorer actor: restore() only queues; a worker thread restores up to max_batch windows at
 a time across sessions, waiting at most max_wait_ms for a batch to fill, and hands them to
 fusion. While fusion is down it stands in for it: it decides the windows itself and
-publishes them."""
+publishes them. With pipeline.shared_model_process it always does, and there is no fusion actor."""
 
 from __future__ import annotations
 

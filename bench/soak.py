@@ -64,6 +64,7 @@ def growth(samples: list[dict], warmup_s: float) -> dict[str, float | None]:
 
 def main() -> int:
     args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the daemon too (finally), not only this
     workdir = Path(tempfile.mkdtemp(prefix="mmfuse-soak-"))
     bundle = ensure_bundle(args.bundle, workdir, media=False)
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle).modalities.items()}

@@ -12,7 +12,9 @@ new one is a restart, and it brings the restarted stage back into the pipeline:
   snapshot holding it is confirmed), then hands every unacknowledged window on again;
 - while the restorer or fusion is down (its process gone, or silent for SILENT_AFTER_S
   on another node) the other stands in for it, and the aligner hands the windows
-  they held on again; once it is back it takes its work up again;
+  they held on again; once it is back it takes its work up again (with
+  pipeline.shared_model_process fusion runs in the restorer's process, and the windows
+  wait for its restart);
 - a restarted publisher gets every unacknowledged window again.
 
 Copies made on the way are dropped downstream (mmfuse.delivery), so each window is
