@@ -204,7 +204,7 @@ class PipelineConfig(Section):
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="larger sensor messages are rejected")
     session_idle_s: float = Field(60.0, gt=0, description="forget a session silent this long")
     shared_model_process: bool = Field(False, description="run fusion in the restorer's process: one process "
-                                       "imports torch instead of two (about 400 MiB less, docs/results.md), but "
+                                       "imports torch instead of two (about 360 MiB less PSS, docs/results.md), but "
                                        "while it restarts no stage stands in and decisions wait for it")
 
 
