@@ -80,3 +80,12 @@ def test_the_daemon_fails_start_up_at_once_when_a_sensor_asks_for_a_resource_no_
     assert result.returncode == 3, result.stderr[-3000:]
     assert "sensor-cam0 cannot be placed" in result.stderr and "lab_pc_1" in result.stderr
     assert time.monotonic() - started < 90  # Ray's start-up, not START_TIMEOUT_S of waiting for a placement
+
+
+def test_fusion_placement_is_refused_when_fusion_runs_in_the_restorers_process():
+    from mmfuse.daemon.supervisor import stage_actors
+
+    shared = {**AS_WRITTEN, "pipeline": {"shared_model_process": True}}
+    assert stage_actors(parse_config(shared)) == ["aligner", "restorer", "publisher"]
+    with pytest.raises(ConfigError, match="fusion.resources and fusion.num_gpus do not apply.*set restorer.resources"):
+        parse_config({**shared, "fusion": {"num_gpus": 1}})
