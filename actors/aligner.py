@@ -166,7 +166,7 @@ class AlignerActor:
             self._call(self._decider(), "finish", ends)
 
     def _decider(self) -> str:
-        """The stage that decides: fusion, or the restorer standing in for it."""
+        """The stage that decides: fusion, or the restorer standing in for it (always, when fusion runs in it)."""
         if self.fusion_in_restorer:
             return "restorer"
         return "restorer" if "fusion" in self.down and "restorer" not in self.down else "fusion"
