@@ -158,9 +158,10 @@ def test_readyz_is_503_until_the_sensors_are_open_then_200(watched):
 
 
 def test_metrics_count_the_decisions_received_and_the_rejects_sent_and_tap_prints_them(watched):
+    # SIGINT at its default, as from a terminal: a test run started in the background inherits it ignored
     tap = subprocess.Popen([str(Path(sys.executable).parent / "mmfuse-tap"), "--config", str(watched.config_path),
                             "--json", "--duration-s", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "listening on" in tap.stderr.readline()
     time.sleep(0.5)  # its subscription reaches the publisher
     malformed = 7
