@@ -56,7 +56,9 @@ class FusionHead:
         self.temperatures = bundle.restorers[restorer].get("temperatures", {})
         self.spread_gain = bundle.restorers[restorer].get("spread_gain", 0.0)
         self.abstain_below = abstain_below
-        self.complete_head = None if (complete := bundle.complete_head()) is None else complete.to(device)
+        self.complete_head = bundle.complete_head()
+        if self.complete_head is not None:
+            self.complete_head.to(device)
         self.encoder = WindowEncoder(bundle)
         self.stand_in = stand_in
         self.context = bundle.context
