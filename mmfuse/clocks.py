@@ -55,8 +55,23 @@ class ClockTracker:
         self.seen = 0           # messages since the last reset
         self.last_t = -math.inf
         self.last_arrived = -math.inf
-        self.line: ClockLine | None = None  # once MIN_BUCKETS seconds have been seen
-        self.floor = math.nan   # lowest delay, while there is no line
+        self._line: ClockLine | None = None
+        self._floor = math.nan
+        self._stale = False     # minima changed since the line was fitted: fit it when next asked for
+
+    @property
+    def line(self) -> ClockLine | None:
+        """The fitted clock line, once MIN_BUCKETS seconds have been seen."""
+        if self._stale:
+            self._refit()
+        return self._line
+
+    @property
+    def floor(self) -> float:
+        """The lowest delay, while there is no line."""
+        if self._stale:
+            self._refit()
+        return self._floor
 
     def offset(self, t: float) -> float:
         """Daemon time minus the (continuous) source time, at source time t."""
@@ -108,13 +123,16 @@ class ClockTracker:
     def _jump(self, u: float, arrived: float, restarted: bool) -> float | None:
         if not self.minima:
             return None
+        leapt = (u - self.last_t) - (arrived - self.last_arrived) > self.jump_s
+        back = u < self.last_t - self.jump_s
+        if not (back or restarted or (leapt and self.seen >= self.settle)):
+            return None  # the common case, decided without the line
         delay = arrived - u
         expected = self.offset(u)
-        if u < self.last_t - self.jump_s:
+        if back:
             return expected - delay
         if restarted and abs(delay - expected) > self.jump_s:
             return expected - delay
-        leapt = (u - self.last_t) - (arrived - self.last_arrived) > self.jump_s
         if self.seen >= self.settle and leapt and delay < expected - self.jump_s:
             return expected - delay
         return None
@@ -124,18 +142,19 @@ class ClockTracker:
         if self.minima and bucket <= self.minima[-1][0]:  # the same second, or a small step back
             if delay < self.minima[-1][2]:
                 self.minima[-1] = (self.minima[-1][0], u, delay)
-                self._refit()
+                self._stale = True
             return
         self.minima.append((bucket, u, delay))
         self.added_since_reset += 1
-        self._refit()
+        self._stale = True
 
     def _refit(self) -> None:
+        self._stale = False
         x = np.array([t for _, t, _ in self.minima])
         y = np.array([d for _, _, d in self.minima])
         if len(x) < MIN_BUCKETS:
-            self.line, self.floor = None, float(y.min())
+            self._line, self._floor = None, float(y.min())
             return
         i, j = np.triu_indices(len(x), k=1)
         drift = max(float(np.median((y[j] - y[i]) / (x[j] - x[i]))), -0.99)
-        self.line = ClockLine(float(np.min(y - drift * x)), drift)
+        self._line = ClockLine(float(np.min(y - drift * x)), drift)
