@@ -21,6 +21,8 @@ from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick
 
 RECORDER_WAIT_S = 2.0  # for a listening mmfuse-record to complete its handshake
 STOP_HANDLING_S = 10.0  # at stop, messages still queued are handled this long, then counted unread
+READ_MAX = 500  # messages read and handled under one hold of the lock (~10 ms of work)
+READS_PER_WAKE = 20  # reads before the loop looks at its push and recorder again
 RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
 
 
@@ -58,7 +60,7 @@ class SensorActor:
         self.ingest = self.new_ingest()
         self.virtual_clock = virtual_clock
         self.ticks = SensorTicks(self.ingest, self.min_interval, self.flush_interval) if virtual_clock else None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.started = threading.Event()
         self.start_error: str | None = None
@@ -121,12 +123,11 @@ class SensorActor:
             if self.gate is not None and not self.sensor.bind:
                 self.gate.rejoin(socket, self.sensor.endpoint)
             if socket.poll(self.min_interval * 1000, zmq.POLLIN):
-                for _ in range(10_000):
-                    try:
-                        frames = socket.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
-                    except zmq.Again:
+                for _ in range(READS_PER_WAKE):
+                    received = self._read(socket)
+                    in_flight = self._handle(aligner, received, in_flight)
+                    if len(received) < READ_MAX:
                         break
-                    in_flight = self._receive_safely(aligner, frames, in_flight)
                 if recorder is not None:
                     self._forward(recorder)
             if not self.virtual_clock and self.ingest.push_due(time.monotonic() - last_push, self.min_interval,
@@ -135,15 +136,11 @@ class SensorActor:
                 last_push = time.monotonic()
         handle_until = time.monotonic() + STOP_HANDLING_S
         unread = 0
-        while True:  # drain what is already queued, then hand over the last batch
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=self.keys is None)
-            except zmq.Again:
-                break
+        while received := self._read(socket):  # drain what is already queued, then hand over the last batch
             if time.monotonic() < handle_until:
-                in_flight = self._receive_safely(aligner, frames, in_flight)
+                in_flight = self._handle(aligner, received, in_flight)
             else:
-                unread += 1
+                unread += len(received)
         if unread:
             with self.lock:
                 self.ingest.rejected.counts["unread_at_stop"] = unread
@@ -203,24 +200,50 @@ class SensorActor:
             except zmq.Again:
                 self.unrecorded += 1
 
-    def _receive_safely(self, aligner, frames: list[bytes], in_flight: list) -> list:
-        """One message; a fault in handling it is counted and logged, and the sensor reads on."""
-        try:
-            return self._receive(aligner, frames, in_flight)
-        except Exception as exc:  # the reader thread must outlive any one message
-            self.log.exception("message handling failed", error=repr(exc))
-            with self.lock:
-                self.ingest.rejected.add("internal_error")
-            return in_flight
+    def _read(self, socket) -> list[tuple[list, float]]:
+        """Up to READ_MAX messages that are already queued, each with its receive time."""
+        import zmq
 
-    def _receive(self, aligner, frames: list, in_flight: list) -> list:
-        sender = None
-        if self.keys is not None:  # zmq.Frames: the key the connection authenticated with is their User-Id
-            sender, frames = frames[0].get("User-Id"), [frame.bytes for frame in frames]
-        if not self.virtual_clock:
-            with self.lock:
-                self.ingest.ingest(frames, time.time(), sender)
+        received = []
+        copy = self.keys is None  # zmq.Frames carry the key the connection authenticated with
+        for _ in range(READ_MAX):
+            try:
+                received.append((socket.recv_multipart(zmq.NOBLOCK, copy=copy), time.time()))
+            except zmq.Again:
+                break
+        return received
+
+    def _handle(self, aligner, received: list[tuple[list, float]], in_flight: list) -> list:
+        """Messages read together, live ones under one hold of the lock. A fault in handling one is counted and
+        logged, and the sensor reads on: the reader thread must outlive any one message."""
+        if self.virtual_clock:
+            for frames, _ in received:
+                try:
+                    in_flight = self._receive_on_virtual_clock(aligner, *self._sent_by(frames), in_flight)
+                except Exception as exc:
+                    self._count_fault(exc)
             return in_flight
+        with self.lock:
+            for frames, arrived_at in received:
+                try:
+                    sender, frames = self._sent_by(frames)
+                    self.ingest.ingest(frames, arrived_at, sender)
+                except Exception as exc:
+                    self._count_fault(exc)
+        return in_flight
+
+    def _sent_by(self, frames: list) -> tuple[str | None, list[bytes]]:
+        """The CURVE key a message came from (the User-Id of its zmq.Frames), when sensors authenticate."""
+        if self.keys is None:
+            return None, frames
+        return frames[0].get("User-Id"), [frame.bytes for frame in frames]
+
+    def _count_fault(self, exc: Exception) -> None:
+        self.log.exception("message handling failed", error=repr(exc))
+        with self.lock:  # (reentrant: _handle may hold it)
+            self.ingest.rejected.add("internal_error")
+
+    def _receive_on_virtual_clock(self, aligner, sender: str | None, frames: list[bytes], in_flight: list) -> list:
         if frames[0] == TICK_TOPIC:
             if self.ingest.sender_key is not None and sender != self.ingest.sender_key:
                 with self.lock:

@@ -191,14 +191,16 @@ class SensorIngest:
                         f"at most {self.max_span:g} s (seconds, not milliseconds?)")
             return None
         if message.encoding == "features":
-            vectors = message.array().reshape(-1, message.shape[-1])
-            if message.dtype != "<f4":
-                vectors = vectors.astype(np.float32)
-            if self.dim is not None and vectors.shape[1] != self.dim:
-                self.reject("dim", f"{self.modality} features have {vectors.shape[1]} dims, bundle expects {self.dim}")
+            dim = message.shape[-1]
+            if self.dim is not None and dim != self.dim:
+                self.reject("dim", f"{self.modality} features have {dim} dims, bundle expects {self.dim}")
                 return None
-            flat = vectors.reshape(-1).astype(np.float64)  # float32 squares of huge values would overflow
-            if not np.dot(flat, flat) <= SAFE_SQUARES:  # one sum clears nearly every message: see SAFE_SQUARES
+            flat = np.frombuffer(message.data, message.dtype)
+            if message.dtype != "<f4":
+                flat = flat.astype(np.float32)
+            wide = flat.astype(np.float64)  # float32 squares of huge values would overflow
+            if not float(wide @ wide) <= SAFE_SQUARES:  # one sum clears nearly every message: see SAFE_SQUARES
+                vectors = flat.reshape(-1, dim)
                 if not np.isfinite(vectors).all():
                     self.reject("non_finite", f"{message.session}/{message.source} seq {message.seq}")
                     return None
@@ -206,7 +208,7 @@ class SensorIngest:
                     self.reject("out_of_range", f"{message.session}/{message.source} seq {message.seq}: a value "
                                 f"beyond ±{MAX_FEATURE:g}, which window sums and the models would turn into inf or NaN")
                     return None
-            frame.vectors = vectors
+            frame.vectors = flat.reshape(-1, dim)
         elif self.media is not None and self.media.accepts(message.encoding):
             stream = self.streams.get((message.session, message.source))
             correction = 0.0 if stream is None else stream.clock.correction
