@@ -20,6 +20,7 @@ they arrived rather than where they were sent.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -155,6 +156,12 @@ class ClockTracker:
         if len(x) < MIN_BUCKETS:
             self._line, self._floor = None, float(y.min())
             return
-        i, j = np.triu_indices(len(x), k=1)
+        i, j = _pairs(len(x))
         drift = max(float(np.median((y[j] - y[i]) / (x[j] - x[i]))), -0.99)
         self._line = ClockLine(float(np.min(y - drift * x)), drift)
+
+
+@functools.cache
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (i, j), i < j, of every pair of n points: a quarter of a refit's time when made afresh."""
+    return np.triu_indices(n, k=1)
