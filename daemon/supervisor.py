@@ -121,7 +121,7 @@ class Supervisor:
                 self.actors[name] = Watched(name, stage, handle)
         self.sensors = [w for w in self.actors.values() if w.stage.name == "sensor"]
         self.aligner = self.actors["aligner"]
-        self.snapshot: bytes | None = None  # the aligner's state, pickled by it
+        self.snapshot: dict | None = None
         self.snapshot_call = None
         self.unacknowledged = 0
         self.fresh = False  # a snapshot was read since the aligner last died or was told to drain
