@@ -21,7 +21,7 @@ from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick
 
 RECORDER_WAIT_S = 2.0  # for a listening mmfuse-record to complete its handshake
 STOP_HANDLING_S = 10.0  # at stop, messages still queued are handled this long, then counted unread
-READ_MAX = 500  # messages read and handled under one hold of the lock (~10 ms of work)
+READ_MAX = 500  # messages read and handled under one hold of the lock (about 30 ms of work on a slow machine)
 READS_PER_WAKE = 20  # reads before the loop looks at its push and recorder again
 RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
 
