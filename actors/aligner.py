@@ -5,7 +5,6 @@ state, from which a restarted aligner carries on."""
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
@@ -83,8 +82,10 @@ class AlignerActor:
         with self.lock:
             if not self.restored:
                 return None
-            state = {"aligner": self.aligner, "outbox": self.outbox, "applied": self.applied, "ticks": self.ticks}
-            return copy.deepcopy(state), dict(self.applied), len(self.outbox)
+            aligner = self.aligner.copy()
+            ticks = self.ticks.copy(aligner) if self.ticks is not None else None
+            state = {"aligner": aligner, "outbox": self.outbox.copy(), "applied": dict(self.applied), "ticks": ticks}
+            return state, dict(self.applied), len(self.outbox)
 
     def push(self, batch: SensorBatch) -> None:
         with self.lock:

@@ -5,8 +5,9 @@ passed in (mmfuse.actors.aligner wraps it)."""
 from __future__ import annotations
 
 import bisect
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
@@ -38,6 +39,10 @@ class OpenWindow:
             self.weights[modality] = weight
             self.frames[modality] = frames
 
+    def copy(self) -> OpenWindow:
+        """Its sums are replaced as data comes, never changed in place: the copy shares them."""
+        return OpenWindow(dict(self.totals), dict(self.weights), dict(self.frames), dict(self.gaps))
+
 
 @dataclass
 class KeptWindow:
@@ -46,6 +51,9 @@ class KeptWindow:
     seq: int  # of its first closing
     revision: int = 0
     late: dict[str, int] = field(default_factory=dict)  # late messages per modality since it was last closed
+
+    def copy(self) -> KeptWindow:
+        return KeptWindow(self.window.copy(), self.seq, self.revision, dict(self.late))
 
 
 @dataclass
@@ -81,6 +89,13 @@ class Session:
 
     def last_arrival(self) -> float:
         return max((s.arrived_at for s in self.streams.values()), default=0.0)
+
+    def copy(self) -> Session:
+        """A copy that shares only what the aligner replaces and never changes: progress reports, deltas, spans."""
+        return replace(self, streams=dict(self.streams), windows={k: w.copy() for k, w in self.windows.items()},
+                       kept={k: w.copy() for k, w in self.kept.items()}, dropped=set(self.dropped),
+                       shifts=dict(self.shifts), unmapped={s: list(d) for s, d in self.unmapped.items()},
+                       utterances=list(self.utterances), held_spans={s: list(h) for s, h in self.held_spans.items()})
 
 
 class Aligner:
@@ -120,8 +135,21 @@ class Aligner:
         self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
 
+    def copy(self) -> Aligner:
+        """A copy of the whole state that later pushes and polls leave as it is (the aligner actor's snapshot),
+        made of container copies only: a deep copy of 48 sessions took up to 123 ms, under the lock the ticker
+        waits for."""
+        twin = copy.copy(self)
+        twin.log = self.log
+        twin.modalities, twin.sensors = list(self.modalities), dict(self.sensors)
+        twin.sessions = {name: session.copy() for name, session in self.sessions.items()}
+        twin.counts = dict(self.counts)
+        twin.finished = list(self.finished)
+        twin.retired = [copy.copy(window) for window in self.retired]  # dispatching stamps them
+        return twin
+
     def __getstate__(self) -> dict:
-        """Everything but the logger: the aligner actor's snapshots copy it, and Ray serialises them."""
+        """Everything but the logger: Ray serialises the aligner actor's snapshots."""
         return {k: v for k, v in vars(self).items() if k != "log"}
 
     def __setstate__(self, state: dict) -> None:

@@ -28,6 +28,12 @@ class Outbox:
         self.windows: dict[WindowKey, ClosedWindow] = {}
         self.ends: dict[tuple[str, int], SessionEnd] = {}
 
+    def copy(self) -> Outbox:
+        """The windows it holds were stamped before they came and are not changed after: the copy shares them."""
+        twin = Outbox()
+        twin.windows, twin.ends = dict(self.windows), dict(self.ends)
+        return twin
+
     def add(self, windows: list[ClosedWindow]) -> None:
         for window in windows:
             self.windows[window.key] = window

@@ -81,6 +81,13 @@ class AlignerTicks:
         self.replay = 0
         self.early: list[tuple[str, Tick, SensorBatch | None, int]] = []  # reports for later replays
 
+    def copy(self, aligner) -> AlignerTicks:
+        """A copy that drives `aligner` (a copy of its own); the batches held are not changed, so they are shared."""
+        twin = AlignerTicks(aligner, self.sensors)
+        twin.events, twin.reached, twin.finals = list(self.events), dict(self.reached), set(self.finals)
+        twin.replay, twin.early = self.replay, list(self.early)
+        return twin
+
     def reset(self) -> None:
         self.events: list[tuple[float, str, SensorBatch | None]] = []
         self.reached = dict.fromkeys(self.sensors, -math.inf)

@@ -1,5 +1,7 @@
 """Windowing rules of the aligner, driven with explicit wall-clock times."""
 
+import copy
+
 import numpy as np
 
 from mmfuse.aligner import Aligner
@@ -200,3 +202,65 @@ def test_a_modality_with_too_few_of_its_expected_frames_counts_as_missing():
                                                                   OFFSET, False, 0, period=period)]))
     (window,) = aligner.poll(OFFSET + 2.0)
     assert window.present == ["audio", "text"] and window.missing == ["visual"]
+
+
+def closed_summary(windows):
+    return [(w.session, w.window_id, w.seq, w.revision, sorted(w.missing), w.dropped, dict(w.late),
+             {m: f.tolist() for m, f in w.features.items()}) for w in windows]
+
+
+def aligner_with_history():
+    """Two sessions, a closed window kept for late data, an open one, a dropped camera."""
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, session_idle_s=30.0, lateness_s=4.0)
+    for session in ("s1", "s2"):
+        feed_window(aligner, 0, sources=["mic0", "asr0"], session=session)
+        aligner.push(heartbeat("cam0", 2.0, session=session))
+    aligner.poll(OFFSET + 2.0)
+    feed_window(aligner, 1, sources=["mic0"])
+    return aligner
+
+
+def test_a_copy_goes_on_from_where_it_was_taken_whatever_the_original_does_after():
+    original = aligner_with_history()
+    taken, oracle = original.copy(), copy.deepcopy(original)
+    original.push(utterance("cam0", 0, value=5.0))  # late data for the kept window 0: revised
+    feed_window(original, 1, sources=["asr0", "cam0"])
+    feed_window(original, 2, session="s2")
+    assert original.poll(OFFSET + 6.0)
+    later = [utterance("cam0", 0, session="s2", value=3.0), utterance("asr0", 1)]
+    for twin in (taken, oracle):
+        for batch in later:
+            twin.push(batch)
+    assert closed_summary(taken.poll(OFFSET + 4.0)) == closed_summary(oracle.poll(OFFSET + 4.0))
+    assert closed_summary(taken.drain(OFFSET + 9.0)) == closed_summary(oracle.drain(OFFSET + 9.0))
+    assert taken.counts == oracle.counts != original.counts
+
+
+def containers(thing, seen=None) -> set[int]:
+    """Ids of the dicts, lists and sets reachable from the aligner's own state classes, down to the records it
+    replaces and never changes (progress reports, deltas, closed windows, arrays)."""
+    seen = set() if seen is None else seen
+    if isinstance(thing, (dict, list, set, tuple)):
+        if not isinstance(thing, tuple):
+            seen.add(id(thing))
+        for item in (list(thing.items()) if isinstance(thing, dict) else thing):
+            containers(item, seen)
+    elif type(thing).__module__ in ("mmfuse.aligner", "mmfuse.delivery", "mmfuse.virtual_clock"):
+        for value in vars(thing).values():
+            containers(value, seen)
+    return seen
+
+
+def test_a_copy_shares_no_container_with_the_original():
+    from mmfuse.delivery import Outbox
+    from mmfuse.virtual_clock import AlignerTicks
+
+    aligner = aligner_with_history()
+    outbox = Outbox()
+    outbox.add(aligner.drain(OFFSET + 9.0))
+    aligner = aligner_with_history()
+    ticks = AlignerTicks(aligner, list(SENSORS))
+    twin = aligner.copy()
+    assert not containers(aligner) & containers(twin)
+    assert not containers(outbox) & containers(outbox.copy())
+    assert not containers(ticks) & containers(ticks.copy(twin)) - containers(twin)
