@@ -22,7 +22,7 @@ from mmfuse.virtual_clock import TICK_TOPIC, SensorTicks, parse_tick
 RECORDER_WAIT_S = 2.0  # for a listening mmfuse-record to complete its handshake
 STOP_HANDLING_S = 10.0  # at stop, messages still queued are handled this long, then counted unread
 READ_MAX = 500  # messages read and handled under one hold of the lock (about 30 ms of work on a slow machine)
-READS_PER_WAKE = 20  # reads before the loop looks at its push and recorder again
+READS_PER_WAKE = 20  # reads before the loop forwards to the recorder and looks at stopping again
 RETAINED_MAX = 5000  # batches kept for a restarted aligner: minutes of them, if snapshots stop coming
 
 
@@ -65,6 +65,7 @@ class SensorActor:
         self.started = threading.Event()
         self.start_error: str | None = None
         self.pushes = 0
+        self.last_push = time.monotonic()
         self.numbered = 0
         self.retained: list[SensorBatch] = []
         self.push_failures = Tally()
@@ -118,7 +119,6 @@ class SensorActor:
                       authenticated=self.keys is not None)
         self.started.set()
         in_flight: list = []
-        last_push = time.monotonic()
         while not self.stopping.is_set():
             if self.gate is not None and not self.sensor.bind:
                 self.gate.rejoin(socket, self.sensor.endpoint)
@@ -126,14 +126,12 @@ class SensorActor:
                 for _ in range(READS_PER_WAKE):
                     received = self._read(socket)
                     in_flight = self._handle(aligner, received, in_flight)
+                    in_flight = self._push_if_due(aligner, in_flight)  # a backlog must not hold the aligner's news
                     if len(received) < READ_MAX:
                         break
                 if recorder is not None:
                     self._forward(recorder)
-            if not self.virtual_clock and self.ingest.push_due(time.monotonic() - last_push, self.min_interval,
-                                                               self.flush_interval):
-                in_flight = self._push(aligner, in_flight)
-                last_push = time.monotonic()
+            in_flight = self._push_if_due(aligner, in_flight)
         handle_until = time.monotonic() + STOP_HANDLING_S
         unread = 0
         while received := self._read(socket):  # drain what is already queued, then hand over the last batch
@@ -274,6 +272,16 @@ class SensorActor:
         if report:
             in_flight = self._send(in_flight, aligner.report.remote(self.sensor.name, tick, batch, replay))
         return in_flight
+
+    def _push_if_due(self, aligner, in_flight: list) -> list:
+        """A live sensor's batch, when one is due: streams that send nothing for longer than their silence limit
+        (a few of their periods plus the flush interval) look dropped to the aligner, so a sensor working through
+        a backlog pushes between reads as well."""
+        if self.virtual_clock or not self.ingest.push_due(time.monotonic() - self.last_push, self.min_interval,
+                                                          self.flush_interval):
+            return in_flight
+        self.last_push = time.monotonic()
+        return self._push(aligner, in_flight)
 
     def _push(self, aligner, in_flight: list) -> list:
         with self.lock:
