@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import msgpack
+import msgspec
 import numpy as np
 
 from mmfuse import MODALITIES
@@ -154,6 +156,71 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
     topic, payload = frames
     if len(payload) > max_payload:
         raise WireError("oversized", f"payload of {len(payload)} bytes exceeds {max_payload}")
+    return _well_formed(topic, payload) or _checked(topic, payload)
+
+
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LEN)]
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True):
+    """The map of a message as `_well_formed` takes it, typed for msgspec's compiled decoder. Unknown keys are
+    refused: msgpack with strict map keys refuses a map key that is no string even inside them, msgspec skips them
+    unread."""
+    v: int
+    session: _Name
+    source: _Name
+    modality: Literal[MODALITIES]
+    kind: Literal[KINDS]
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    t: Annotated[float, msgspec.Meta(ge=-MAX_TIME_S, le=MAX_TIME_S)]
+    run: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    encoding: Literal[ENCODINGS] | None = None
+    duration: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DURATION_S)] = 0.0
+    data: object = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    rate: int | None = None
+
+
+_BODY = msgspec.msgpack.Decoder(_Body)
+
+
+def _well_formed(topic: bytes, payload: bytes) -> SensorMessage | None:
+    """The message, if the payload is one that `_checked` accepts, decoded in compiled code (msgspec: a tenth of
+    the time); None for anything else, which `_checked` then decodes key by key and names what is wrong with."""
+    try:
+        body = _BODY.decode(payload)
+    except msgspec.MsgspecError:
+        return None
+    if body.v != VERSION or "/" in body.session or "/" in body.source \
+            or topic != f"{body.modality}/{body.session}".encode():
+        return None
+    if body.kind != "data":
+        return SensorMessage(body.session, body.source, body.modality, body.seq, body.t, body.kind, run=body.run)
+    encoding, data = body.encoding, body.data
+    if encoding == "utf8":
+        if type(data) is not str:
+            return None
+        return SensorMessage(body.session, body.source, body.modality, body.seq, body.t, encoding=encoding,
+                             data=data, duration=body.duration, run=body.run)
+    if encoding is None or type(data) is not bytes:
+        return None
+    shape = dtype = rate = None
+    if encoding in ("features", "rgb8"):
+        try:
+            shape, dtype = _array_header(body.shape, body.dtype, encoding, len(data))
+        except WireError:
+            return None
+    elif encoding == "pcm16":
+        rate = body.rate
+        if type(rate) is not int or not 0 < rate <= 384_000 or len(data) % 2:
+            return None
+    return SensorMessage(body.session, body.source, body.modality, body.seq, body.t, encoding=encoding, data=data,
+                         shape=shape, dtype=dtype, rate=rate, duration=body.duration, run=body.run)
+
+
+def _checked(topic: bytes, payload: bytes) -> SensorMessage:
+    """Decode key by key, with the reason for the first thing wrong; raises WireError."""
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -209,7 +276,7 @@ def decode(frames: list[bytes], max_payload: int = DEFAULT_MAX_PAYLOAD) -> Senso
 
     shape = dtype = rate = None
     if encoding in ("features", "rgb8"):
-        shape, dtype = _array_header(body, encoding, len(data))
+        shape, dtype = _array_header(body.get("shape"), body.get("dtype"), encoding, len(data))
     elif encoding == "pcm16":
         rate = body.get("rate")
         if type(rate) is not int or not 0 < rate <= 384_000:
@@ -254,8 +321,7 @@ def _number(body: dict, key: str) -> float:
     return float(value)
 
 
-def _array_header(body: dict, encoding: str, nbytes: int) -> tuple[tuple[int, ...], str]:
-    shape, dtype = body.get("shape"), body.get("dtype")
+def _array_header(shape, dtype, encoding: str, nbytes: int) -> tuple[tuple[int, ...], str]:
     if type(shape) is not list or not shape or not all(type(n) is int and n > 0 for n in shape):
         raise WireError("bad_type:shape", f"shape must be a list of positive integers, got {shape!r:.80}")
     if encoding == "features":

@@ -108,6 +108,43 @@ def test_a_decoded_message_encodes_back_to_the_same_message(frames):
     assert wire.decode(wire.encode(message)) == message
 
 
+def with_pair(topic: bytes, body: dict, field, value, first: bool) -> list[bytes]:
+    """The payload with one more pair, which may repeat a key (msgpack lets a map hold a key twice)."""
+    pairs = list(body.items())
+    pairs = [(field, value), *pairs] if first else [*pairs, (field, value)]
+    return [topic, msgpack.Packer(use_bin_type=True).pack_map_pairs(pairs)]
+
+
+def invalid_utf8(topic: bytes, body: dict, field) -> list[bytes]:
+    """The payload with one value a msgpack str whose bytes are no UTF-8."""
+    marker = "\x00marker\x00"
+    payload = msgpack.packb({**body, field: marker}, use_bin_type=True)
+    return [topic, payload.replace(marker.encode(), b"\xff\xfe" + bytes(len(marker) - 2))]
+
+
+doubled_frames = st.builds(lambda base, field, value, first: with_pair(*base, field, value, first),
+                           st.sampled_from(BASES), fields, msgpack_values, st.booleans())
+trailing_frames = st.builds(lambda base, tail: [base[0], msgpack.packb(base[1], use_bin_type=True) + tail],
+                            st.sampled_from(BASES), st.binary(min_size=1, max_size=8))
+utf8_frames = st.builds(lambda base, field: invalid_utf8(*base, field), st.sampled_from(BASES), fields)
+two_frames = (map_frames | replaced_frames | doubled_frames | trailing_frames | utf8_frames
+              | st.lists(st.binary(max_size=200), min_size=2, max_size=2))
+
+
+def test_every_valid_message_takes_the_compiled_decoder():
+    for topic, body in BASES:
+        frames = [topic, msgpack.packb(body, use_bin_type=True)]
+        assert wire._well_formed(*frames) == wire._checked(*frames)
+
+
+@settings(FAST, max_examples=1500)
+@given(two_frames)
+def test_the_compiled_decoder_takes_only_what_the_key_by_key_decoder_takes_as_the_same_message(frames):
+    taken = wire._well_formed(*frames)
+    if taken is not None:
+        assert taken == wire._checked(*frames)
+
+
 # --- b. the sensor ingest ----------------------------------------------------------------------------------
 
 def stream_frames(session, seq, t, dim, duration, kind):
