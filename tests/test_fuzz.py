@@ -184,6 +184,49 @@ def test_every_frame_into_the_ingest_is_accepted_rejected_once_or_held_and_nothi
     assert held(ingest) == 0 and ingest.accepted + ingest.rejected.total() == len(steps)
 
 
+def valued_frames(session, seq, values, rows, dim, dtype):
+    """Features of a stream in step, with any values (NaN, inf, beyond MAX_FEATURE), rows, widths and dtypes."""
+    with np.errstate(over="ignore"):
+        array = np.resize(np.asarray(values, np.float64), (rows, dim)).astype(dtype)
+    return wire.encode(wire.SensorMessage(session, "cam0", "visual", seq, seq * 0.5, encoding="features",
+                                          data=array.tobytes(), shape=array.shape, dtype=dtype, duration=0.5))
+
+
+feature_values = st.lists(st.floats(-10, 10), min_size=1, max_size=12).flatmap(  # mostly fine, some not
+    lambda values: st.lists(st.sampled_from([1e6, 1.1e6, 1e30, math.inf, math.nan]) | st.floats(), max_size=1)
+    .map(lambda bad: values + bad))
+valued_specs = st.tuples(st.sampled_from(["s", "s2"]), feature_values, st.integers(1, 3), st.sampled_from([4, 4, 4, 5]),
+                         st.sampled_from(wire.FEATURE_DTYPES))
+
+
+def in_order(items: list) -> list[list[bytes]]:
+    """Frames as read together: the valued messages numbered in order (so most are taken), the rest as drawn."""
+    return [valued_frames(item[0], seq, *item[1:]) if isinstance(item, tuple) else item
+            for seq, item in enumerate(items)]
+
+
+read_together = st.lists(valued_specs | valued_specs | stream_messages | any_frames, min_size=1, max_size=60).map(in_order)
+
+
+def contributions(ingest: SensorIngest) -> tuple:
+    batch = ingest.take_batch()
+    deltas = [] if batch is None else [(d.session, d.window_id, d.total.tobytes(), d.weight, d.frames, d.gaps)
+                                       for d in batch.deltas]
+    return deltas, dict(ingest.rejected.counts), ingest.accepted, held(ingest)
+
+
+@settings(FAST, max_examples=300)
+@given(read_together)
+def test_messages_checked_together_count_and_contribute_exactly_as_one_by_one(frames):
+    one_by_one, together = SensorIngest("cam0", "visual", 1.0, 0.5, 4), SensorIngest("cam0", "visual", 1.0, 0.5, 4)
+    for i, message in enumerate(frames):
+        one_by_one.ingest(message, 100.0 + i / 10)
+    for frame in together.check_values([together.check(message, 100.0 + i / 10, None)
+                                        for i, message in enumerate(frames)]):
+        together.take(frame)
+    assert contributions(together) == contributions(one_by_one)
+
+
 # --- c, d. the live session through the whole pipeline -----------------------------------------------------
 
 def config_for(bundle_dir):
