@@ -5,6 +5,8 @@ state, from which a restarted aligner carries on."""
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
 import time
 
@@ -63,9 +65,9 @@ class AlignerActor:
                     self.ticks = snapshot["ticks"]
             self.down = down
             replayed = 0
-            kept = [batch for batches in retained.values() for batch in batches]
-            for batch in sorted(kept, key=lambda b: (max((p.arrived_at for p in b.progress), default=0.0), b.sensor)):
-                replayed += self._apply(batch)  # in the order they arrived, as the first life saw them
+            in_order = [sorted(batches, key=lambda b: b.number) for batches in retained.values()]  # (see _apply)
+            for batch in heapq.merge(*in_order, key=_taken):
+                replayed += self._apply(batch)  # in the order they were taken, as the first life saw them
             self.restored = True
             held, self.held = self.held, []
             for method, args in held:
@@ -225,3 +227,10 @@ class AlignerActor:
             return {**self.aligner.stats(), "calls_out": self.calls, "unacknowledged": len(self.outbox),
                     "redelivered": self.redelivered, "copies_skipped": self.skipped,
                     **({"replays": self.replays} if self.ticks is not None else {})}
+
+
+def _taken(batch: SensorBatch) -> float:
+    """When a batch was taken; its latest arrival, if it does not say."""
+    if not math.isnan(batch.taken_at):
+        return batch.taken_at
+    return max((p.arrived_at for p in batch.progress), default=0.0)

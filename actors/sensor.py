@@ -300,12 +300,10 @@ class SensorActor:
 
     def _push(self, aligner, in_flight: list) -> list:
         with self.lock:
-            batch = self.ingest.take_batch()
-            self.ingest.forget_idle(time.time())
-            if batch is not None:
-                self._number(batch)
-        if batch is None:
-            return in_flight
+            now = time.time()
+            batch = self.ingest.take_batch(now)  # (an empty one too: the aligner hears that this sensor is alive)
+            self.ingest.forget_idle(now)
+            self._number(batch)
         return self._send(in_flight, aligner.push.remote(batch))
 
     def _number(self, batch: SensorBatch) -> None:

@@ -207,10 +207,11 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
         "unaccounted": sent + len(streams) - accepted - sum(by_reason("rejected").values())
         - sum(by_reason("unsupported").values()),
         "rejected": by_reason("rejected"), "unsupported": by_reason("unsupported"), "seq_gaps": summed("seq_gaps"),
-        "late": final.get("aligner", {}).get("late"),
+        "late": final.get("aligner", {}).get("late"), "pushes_per_s": round(summed("pushes") / args.step_s, 1),
         "windows_expected": full_windows * len(sessions), "windows_decided": len(decided),
         "windows_degraded": len(degraded), "windows_with_seq_gaps": len(gapped), "duplicates": duplicates,
         "degraded_window_ids": dict(sorted(Counter(d["window"]["id"] for d in degraded).items())[:20]),
+        "degraded_modalities": dict(Counter(m for d in degraded for m in {*d["dropped"], *d["restored"]})),
         "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 1),
                        "p99": round(float(np.percentile(latencies, 99)), 1)} if len(latencies) else None,
         "daemon_memory_mb": {"peak_sampled": peak, "at_exit": {k: final.get(k) for k in ("rss_mb", "pss_mb")}},

@@ -70,6 +70,7 @@ class Session:
     reference: str | None = None    # the source whose clock is session time: the first heard
     first_offset: float | None = None  # its lowest delay, to tell other clocks before they are known
     shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
+    reporters: dict[str, str] = field(default_factory=dict)  # the sensor actor that reports each source
     unmapped: dict[str, list[WindowDelta]] = field(default_factory=dict)  # on another clock, not known yet: held
     utterances: list[tuple[float, float]] = field(default_factory=list)  # utterance windows: spans not closed yet
     held_spans: dict[str, list[Span]] = field(default_factory=dict)  # of text streams on a clock not known yet
@@ -94,7 +95,7 @@ class Session:
         """A copy that shares only what the aligner replaces and never changes: progress reports, deltas, spans."""
         return replace(self, streams=dict(self.streams), windows={k: w.copy() for k, w in self.windows.items()},
                        kept={k: w.copy() for k, w in self.kept.items()}, dropped=set(self.dropped),
-                       shifts=dict(self.shifts), unmapped={s: list(d) for s, d in self.unmapped.items()},
+                       shifts=dict(self.shifts), reporters=dict(self.reporters), unmapped={s: list(d) for s, d in self.unmapped.items()},
                        utterances=list(self.utterances), held_spans={s: list(h) for s, h in self.held_spans.items()})
 
 
@@ -133,6 +134,7 @@ class Aligner:
                        "stale_run": 0}
         self.epochs = 0
         self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
+        self.reported: dict[str, float] = {}  # live sensor actor -> wall time its latest batch was taken
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
 
     def copy(self) -> Aligner:
@@ -143,7 +145,7 @@ class Aligner:
         twin.log = self.log
         twin.modalities, twin.sensors = list(self.modalities), dict(self.sensors)
         twin.sessions = {name: session.copy() for name, session in self.sessions.items()}
-        twin.counts = dict(self.counts)
+        twin.counts, twin.reported = dict(self.counts), dict(self.reported)
         twin.finished = list(self.finished)
         twin.retired = [copy.copy(window) for window in self.retired]  # dispatching stamps them
         return twin
@@ -158,6 +160,8 @@ class Aligner:
 
     def push(self, batch: SensorBatch) -> None:
         taken: set[int] = set()
+        if batch.taken_at > self.reported.get(batch.sensor, -math.inf):  # (NaN is not: no live sensor's batch)
+            self.reported[batch.sensor] = batch.taken_at
         for progress in batch.progress:
             ending = self.sessions.get(progress.session)
             if ending is not None and progress.run > ending.run:  # this batch's data of the life it ends goes first
@@ -169,6 +173,7 @@ class Aligner:
             if session is None:
                 continue
             session.streams[progress.source] = progress
+            session.reporters[progress.source] = batch.sensor
             session.first_seen = min(session.first_seen, progress.arrived_at)
             self._follow_clock(progress.session, session, progress)
         for delta in batch.deltas:
@@ -323,8 +328,18 @@ class Aligner:
             return min(self.timeout, self.flush + self.period_factor * stream.period + stream.jitter)
         return self.timeout
 
-    def _live(self, stream: StreamProgress, now: float) -> bool:
-        return not stream.ended and now - stream.arrived_at <= self.silence_limit(stream)
+    def _live(self, session: Session, source: str, now: float) -> bool:
+        """Whether a stream is live: not ended, and not silent for longer than its silence limit. A live sensor
+        actor's streams are judged on its latest account (less the flush interval, which only delays accounts),
+        and that account counts until it is as old as the drop timeout: an actor behind its socket (a machine out
+        of CPU for a moment) delays its news, not its sources."""
+        stream = session.streams[source]
+        if stream.ended:
+            return False
+        reported = self.reported.get(session.reporters.get(source))
+        if reported is None:
+            return now - stream.arrived_at <= self.silence_limit(stream)
+        return reported - stream.arrived_at <= self.silence_limit(stream) - self.flush and now - reported <= self.timeout
 
     def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the
@@ -338,7 +353,7 @@ class Aligner:
 
     def _track_liveness(self, name: str, session: Session, now: float) -> None:
         for source, stream in session.streams.items():
-            live = self._live(stream, now)
+            live = self._live(session, source, now)
             if not live and source not in session.dropped:
                 session.dropped.add(source)
                 if stream.ended:
@@ -362,7 +377,7 @@ class Aligner:
             return False
         due = end + self.bound
         for source, stream in session.streams.items():
-            if session.progress(source) >= due or not self._live(stream, now):
+            if session.progress(source) >= due or not self._live(session, source, now):
                 continue
             if source in session.unmapped:  # on another clock, not known yet: wait until it can be learned
                 deadline = due + session.first_offset + self.timeout + LEARNING_S
@@ -535,7 +550,7 @@ class UtteranceAligner(Aligner):
             if end > start:
                 closed += self._close_span(name, session, start, end, now)
             session.decided_until = max(session.decided_until, end)
-        text_live = any(s.modality == "text" and self._live(s, now) for s in session.streams.values())
+        text_live = any(s.modality == "text" and self._live(session, source, now) for source, s in session.streams.items())
         if not session.utterances and (draining or not text_live):
             reach = session.reach()
             while session.decided_until < reach and (draining or self._closable(

@@ -446,7 +446,9 @@ class SensorIngest:
         taken, self.accepted_frames = self.accepted_frames, []
         return taken
 
-    def take_batch(self) -> SensorBatch | None:
+    def take_batch(self, now: float | None = None) -> SensorBatch | None:
+        """What happened since the last batch; None if nothing did, unless `now` (a live sensor's wall time) is
+        given: then a batch, empty if need be, says that this account of the sensor's streams is as of `now`."""
         if self.media is not None:
             failed = self.media.failed
             spans = self.media.encode()
@@ -465,10 +467,11 @@ class SensorIngest:
             if delta is not None:
                 delta.frames = count
         self.arrivals = {}
-        if not self.touched and not self.deltas:
+        if not self.touched and not self.deltas and now is None:
             return None
         batch = SensorBatch(self.sensor, list(self.deltas.values()),
-                            [self.streams[key].snapshot() for key in self.touched], self.spans)
+                            [self.streams[key].snapshot() for key in self.touched], self.spans,
+                            taken_at=math.nan if now is None else now)
         self.deltas, self.spans = {}, []
         self.touched = {}
         self.due = False

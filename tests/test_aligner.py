@@ -193,6 +193,29 @@ def test_a_stream_with_a_learned_period_is_dropped_after_k_periods_not_the_timeo
     assert aligner.silence_limit(StreamProgress("s1", "mic0", "audio", 0, 0, 0, False, 0)) == 1.0
 
 
+def test_a_live_sensors_streams_are_judged_on_its_latest_account_so_a_sensor_behind_drops_nothing():
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05)
+    for t in np.arange(0.0, 1.0, 0.04):  # a 25 Hz camera whose sensor actor reports every 40 ms, until t = 0.96
+        progress = StreamProgress("s1", "cam0", "visual", t, OFFSET + t, OFFSET, False, 0, period=0.04)
+        aligner.push(SensorBatch("cam0", [], [progress], taken_at=OFFSET + t))
+    last = OFFSET + 0.96
+    aligner.poll(last + 0.6)  # the actor is behind (its reports stopped), not the camera: nothing dropped yet
+    assert "cam0" not in aligner.sessions["s1"].dropped
+    aligner.poll(last + 1.01)  # ... until its latest account is as old as the drop timeout
+    assert "cam0" in aligner.sessions["s1"].dropped
+
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05)
+    for t in np.arange(0.0, 1.0, 0.04):
+        aligner.push(SensorBatch("cam0", [], [StreamProgress("s1", "cam0", "visual", t, OFFSET + t, OFFSET, False,
+                                                             0, period=0.04)], taken_at=OFFSET + t))
+    aligner.push(SensorBatch("cam0", [], [], taken_at=last + 0.19))  # the actor says: no news of the camera
+    aligner.poll(last + 0.2)
+    assert "cam0" not in aligner.sessions["s1"].dropped  # 0.19 s silent when last told: within 5 periods
+    aligner.push(SensorBatch("cam0", [], [], taken_at=last + 0.21))
+    aligner.poll(last + 0.22)
+    assert "cam0" in aligner.sessions["s1"].dropped  # the camera, silent for more than 5 * 0.04 s by then
+
+
 def test_a_modality_with_too_few_of_its_expected_frames_counts_as_missing():
     aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, min_share=0.5)
     for source, frames in (("mic0", 50), ("asr0", 2), ("cam0", 10)):  # cam0: 10 of 50 frames at 25 Hz
