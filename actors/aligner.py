@@ -67,7 +67,7 @@ class AlignerActor:
             replayed = 0
             in_order = [sorted(batches, key=lambda b: b.number) for batches in retained.values()]  # (see _apply)
             for batch in heapq.merge(*in_order, key=_taken):
-                replayed += self._apply(batch)  # in the order they were taken, as the first life saw them
+                replayed += self._apply(batch)  # in the order they were made, as the first life saw them
             self.restored = True
             held, self.held = self.held, []
             for method, args in held:
@@ -230,7 +230,7 @@ class AlignerActor:
 
 
 def _taken(batch: SensorBatch) -> float:
-    """When a batch was taken; its latest arrival, if it does not say."""
-    if not math.isnan(batch.taken_at):
-        return batch.taken_at
+    """How recent a batch's account is; its latest arrival, if it does not say."""
+    if not math.isnan(batch.as_of):
+        return batch.as_of
     return max((p.arrived_at for p in batch.progress), default=0.0)

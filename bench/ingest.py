@@ -179,6 +179,7 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
         if daemon.poll() is None:
             daemon.kill()
         context.destroy(linger=0)
+    (workdir / f"daemon-{rate}.log").write_text("".join(log_lines))
     final = next((json.loads(line) for line in log_lines if line.startswith("{") and '"stopped"' in line), {})
     sensors = {k: v for k, v in final.items() if k.startswith("sensor-") and isinstance(v, dict)}
     full_windows = int(seq * period / args.window_s)  # windows every stream covered completely
@@ -229,7 +230,7 @@ def main() -> int:
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle).modalities.items()}
     result = {"streams": args.streams, "cpu": os.cpu_count(), "raw_pyzmq": raw_pyzmq_rate(5.0, dims["visual"]),
               "steps": []}
-    print(f"raw pyzmq PUB->SUB here: {result['raw_pyzmq']['messages_per_s']} messages/s", flush=True)
+    print(f"raw pyzmq PUB->SUB here: {result['raw_pyzmq']['messages_per_s']} messages/s; daemon logs in {workdir}", flush=True)
     for rate in args.rates:
         step = run_step(rate, args, bundle, dims, workdir)
         result["steps"].append(step)

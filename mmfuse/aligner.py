@@ -120,11 +120,12 @@ class Aligner:
     def __init__(self, modalities: list[str], sensors: dict[str, str], length_s: float, hop_s: float,
                  timeout_s: float, session_idle_s: float = 60.0, log=None, period_factor: float = 0.0,
                  flush_s: float = 0.0, min_share: float = 0.0, bound_s: float = 0.0, lateness_s: float = 0.0,
-                 clock_tolerance_s: float = 0.1, clock_jump_s: float = 1.0):
+                 clock_tolerance_s: float = 0.1, clock_jump_s: float = 1.0, min_silence_s: float = 0.0):
         self.modalities = sorted(modalities)
         self.sensors = dict(sorted(sensors.items()))  # configured sensor name -> modality
         self.length, self.hop, self.timeout = length_s, hop_s, timeout_s
         self.period_factor, self.flush, self.min_share = period_factor, flush_s, min_share
+        self.min_silence = min_silence_s
         self.bound, self.lateness, self.clock_tolerance = bound_s, lateness_s, clock_tolerance_s
         self.clock_jump = clock_jump_s
         self.session_idle = session_idle_s
@@ -160,8 +161,8 @@ class Aligner:
 
     def push(self, batch: SensorBatch) -> None:
         taken: set[int] = set()
-        if batch.taken_at > self.reported.get(batch.sensor, -math.inf):  # (NaN is not: no live sensor's batch)
-            self.reported[batch.sensor] = batch.taken_at
+        if batch.as_of > self.reported.get(batch.sensor, -math.inf):  # (NaN is not: no live sensor's batch)
+            self.reported[batch.sensor] = batch.as_of
         for progress in batch.progress:
             ending = self.sessions.get(progress.session)
             if ending is not None and progress.run > ending.run:  # this batch's data of the life it ends goes first
@@ -322,10 +323,12 @@ class Aligner:
         return closed
 
     def silence_limit(self, stream: StreamProgress) -> float:
-        """How long a stream may stay silent: k of its own periods, plus the spread of its delivery
-        delays and the sensor actor's flush interval (the most its news can lag), at most the timeout."""
+        """How long a stream may stay silent: k of its own periods (min_silence at least), plus the spread of
+        its delivery delays and the sensor actor's flush interval (the most its news can lag), at most the
+        timeout."""
         if self.period_factor and math.isfinite(stream.period):
-            return min(self.timeout, self.flush + self.period_factor * stream.period + stream.jitter)
+            periods = max(self.period_factor * stream.period, self.min_silence)
+            return min(self.timeout, self.flush + periods + stream.jitter)
         return self.timeout
 
     def _live(self, session: Session, source: str, now: float) -> bool:

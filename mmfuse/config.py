@@ -91,6 +91,9 @@ class DropConfig(Section):
     period_factor: float = Field(5.0, ge=0, description="a source silent this many of its own learned periods "
                                  "(plus its delay jitter and the flush interval) counts as dropped sooner; "
                                  "0: timeout_s only")
+    min_silence_s: float = Field(0.1, ge=0, description="the least of those periods' worth of silence that "
+                                 "counts: a fast stream (a 100 Hz sensor) silent for a few ms is the sender's "
+                                 "machine busy, not a sensor gone")
     min_share: float = Field(0.0, ge=0, le=1, description="a modality with less than this share of its "
                              "expected frames in a window counts as missing there; 0: off")
 

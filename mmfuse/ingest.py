@@ -216,6 +216,8 @@ class SensorIngest:
         are checked together, in one pass over their concatenated values: a check per message costs more in numpy
         calls than in arithmetic."""
         features = [f for f in frames if f is not None and f.message.encoding == "features" and f.message.kind == "data"]
+        for frame in features:
+            frame.vectors = None  # (checked again, if a first check failed part way)
         common = [f for f in features if f.message.dtype == "<f4"]
         if len(common) < CHECKED_TOGETHER or len({f.message.shape[-1] for f in common}) > 1:
             common = []  # (without a bundle widths may differ) one check each
@@ -446,9 +448,9 @@ class SensorIngest:
         taken, self.accepted_frames = self.accepted_frames, []
         return taken
 
-    def take_batch(self, now: float | None = None) -> SensorBatch | None:
-        """What happened since the last batch; None if nothing did, unless `now` (a live sensor's wall time) is
-        given: then a batch, empty if need be, says that this account of the sensor's streams is as of `now`."""
+    def take_batch(self, as_of: float | None = None) -> SensorBatch | None:
+        """What happened since the last batch; None if nothing did, unless `as_of` is given (a live sensor: the
+        wall time by which every message that had reached its socket was read): then a batch, empty if need be."""
         if self.media is not None:
             failed = self.media.failed
             spans = self.media.encode()
@@ -467,11 +469,11 @@ class SensorIngest:
             if delta is not None:
                 delta.frames = count
         self.arrivals = {}
-        if not self.touched and not self.deltas and now is None:
+        if not self.touched and not self.deltas and as_of is None:
             return None
         batch = SensorBatch(self.sensor, list(self.deltas.values()),
                             [self.streams[key].snapshot() for key in self.touched], self.spans,
-                            taken_at=math.nan if now is None else now)
+                            as_of=math.nan if as_of is None else as_of)
         self.deltas, self.spans = {}, []
         self.touched = {}
         self.due = False

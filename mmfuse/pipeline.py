@@ -99,6 +99,7 @@ def build_aligner(config: DaemonConfig, modalities: list[str], log=None) -> Alig
     window, drop = config.window, config.drop
     sensors = {s.name: s.modality for s in config.sensors}
     rules = dict(session_idle_s=config.pipeline.session_idle_s, log=log, period_factor=drop.period_factor,
+                 min_silence_s=drop.min_silence_s,
                  flush_s=config.pipeline.flush_interval_ms / 1000, min_share=drop.min_share,
                  bound_s=window.watermark_bound_s, clock_tolerance_s=config.clock.tolerance_s,
                  clock_jump_s=config.clock.jump_s)

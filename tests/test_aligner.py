@@ -193,11 +193,18 @@ def test_a_stream_with_a_learned_period_is_dropped_after_k_periods_not_the_timeo
     assert aligner.silence_limit(StreamProgress("s1", "mic0", "audio", 0, 0, 0, False, 0)) == 1.0
 
 
+def test_a_fast_stream_is_dropped_after_min_silence_not_a_few_of_its_short_periods():
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05, min_silence_s=0.1)
+    fast = StreamProgress("s1", "mic0", "audio", 0, 0, 0, False, 0, period=0.005)  # 200 Hz: 5 periods are 25 ms
+    slow = StreamProgress("s1", "cam0", "visual", 0, 0, 0, False, 0, period=0.04)
+    assert aligner.silence_limit(fast) == 0.05 + 0.1 and aligner.silence_limit(slow) == 0.05 + 0.2
+
+
 def test_a_live_sensors_streams_are_judged_on_its_latest_account_so_a_sensor_behind_drops_nothing():
     aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05)
     for t in np.arange(0.0, 1.0, 0.04):  # a 25 Hz camera whose sensor actor reports every 40 ms, until t = 0.96
         progress = StreamProgress("s1", "cam0", "visual", t, OFFSET + t, OFFSET, False, 0, period=0.04)
-        aligner.push(SensorBatch("cam0", [], [progress], taken_at=OFFSET + t))
+        aligner.push(SensorBatch("cam0", [], [progress], as_of=OFFSET + t))
     last = OFFSET + 0.96
     aligner.poll(last + 0.6)  # the actor is behind (its reports stopped), not the camera: nothing dropped yet
     assert "cam0" not in aligner.sessions["s1"].dropped
@@ -207,11 +214,11 @@ def test_a_live_sensors_streams_are_judged_on_its_latest_account_so_a_sensor_beh
     aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05)
     for t in np.arange(0.0, 1.0, 0.04):
         aligner.push(SensorBatch("cam0", [], [StreamProgress("s1", "cam0", "visual", t, OFFSET + t, OFFSET, False,
-                                                             0, period=0.04)], taken_at=OFFSET + t))
-    aligner.push(SensorBatch("cam0", [], [], taken_at=last + 0.19))  # the actor says: no news of the camera
+                                                             0, period=0.04)], as_of=OFFSET + t))
+    aligner.push(SensorBatch("cam0", [], [], as_of=last + 0.19))  # the actor says: no news of the camera
     aligner.poll(last + 0.2)
     assert "cam0" not in aligner.sessions["s1"].dropped  # 0.19 s silent when last told: within 5 periods
-    aligner.push(SensorBatch("cam0", [], [], taken_at=last + 0.21))
+    aligner.push(SensorBatch("cam0", [], [], as_of=last + 0.21))
     aligner.poll(last + 0.22)
     assert "cam0" in aligner.sessions["s1"].dropped  # the camera, silent for more than 5 * 0.04 s by then
 

@@ -49,9 +49,9 @@ def test_a_live_sensor_hands_over_an_account_even_when_nothing_happened():
     sensor = ingest()
     assert sensor.take_batch() is None
     send(sensor, 0, 0.0, [1, 1, 1, 1], duration=1.0)
-    assert sensor.take_batch(now=100.5).taken_at == 100.5
-    quiet = sensor.take_batch(now=100.7)
-    assert (quiet.deltas, quiet.progress, quiet.taken_at) == ([], [], 100.7)
+    assert sensor.take_batch(as_of=100.5).as_of == 100.5
+    quiet = sensor.take_batch(as_of=100.7)
+    assert (quiet.deltas, quiet.progress, quiet.as_of) == ([], [], 100.7)
 
 
 def test_malformed_messages_are_counted_not_raised():
