@@ -296,7 +296,8 @@ def test_stepping_aside_zero_fills_its_patterns_and_restores_the_rest_as_the_pla
         assert aside.name == name and aside.head == plain.head  # the wrapped restorer's own attributes
         expected, got = plain.restore(z, present), aside.restore(z, present)
         assert got.aside.tolist() == [True, False, False, True, True]
-        torch.testing.assert_close(got.filled[1:3], expected.filled[1:3])  # rows keep their draws (seeds by index)
+        # rows keep their draws (seeds by index); matmuls over 2 rows instead of 5 round differently (seen: 1.1e-5)
+        torch.testing.assert_close(got.filled[1:3], expected.filled[1:3], atol=1e-4, rtol=1e-4)
         assert (got.filled[~present & got.aside[:, None]] == 0).all()
         assert torch.equal(got.filled[present], z[present])
         if got.spread is not None:
