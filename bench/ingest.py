@@ -21,6 +21,7 @@ bench/results/ingest.json).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -82,6 +83,15 @@ def raw_receiver(endpoint: str, seconds: float, out) -> None:
     context.destroy(linger=0)
 
 
+def memory_sampler(pid: int, stop, out) -> None:
+    """The peak memory of the daemon's process tree, sampled every 2 s in a process of its own: reading every
+    process's smaps takes 60-90 ms here, which in the sender's loop paused every stream that long."""
+    peak: dict[str, float] = {}
+    while not stop.wait(2.0):
+        peak = peak_memory(peak, tree_memory_mb(pid))
+    out.send(peak)
+
+
 def raw_pyzmq_rate(seconds: float, dim: int) -> dict:
     """Messages per second one PUB process gets to one SUB process here, with the bench's own messages."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -128,6 +138,8 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
                                                    duration=period))
                     for k in range(count)] for s, name in streams]  # before the clock starts: the sender
         # shares the daemon's two cores, and encoding as it sends would take a third of one at 20,000 messages/s
+        gc.collect()
+        gc.freeze()  # a full collection would walk the encoded messages while they are sent (36 ms at 20,000/s)
         received: dict[tuple[str, int], tuple[float, dict]] = {}
         duplicates = 0
         stop_listening = threading.Event()
@@ -148,10 +160,12 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
 
         listening = threading.Thread(target=listen, daemon=True)
         listening.start()
-        sent, seq, peak = 0, 0, {}
+        sent, seq = 0, 0
         window_end_at: dict[int, float] = {}
+        stop_sampling, (peak_in, peak_out) = multiprocessing.Event(), multiprocessing.Pipe()
+        sampler = multiprocessing.Process(target=memory_sampler, args=(daemon.pid, stop_sampling, peak_out))
+        sampler.start()
         start, sender_cpu = time.monotonic(), time.thread_time()
-        next_memory = start
         while (elapsed := time.monotonic() - start) < args.step_s:
             due = int(elapsed / period) + 1            # messages each stream should have sent by now
             for (s, name), frames in zip(streams, encoded):
@@ -162,10 +176,12 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
             for w in range(int(seq * period / args.window_s), int(due * period / args.window_s)):
                 window_end_at.setdefault(w, start + (w + 1) * args.window_s)
             seq = due
-            if time.monotonic() >= next_memory:
-                peak, next_memory = peak_memory(peak, tree_memory_mb(daemon.pid)), time.monotonic() + 2.0
             time.sleep(0.002)
         sender_cpu = time.thread_time() - sender_cpu
+        gc.unfreeze()
+        stop_sampling.set()
+        peak = peak_in.recv()
+        sampler.join()
         for s, name in streams:
             sockets[name].send_multipart(wire.encode(wire.SensorMessage(s, name, SENSORS[name], seq, seq * period,
                                                                         kind="end")))
