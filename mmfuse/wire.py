@@ -176,13 +176,29 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True):
     run: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     encoding: Literal[ENCODINGS] | None = None
     duration: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DURATION_S)] = 0.0
-    data: object = None
+    data: msgspec.Raw = msgspec.Raw()  # left encoded: see _data
     shape: list[int] | None = None
     dtype: str | None = None
     rate: int | None = None
 
 
 _BODY = msgspec.msgpack.Decoder(_Body)
+_BIN = frozenset((0xc4, 0xc5, 0xc6))  # msgpack's first bytes of bin and str
+_STR = frozenset((*range(0xa0, 0xc0), 0xd9, 0xda, 0xdb))
+_DOUBTFUL = object()
+
+
+def _data(raw: msgspec.Raw) -> bytes | str | None | object:
+    """A message's `data`: bytes, a string, None (nil or absent), or _DOUBTFUL for anything else (a map with a key
+    that is no string, which `_checked` refuses), left to `_checked`."""
+    view = memoryview(raw)
+    if not view or view[0] == 0xc0:
+        return None
+    if view[0] in _BIN:
+        return msgspec.msgpack.decode(raw, type=bytes)
+    if view[0] in _STR:
+        return msgspec.msgpack.decode(raw, type=str)
+    return _DOUBTFUL
 
 
 def _well_formed(topic: bytes, payload: bytes) -> SensorMessage | None:
@@ -190,14 +206,15 @@ def _well_formed(topic: bytes, payload: bytes) -> SensorMessage | None:
     the time); None for anything else, which `_checked` then decodes key by key and names what is wrong with."""
     try:
         body = _BODY.decode(payload)
-    except msgspec.MsgspecError:
+        data = _data(body.data)
+    except (msgspec.MsgspecError, RecursionError):  # (msgspec recurses even to skip a value nested deep)
         return None
-    if body.v != VERSION or "/" in body.session or "/" in body.source \
+    if data is _DOUBTFUL or body.v != VERSION or "/" in body.session or "/" in body.source \
             or topic != f"{body.modality}/{body.session}".encode():
         return None
     if body.kind != "data":
         return SensorMessage(body.session, body.source, body.modality, body.seq, body.t, body.kind, run=body.run)
-    encoding, data = body.encoding, body.data
+    encoding = body.encoding
     if encoding == "utf8":
         if type(data) is not str:
             return None

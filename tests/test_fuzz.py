@@ -145,6 +145,36 @@ def test_the_compiled_decoder_takes_only_what_the_key_by_key_decoder_takes_as_th
         assert taken == wire._checked(*frames)
 
 
+def nested_data(topic: bytes, body: dict, depth: int) -> list[bytes]:
+    """The payload with `data` an array nested `depth` deep."""
+    pairs = [(k, v) for k, v in body.items() if k != "data"]
+    head = msgpack.Packer(use_bin_type=True).pack_map_header(len(pairs) + 1)
+    return [topic, head + b"".join(msgpack.packb(k) + msgpack.packb(v, use_bin_type=True) for k, v in pairs)
+            + msgpack.packb("data") + b"\x91" * depth + b"\xc0"]
+
+
+@pytest.mark.parametrize("depth", [10, 997, 100_000])
+def test_data_nested_deep_decodes_as_the_key_by_key_decoder_says_and_raises_nothing_else(depth):
+    for base in BASES:
+        frames = nested_data(*base, depth)
+        try:
+            expected = wire._checked(*frames)
+        except wire.WireError as exc:
+            expected = exc.reason
+        try:
+            assert wire.decode(frames) == expected
+        except wire.WireError as exc:
+            assert exc.reason == expected
+
+
+def test_a_map_key_that_is_no_string_inside_data_is_refused_by_both_decoders():
+    topic, body = next((t, b) for t, b in BASES if b.get("kind") == "heartbeat")
+    frames = [topic, msgpack.packb({**body, "data": {1: 2}}, use_bin_type=True)]
+    assert wire._well_formed(*frames) is None
+    with pytest.raises(wire.WireError):
+        wire.decode(frames)
+
+
 # --- b. the sensor ingest ----------------------------------------------------------------------------------
 
 def stream_frames(session, seq, t, dim, duration, kind):
