@@ -300,7 +300,6 @@ class SensorActor:
                                                           self.flush_interval):
             return in_flight
         self.last_push = time.monotonic()
-        self.read_until = time.time()  # every message that had reached the socket by then was read
         return self._push(aligner, in_flight)
 
     def _push(self, aligner, in_flight: list) -> list:

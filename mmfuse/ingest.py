@@ -217,7 +217,8 @@ class SensorIngest:
         calls than in arithmetic."""
         features = [f for f in frames if f is not None and f.message.encoding == "features" and f.message.kind == "data"]
         for frame in features:
-            frame.vectors = None  # (checked again, if a first check failed part way)
+            if frame.vectors is not _REJECTED:  # (checked again if a first check failed part way: not refused twice)
+                frame.vectors = None
         common = [f for f in features if f.message.dtype == "<f4"]
         if len(common) < CHECKED_TOGETHER or len({f.message.shape[-1] for f in common}) > 1:
             common = []  # (without a bundle widths may differ) one check each
