@@ -66,7 +66,6 @@ class SensorActor:
         self.start_error: str | None = None
         self.pushes = 0
         self.last_push = time.monotonic()
-        self.read_until = time.time()  # every message that had reached the socket by then was read
         self.numbered = 0
         self.retained: list[SensorBatch] = []
         self.push_failures = Tally()
@@ -132,8 +131,6 @@ class SensorActor:
                         break
                 if recorder is not None:
                     self._forward(recorder)
-            else:
-                self.read_until = time.time()  # nothing came while it waited
             in_flight = self._push_if_due(aligner, in_flight)
         handle_until = time.monotonic() + STOP_HANDLING_S
         unread = 0
@@ -212,7 +209,6 @@ class SensorActor:
             try:
                 frame = socket.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                self.read_until = time.time()  # the socket is empty: the sensor is not behind it
                 break
             sender = None if self.keys is None else frame.get("User-Id")
             frames = [frame.bytes]
@@ -304,8 +300,9 @@ class SensorActor:
 
     def _push(self, aligner, in_flight: list) -> list:
         with self.lock:
-            batch = self.ingest.take_batch(self.read_until)  # (an empty one too: the aligner hears it is alive)
-            self.ingest.forget_idle(time.time())
+            now = time.time()
+            batch = self.ingest.take_batch(now)  # (an empty one too: the aligner hears that this sensor is alive)
+            self.ingest.forget_idle(now)
             self._number(batch)
         return self._send(in_flight, aligner.push.remote(batch))
 

@@ -72,7 +72,7 @@ class SensorBatch:
     spans: list[Span] = field(default_factory=list)
     incarnation: str = ""   # which life of the sensor actor made it (a restarted one counts from 0 again)
     number: int = 0         # 0, 1, 2, ... per incarnation: the aligner applies each batch once
-    as_of: float = math.nan  # a live sensor's account: every message that had reached its socket by then is in
+    as_of: float = math.nan  # wall time a live sensor took it: its account of its streams is as of then
 
 
 @dataclass(frozen=True, slots=True)

@@ -450,8 +450,8 @@ class SensorIngest:
         return taken
 
     def take_batch(self, as_of: float | None = None) -> SensorBatch | None:
-        """What happened since the last batch; None if nothing did, unless `as_of` is given (a live sensor: the
-        wall time by which every message that had reached its socket was read): then a batch, empty if need be."""
+        """What happened since the last batch; None if nothing did, unless `as_of` is given (a live sensor's wall
+        time now): then a batch, empty if need be, its account of its streams as of then."""
         if self.media is not None:
             failed = self.media.failed
             spans = self.media.encode()
