@@ -6,7 +6,6 @@ state, from which a restarted aligner carries on."""
 from __future__ import annotations
 
 import heapq
-import math
 import threading
 import time
 
@@ -66,7 +65,7 @@ class AlignerActor:
             self.down = down
             replayed = 0
             in_order = [sorted(batches, key=lambda b: b.number) for batches in retained.values()]  # (see _apply)
-            for batch in heapq.merge(*in_order, key=_taken):
+            for batch in heapq.merge(*in_order, key=lambda b: b.as_of):
                 replayed += self._apply(batch)  # in the order they were made, as the first life saw them
             self.restored = True
             held, self.held = self.held, []
@@ -227,10 +226,3 @@ class AlignerActor:
             return {**self.aligner.stats(), "calls_out": self.calls, "unacknowledged": len(self.outbox),
                     "redelivered": self.redelivered, "copies_skipped": self.skipped,
                     **({"replays": self.replays} if self.ticks is not None else {})}
-
-
-def _taken(batch: SensorBatch) -> float:
-    """How recent a batch's account is; its latest arrival, if it does not say."""
-    if not math.isnan(batch.as_of):
-        return batch.as_of
-    return max((p.arrived_at for p in batch.progress), default=0.0)

@@ -246,7 +246,8 @@ def main() -> int:
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle).modalities.items()}
     result = {"streams": args.streams, "cpu": os.cpu_count(), "raw_pyzmq": raw_pyzmq_rate(5.0, dims["visual"]),
               "steps": []}
-    print(f"raw pyzmq PUB->SUB here: {result['raw_pyzmq']['messages_per_s']} messages/s; daemon logs in {workdir}", flush=True)
+    print(f"raw pyzmq PUB->SUB here: {result['raw_pyzmq']['messages_per_s']} messages/s; daemon logs in {workdir}",
+          flush=True)
     for rate in args.rates:
         step = run_step(rate, args, bundle, dims, workdir)
         result["steps"].append(step)

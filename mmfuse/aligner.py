@@ -95,8 +95,8 @@ class Session:
         """A copy that shares only what the aligner replaces and never changes: progress reports, deltas, spans."""
         return replace(self, streams=dict(self.streams), windows={k: w.copy() for k, w in self.windows.items()},
                        kept={k: w.copy() for k, w in self.kept.items()}, dropped=set(self.dropped),
-                       shifts=dict(self.shifts), reporters=dict(self.reporters), unmapped={s: list(d) for s, d in self.unmapped.items()},
-                       utterances=list(self.utterances), held_spans={s: list(h) for s, h in self.held_spans.items()})
+                       shifts=dict(self.shifts), reporters=dict(self.reporters),
+                       unmapped={s: list(d) for s, d in self.unmapped.items()}, utterances=list(self.utterances), held_spans={s: list(h) for s, h in self.held_spans.items()})
 
 
 class Aligner:
@@ -342,7 +342,8 @@ class Aligner:
         reported = self.reported.get(session.reporters.get(source))
         if reported is None:
             return now - stream.arrived_at <= self.silence_limit(stream)
-        return reported - stream.arrived_at <= self.silence_limit(stream) - self.flush and now - reported <= self.timeout
+        silent = reported - stream.arrived_at
+        return silent <= self.silence_limit(stream) - self.flush and now - reported <= self.timeout
 
     def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the
@@ -553,7 +554,8 @@ class UtteranceAligner(Aligner):
             if end > start:
                 closed += self._close_span(name, session, start, end, now)
             session.decided_until = max(session.decided_until, end)
-        text_live = any(s.modality == "text" and self._live(session, source, now) for source, s in session.streams.items())
+        text_live = any(s.modality == "text" and self._live(session, source, now)
+                        for source, s in session.streams.items())
         if not session.utterances and (draining or not text_live):
             reach = session.reach()
             while session.decided_until < reach and (draining or self._closable(

@@ -215,7 +215,8 @@ class SensorIngest:
         finite and within MAX_FEATURE (counted and logged). The little float32 messages of this sensor's width
         are checked together, in one pass over their concatenated values: a check per message costs more in numpy
         calls than in arithmetic."""
-        features = [f for f in frames if f is not None and f.message.encoding == "features" and f.message.kind == "data"]
+        features = [f for f in frames
+                    if f is not None and f.message.encoding == "features" and f.message.kind == "data"]
         for frame in features:
             if frame.vectors is not _REJECTED:  # (checked again if a first check failed part way: not refused twice)
                 frame.vectors = None

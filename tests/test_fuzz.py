@@ -235,7 +235,8 @@ def in_order(items: list) -> list[list[bytes]]:
             for seq, item in enumerate(items)]
 
 
-read_together = st.lists(valued_specs | valued_specs | stream_messages | any_frames, min_size=1, max_size=60).map(in_order)
+read_together = st.lists(valued_specs | valued_specs | stream_messages | any_frames, min_size=1,
+                         max_size=60).map(in_order)
 
 
 def contributions(ingest: SensorIngest) -> tuple:
