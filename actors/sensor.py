@@ -50,6 +50,7 @@ class SensorActor:
             limit_threads()
             tower = load_bundle(config.bundle).towers([self.sensor.modality])[self.sensor.modality]
             tower.to(actor_device(self.sensor.num_gpus))
+            tower.warm_up()
         from mmfuse.security import daemon_keys
 
         self.keys = daemon_keys(config)

@@ -72,6 +72,21 @@ def test_towers_give_vectors_of_their_dim_deterministically(tiny_clip):
     np.testing.assert_allclose(image_tower.encode(pictures[:1])[0], image_tower.encode(pictures)[0], atol=1e-5)
 
 
+def test_every_tower_warms_up_on_stand_in_items_of_its_kind(tiny_clip):
+    for tower in (ImageTower(tiny_clip, preprocess_config("mmfuse-tiny", None, clip_config("mmfuse-tiny"))),
+                  TextTower(tiny_clip, 40), AudioTower()):
+        tower.warm_up()
+        assert tower.encode([tower.example()]).shape == (1, tower.dim)
+
+
+def test_the_text_tower_skips_the_padding_and_encodes_as_open_clip_does(tiny_clip):
+    tower = TextTower(tiny_clip, clip_config("mmfuse-tiny")["text_cfg"]["context_length"])
+    tokens = tower.prepare(["ok", "so this is what I was talking about, really great", ""])
+    assert tokens.shape[1] == 40 and int(tokens.argmax(dim=-1).max()) < 20
+    with torch.no_grad():
+        assert torch.allclose(tower(tokens), tiny_clip.encode_text(tokens), atol=1e-5)
+
+
 def test_an_uncached_tag_offline_fails_within_seconds_and_says_what_to_get(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
