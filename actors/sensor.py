@@ -150,7 +150,7 @@ class SensorActor:
             self._forward(recorder)
             recorder.close(linger=1000)
         if not self.virtual_clock:
-            in_flight = self._push(aligner, in_flight)
+            in_flight = self._push(aligner, in_flight, defer_media=False)
         self._settle(in_flight, timeout=10)
         socket.close()
         if self.gate is not None:
@@ -299,10 +299,10 @@ class SensorActor:
         self.last_push = time.monotonic()
         return self._push(aligner, in_flight)
 
-    def _push(self, aligner, in_flight: list) -> list:
+    def _push(self, aligner, in_flight: list, defer_media: bool = True) -> list:
         with self.lock:
             now = time.time()
-            batch = self.ingest.take_batch(now)  # (an empty one too: the aligner hears that this sensor is alive)
+            batch = self.ingest.take_batch(now, defer_media)  # (empty too: the aligner hears this sensor is alive)
             self.ingest.forget_idle(now)
             self._number(batch)
         return self._send(in_flight, aligner.push.remote(batch))

@@ -70,8 +70,9 @@ class StreamState:
         """Median interval between recent messages; unknown (inf) until a few have been seen."""
         return statistics.median(self.intervals) if len(self.intervals) >= 4 else math.inf  # (numpy's: 10x slower)
 
-    def snapshot(self) -> StreamProgress:
-        return StreamProgress(self.session, self.source, self.modality, self.progress, self.arrived_at,
+    def snapshot(self, until: float = math.inf) -> StreamProgress:
+        """Its account as of now; the progress no further than `until` (where media not yet encoded begins)."""
+        return StreamProgress(self.session, self.source, self.modality, min(self.progress, until), self.arrived_at,
                               self.clock.offset(self.clock.last_t), self.ended, self.seq_gaps, self.period,
                               max(self.delays) - min(self.delays), self.clock.drift, self.clock.resets,
                               self.clock.line, self.run)
@@ -450,14 +451,22 @@ class SensorIngest:
         taken, self.accepted_frames = self.accepted_frames, []
         return taken
 
-    def take_batch(self, as_of: float | None = None) -> SensorBatch | None:
+    def take_batch(self, as_of: float | None = None, defer_media: bool = False) -> SensorBatch | None:
         """What happened since the last batch; None if nothing did, unless `as_of` is given (a live sensor's wall
-        time now): then a batch, empty if need be, its account of its streams as of then."""
+        time now): then a batch, empty if need be, its account of its streams as of then.
+
+        With `defer_media`, a batch sent because a stream passed a window end encodes only the media of windows
+        that may close now; the rest (the camera frame that begins the next window) waits for a batch that is
+        not (at the latest the flush interval's), and its stream's progress is reported only up to where that
+        media begins. So a window's close does not share the CPU with encoding the next window, and nothing
+        can close without its media."""
+        held_back: dict[tuple[str, str], float] = {}
         if self.media is not None:
             failed = self.media.failed
-            spans = self.media.encode()
+            spans = self.media.encode(self._after_closable_windows if defer_media and self.due else None)
+            held_back = self.media.queued_from()
             if self.media.failed > failed:
-                self.log.warning("media the tower could not encode", count=self.media.failed - failed,
+                self.log.warning("media that could not be decoded or encoded", count=self.media.failed - failed,
                                  total=self.media.failed)
             for span in spans:
                 stream = self.streams.get((span.session, span.source))
@@ -474,12 +483,21 @@ class SensorIngest:
         if not self.touched and not self.deltas and as_of is None:
             return None
         batch = SensorBatch(self.sensor, list(self.deltas.values()),
-                            [self.streams[key].snapshot() for key in self.touched], self.spans,
-                            as_of=math.nan if as_of is None else as_of)
+                            [self.streams[key].snapshot(held_back.get(key, math.inf)) for key in self.touched],
+                            self.spans, as_of=math.nan if as_of is None else as_of)
         self.deltas, self.spans = {}, []
-        self.touched = {}
+        self.touched = {key: None for key in held_back if key in self.streams}  # their progress, once encoded
         self.due = False
         return batch
+
+    def _after_closable_windows(self, session: str, source: str, start: float) -> bool:
+        """Whether media starting at `start` lies past the last window end its stream has reached, so that no
+        window it belongs to can close before the stream's next batch."""
+        stream = self.streams.get((session, source))
+        if stream is None:
+            return False
+        reached = self._window_ends_before(stream.progress)
+        return math.isfinite(reached) and start >= reached * self.hop + self.length
 
     def stats(self) -> dict:
         media = {} if self.media is None else {"encoded": self.media.encoded, "encode_failed": self.media.failed,

@@ -6,7 +6,8 @@ all sessions of that sensor. What is queued is already thinned out:
 
 - camera frames (`jpeg`, `rgb8`): at most one frame per `frame_period_s` per stream
   (window length / frames per window), so a 15 fps camera costs one image encode per
-  window; each encoded frame counts at its time stamp;
+  window; each encoded frame counts at its time stamp. A JPEG's header is checked when
+  it arrives, its pixels are decoded when it is encoded: off the receive path;
 - text (`utf8`): one vector per segment, over the segment's span;
 - audio (`pcm16`): cut into segments on a fixed time grid (`segment_s`, the length the
   audio tower was trained on), one vector per segment. A stream's audio counts as
@@ -132,7 +133,7 @@ class _Pending:
     source: str
     start: float
     end: float
-    item: object  # image array, text or waveform: what the tower's encode() takes
+    item: object  # image array, text or waveform: what the tower's encode() takes; a jpeg message until then
 
 
 @dataclass
@@ -154,21 +155,22 @@ class MediaEncoder:
         self.resampled: dict[tuple[str, str], tuple[int, int]] = {}  # (input, output) samples so far
         self.skipped_frames = 0
         self.encoded = 0
-        self.failed = 0  # items the tower could not encode
+        self.failed = 0  # items that could not be decoded or encoded
 
     def accepts(self, encoding: str) -> bool:
         return encoding in MEDIA_ENCODINGS[self.modality]
 
     def prepare(self, message: SensorMessage) -> object:
-        """What this message will contribute, checked whole: raises MediaError for a payload that cannot be
-        decoded, and changes nothing, so a stream's state need not change for a frame that fails. A camera
-        frame the thinning will skip is checked by its header alone (SKIPPED)."""
+        """What this message will contribute, checked: raises MediaError for a payload that cannot be read, and
+        changes nothing, so a stream's state need not change for a frame that fails. A `jpeg` is checked by its
+        header (format, size, aspect) and stays the message until `encode` decodes it; a camera frame the
+        thinning will skip is SKIPPED."""
         if message.encoding not in IMAGE_ENCODINGS:
             return message.data if message.encoding == "utf8" else pcm16_samples(message)
+        probe_image(message)
         if self._slot(message) is None:
-            probe_image(message)
             return SKIPPED
-        return decode_image(message)
+        return message.array() if message.encoding == "rgb8" else message
 
     def _slot(self, message: SensorMessage) -> int | None:
         """The frame slot a camera frame fills, or None if its stream has filled that slot already."""
@@ -237,6 +239,14 @@ class MediaEncoder:
         """The stream ended: its unfinished audio segment is encoded as it is."""
         self._close_segment(key)
 
+    def queued_from(self) -> dict[tuple[str, str], float]:
+        """Per stream with media queued, where the earliest of it starts."""
+        starts: dict[tuple[str, str], float] = {}
+        for p in self.pending:
+            key = (p.session, p.source)
+            starts[key] = min(starts.get(key, math.inf), p.start)
+        return starts
+
     def forget(self, key: tuple[str, str]) -> None:
         """The stream has been idle long enough to forget: drop its state (an unfinished segment is long late)."""
         self.audio.pop(key, None)
@@ -249,17 +259,23 @@ class MediaEncoder:
         if segment is not None and t >= segment.start + segment.samples / self.tower.rate - 1e-6:
             self._close_segment(key)
 
-    def encode(self) -> list[EncodedSpan]:
-        """Encode everything queued, all sessions in one batch."""
-        if not self.pending:
+    def encode(self, later=None) -> list[EncodedSpan]:
+        """Encode what is queued, all sessions in one batch; what `later(session, source, start)` says may wait
+        stays queued."""
+        if later is None:
+            pending, self.pending = self.pending, []
+        else:
+            pending = [p for p in self.pending if not later(p.session, p.source, p.start)]
+            self.pending = [p for p in self.pending if later(p.session, p.source, p.start)]
+        if not pending:
             return []
-        pending, self.pending = self.pending, []
+        ready = [(p, item) for p in pending if (item := _decoded(p.item)) is not None]
         try:
-            vectors = list(self.tower.encode([p.item for p in pending]))
+            vectors = list(self.tower.encode([item for _, item in ready])) if ready else []
         except Exception:  # one bad item must not cost the batch: find it by encoding one by one
-            vectors = [self._encode_one(p.item) for p in pending]
+            vectors = [self._encode_one(item) for _, item in ready]
         spans = [EncodedSpan(p.session, p.source, p.start, p.end, v)
-                 for p, v in zip(pending, vectors) if v is not None]
+                 for (p, _), v in zip(ready, vectors) if v is not None]
         self.encoded += len(spans)
         self.failed += len(pending) - len(spans)
         return spans
@@ -269,3 +285,13 @@ class MediaEncoder:
             return self.tower.encode([item])[0]
         except Exception:
             return None
+
+
+def _decoded(item):
+    """A queued item as the tower takes it: a jpeg message decoded (None if its pixels do not decode)."""
+    if not isinstance(item, SensorMessage):
+        return item
+    try:
+        return decode_image(item)
+    except MediaError:
+        return None

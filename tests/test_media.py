@@ -164,6 +164,51 @@ def test_an_undecodable_jpeg_is_counted_and_nothing_else_is_lost(media_bundle):
     assert len(batch.deltas) == 1 and batch.deltas[0].total.shape == (tower.dim,)
 
 
+class CountingTower:
+    """Stands in for the image tower: counts what it encodes; a frame's vector is its mean pixel value."""
+    dim = 1
+
+    def __init__(self):
+        self.encoded = []
+
+    def encode(self, items):
+        self.encoded.extend(items)
+        return np.array([[float(np.mean(i))] for i in items], np.float32)
+
+
+def test_a_window_ends_batch_leaves_the_next_windows_frame_for_later_and_reports_its_stream_up_to_it():
+    from mmfuse.ingest import SensorIngest
+
+    tower = CountingTower()
+    ingest = SensorIngest("cam0", "visual", 1.0, 1.0, 1, media=MediaEncoder("visual", tower, 1.0))
+    for i in range(16):  # 15 fps from 0.0 through 1.0: the frame at 1.0 begins window 1
+        frame = np.full((8, 8, 3), 10 * (i // 15 + 1), np.uint8)
+        ingest.ingest(wire.encode(wire.rgb8_message("s", "cam0", i, i / 15, frame, 1 / 15)), 100.0 + i / 15)
+    assert ingest.due
+    batch = ingest.take_batch(as_of=101.1, defer_media=True)
+    assert len(tower.encoded) == 1  # window 0's frame, which it may close on
+    (progress,) = batch.progress
+    assert progress.progress == pytest.approx(1.0)
+    assert {d.window_id: d.weight for d in batch.deltas} == {0: 1.0, 1: 0.0}  # window 1: a frame, not encoded
+    later = ingest.take_batch(as_of=101.3, defer_media=True)  # not due: everything is encoded
+    assert len(tower.encoded) == 2 and later.progress[0].progress == pytest.approx(16 / 15)
+    assert [(d.window_id, d.weight, float(d.total[0])) for d in later.deltas] == [(1, 1.0, 20.0)]
+
+
+def test_a_jpeg_is_decoded_when_encoded_and_pixels_that_do_not_decode_cost_only_themselves():
+    from mmfuse.ingest import SensorIngest
+
+    tower = CountingTower()
+    ingest = SensorIngest("cam0", "visual", 1.0, 1.0, 1, media=MediaEncoder("visual", tower, 0.5))
+    whole = jpeg(images(1)[0])
+    ingest.ingest(wire.encode(wire.jpeg_message("s", "cam0", 0, 0.0, whole[:len(whole) // 2])), 100.0)  # header ok
+    ingest.ingest(wire.encode(wire.jpeg_message("s", "cam0", 1, 0.5, whole)), 100.5)
+    assert ingest.accepted == 2 and not ingest.rejected.counts and not tower.encoded
+    batch = ingest.take_batch()
+    assert ingest.media.failed == 1 and ingest.media.encoded == 1 and tower.encoded[0].shape == (40, 56, 3)
+    assert [(d.window_id, d.weight) for d in batch.deltas] == [(0, 1.0)]
+
+
 def test_a_bundle_trained_on_media_reloads_with_identical_embeddings(media_bundle, media_manifest, tmp_path):
     bundle = load_bundle(media_bundle)
     media = bundle.manifest["media"]
