@@ -10,8 +10,10 @@ of the window was sent (the window can close) to the decision's arrival.
 
 With --media the sensors send raw media instead of features: per window and session
 15 JPEG camera frames (224x168), ten 100 ms chunks of 16 kHz PCM audio and one ASR
-text segment, and the daemon runs the bundle's towers (by default a bundle with the
-small open_clip config trained briefly on a generated media set).
+text segment, each sent when a real sensor would send it (a frame when captured, a
+chunk when recorded, the segment at the window's end; --burst: all at the window's
+end), and the daemon runs the bundle's towers (by default a bundle with the small
+open_clip config trained briefly on a generated media set).
 
 Prints the figures and writes them as JSON (default bench/results/e2e_latency.json).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import socket
@@ -62,33 +65,71 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--restorer", default="mean")
     parser.add_argument("--bundle", default=None, help="bundle directory; default: train one on generated data")
     parser.add_argument("--media", action="store_true", help="send jpeg, pcm16 and utf8 instead of features")
+    parser.add_argument("--burst", action="store_true", help="send a window's media in one burst at its end, "
+                        "not as captured: the worst case, every encode after the window's last message")
     parser.add_argument("--json", default=None, help="default: bench/results/e2e_latency[_media].json")
     return parser.parse_args()
 
 
-CAMERA_JPEG: list[bytes] = []
+MEDIA: dict[str, list] = {}
 
 
-def media_messages(session: str, name: str, seq: int, t: float, length: float, rng) -> list[wire.SensorMessage]:
-    """One window of a 15 fps camera, 100 ms audio chunks or one ASR segment."""
-    if not CAMERA_JPEG:
+def media_samples(rng) -> dict[str, list]:
+    """A few camera frames (JPEG of noise: the slowest to decode) and 100 ms audio chunks, made once."""
+    if not MEDIA:
         import io
 
         from PIL import Image
 
-        for i in range(8):
+        MEDIA["jpeg"], MEDIA["pcm"] = [], [rng.normal(0, 0.1, 1600) for _ in range(8)]
+        for _ in range(8):
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (224, 168, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-            CAMERA_JPEG.append(buffer.getvalue())
+            MEDIA["jpeg"].append(buffer.getvalue())
+    return MEDIA
+
+
+def media_events(session: str, name: str, start: float, length: float, rng) -> list[tuple[float, object]]:
+    """One window of a 15 fps camera, 100 ms audio chunks or one ASR segment, as (event time a message is
+    complete and can be sent, seq -> message): a frame when it is captured, a chunk when its 100 ms are
+    recorded, the segment at the window's end."""
+    samples = media_samples(rng)
     if SENSORS[name] == "visual":
-        frames = int(15 * length)
-        return [wire.jpeg_message(session, name, seq + i, t + i / 15, CAMERA_JPEG[(seq + i) % len(CAMERA_JPEG)],
-                                  duration=1 / 15) for i in range(frames)]
+        return [(start + i / 15, lambda seq, t=start + i / 15: wire.jpeg_message(
+                    session, name, seq, t, samples["jpeg"][seq % 8], duration=1 / 15)) for i in range(int(15 * length))]
     if SENSORS[name] == "audio":
-        chunks = int(length / 0.1)
-        return [wire.pcm16_message(session, name, seq + i, t + 0.1 * i, rng.normal(0, 0.1, 1600), 16000)
-                for i in range(chunks)]
-    return [wire.text_message(session, name, seq, t, "so this is what I was talking about, really great", length)]
+        return [(start + 0.1 * (i + 1), lambda seq, t=start + 0.1 * i, chunk=samples["pcm"][i % 8]:
+                 wire.pcm16_message(session, name, seq, t, chunk, 16000)) for i in range(int(length / 0.1))]
+    return [(start + length, lambda seq: wire.text_message(session, name, seq, start,
+                                                           "so this is what I was talking about, really great", length))]
+
+
+def window_events(k: int, sessions: list[str], args, dims: dict, rng) -> tuple[list, int]:
+    """Every message of window k as (event time, session, sensor, seq -> message), in the order they are sent,
+    and how many sessions leave one modality out (its sensor only heartbeats). Every sensor heartbeats at
+    mid-window (at least every drop.timeout_s / 2, docs/protocol.md); features and, with --burst, media go out
+    at the window's end."""
+    start, end = k * args.window_s, (k + 1) * args.window_s
+    events = []
+    incomplete = 0
+    for session in sessions:
+        leave_out = rng.choice(list(SENSORS)) if rng.random() < args.incomplete else None
+        incomplete += leave_out is not None
+        for name, modality in SENSORS.items():
+            events.append((start + args.window_s / 2, session, name, lambda seq, s=session, n=name, m=modality:
+                           wire.SensorMessage(s, n, m, seq, start, kind="heartbeat")))
+            if name == leave_out:
+                events.append((end, session, name, lambda seq, s=session, n=name, m=modality:
+                               wire.SensorMessage(s, n, m, seq, end, kind="heartbeat")))
+            elif args.media:
+                events += [(end if args.burst else at, session, name, make)
+                           for at, make in media_events(session, name, start, args.window_s, rng)]
+            else:
+                events.append((end, session, name, lambda seq, s=session, n=name, m=modality,
+                               vector=rng.normal(size=dims[m]): wire.features_message(s, n, m, seq, start, vector,
+                                                                                      duration=args.window_s)))
+    events.sort(key=lambda event: event[0])  # (stable: a stream's messages keep their order)
+    return events, incomplete
 
 
 def ensure_bundle(path: str | None, workdir: Path, media: bool) -> Path:
@@ -183,11 +224,9 @@ def main() -> int:
         seq = {(s, n): 0 for s in sessions for n in SENSORS}
 
         def drain(until: float) -> None:
+            """Take the decisions that have come, and those that come until `until`."""
             nonlocal duplicates
             while True:
-                timeout = until - time.monotonic()
-                if timeout <= 0 or not listener.poll(timeout * 1000):
-                    return
                 while True:
                     try:
                         frames = listener.recv_multipart(zmq.NOBLOCK)
@@ -198,38 +237,22 @@ def main() -> int:
                     key = (decision["session"], decision["window"]["id"])
                     duplicates += key in received
                     received[key] = (now, decision)
+                timeout = until - time.monotonic()
+                if timeout <= 0 or not listener.poll(timeout * 1000):
+                    return
 
-        start = time.monotonic()
-        for k in range(windows):
-            drain(start + (k + 0.5) * args.window_s)
-            for session in sessions:  # sensors heartbeat at least every drop.timeout_s / 2 (docs/protocol.md)
-                for name, modality in SENSORS.items():
-                    message = wire.SensorMessage(session, name, modality, seq[session, name], k * args.window_s,
-                                                 kind="heartbeat")
-                    sockets[name].send_multipart(wire.encode(message))
-                    seq[session, name] += 1
-            drain(start + (k + 1) * args.window_s)
-            for session in sessions:
-                leave_out = rng.choice(list(SENSORS)) if rng.random() < args.incomplete else None
-                incomplete += leave_out is not None
-                for name, modality in SENSORS.items():
-                    if name == leave_out:
-                        message = wire.SensorMessage(session, name, modality, seq[session, name], (k + 1) * args.window_s,
-                                                     kind="heartbeat")
-                    elif args.media:
-                        for message in media_messages(session, name, seq[session, name], k * args.window_s,
-                                                      args.window_s, rng):
-                            sockets[name].send_multipart(wire.encode(message))
-                            seq[session, name] += 1
-                        continue
-                    else:
-                        message = wire.features_message(session, name, modality, seq[session, name], k * args.window_s,
-                                                        rng.normal(size=dims[modality]), duration=args.window_s)
-                    sockets[name].send_multipart(wire.encode(message))
-                    seq[session, name] += 1
-                sent_at[(session, k)] = time.monotonic()
-            if k % 5 == 0:
-                peak = peak_memory(peak, tree_memory_mb(daemon.pid))
+        schedule = [window_events(k, sessions, args, dims, rng) for k in range(windows)]  # (made before: the
+        start = time.monotonic()                                    # load generator shares the daemon's cores)
+        for k, (events, left_out) in enumerate(schedule):
+            incomplete += left_out
+            sample_at = (k + 0.5) * args.window_s if k % 5 == 0 else math.inf
+            for at, session, name, make in events:
+                if at >= sample_at:  # the tree's memory, at mid-window: reading it costs the cores ~30 ms
+                    peak, sample_at = peak_memory(peak, tree_memory_mb(daemon.pid)), math.inf
+                drain(start + at)
+                sockets[name].send_multipart(wire.encode(make(seq[session, name])))
+                seq[session, name] += 1
+                sent_at[(session, k)] = time.monotonic()  # (the last message of the window: it can close)
         drain(time.monotonic() + 3.0)
         elapsed = time.monotonic() - start
 
