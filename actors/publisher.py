@@ -87,7 +87,7 @@ class PublisherActor:
             self._read_subscriptions(wait)
         now = time.time()
         for decision in decisions:
-            if not self.sent.first_time(decision.key):
+            if not self.sent.first_time(decision.key, time.monotonic()):
                 continue
             decision = dataclasses.replace(decision, latency_ms=round((now - decision.dispatched_at) * 1000, 3))
             payload = wire.decision_payload(decision)

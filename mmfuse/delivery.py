@@ -15,11 +15,12 @@ from collections import OrderedDict
 from mmfuse.frames import ClosedWindow, SessionEnd, WindowKey
 
 # Window keys a publisher remembers. Copies reach one publisher life only as the windows unacknowledged when
-# a stage restarted, and those acknowledged after the aligner's last snapshot (0.2 s): a few seconds of
-# windows. 20,000 is a minute at 300 windows/s, 5.7 MiB full; 200,000 (57 MiB, filling over 1.7 h at 32
-# windows/s) was most of a 32-session soak's growth.
+# a stage restarted, and those acknowledged after the aligner's last snapshot (0.2 s) and before it came back:
+# seconds of windows. A minute's keys at most, and no more than 20,000 (a minute at 333 windows/s, 5.7 MiB),
+# so the memory is full after a minute at any rate: a count alone (20,000) took 10 minutes to fill at 32
+# windows/s, most of a 32-session soak's growth after warm-up.
+PUBLISHED_KEPT_S = 60.0
 PUBLISHED_KEPT = 20_000
-
 
 class Outbox:
     """Windows the aligner handed on that the publisher has not acknowledged yet, and the ends of their sessions."""
@@ -78,19 +79,19 @@ class Outbox:
 
 
 class Published:
-    """The keys of the windows a publisher has sent, the most recent PUBLISHED_KEPT of them."""
+    """The keys of the windows a publisher has sent in the last `kept_s` seconds, the latest `kept` at most."""
 
-    def __init__(self, kept: int = PUBLISHED_KEPT):
-        self.kept = kept
-        self.keys: OrderedDict[WindowKey, None] = OrderedDict()
+    def __init__(self, kept: int = PUBLISHED_KEPT, kept_s: float = PUBLISHED_KEPT_S):
+        self.kept, self.kept_s = kept, kept_s
+        self.keys: OrderedDict[WindowKey, float] = OrderedDict()  # -> when it was sent
         self.duplicates = 0
 
-    def first_time(self, key: WindowKey) -> bool:
-        """Whether `key` is new (and remember it); a key seen before counts as a duplicate."""
+    def first_time(self, key: WindowKey, now: float) -> bool:
+        """Whether `key` is new (and remember it as sent at `now`); a key seen before counts as a duplicate."""
         if key in self.keys:
             self.duplicates += 1
             return False
-        self.keys[key] = None
-        if len(self.keys) > self.kept:
+        self.keys[key] = now
+        while len(self.keys) > self.kept or next(iter(self.keys.values())) < now - self.kept_s:
             self.keys.popitem(last=False)
         return True

@@ -44,11 +44,15 @@ def test_a_session_end_stays_until_its_windows_are_published():
     assert outbox.ends == {} and outbox.floors({}) == {}
 
 
-def test_the_publisher_sends_a_key_once_and_remembers_a_bounded_number():
-    sent = Published(kept=2)
-    assert [sent.first_time(k) for k in [("s", 0, 0, 0), ("s", 0, 0, 0), ("s", 0, 1, 0)]] == [True, False, True]
-    sent.first_time(("s", 0, 2, 0))
-    assert sent.duplicates == 1 and list(sent.keys) == [("s", 0, 1, 0), ("s", 0, 2, 0)]
+def test_the_publisher_sends_a_key_once_and_remembers_a_bounded_number_for_a_bounded_time():
+    sent = Published(kept=3, kept_s=60.0)
+    assert [sent.first_time(k, 0.0) for k in [("s", 0, 0, 0), ("s", 0, 0, 0), ("s", 0, 1, 0)]] == [True, False, True]
+    sent.first_time(("s", 0, 2, 0), 1.0)
+    sent.first_time(("s", 0, 3, 0), 2.0)  # one over the count: the oldest goes
+    assert sent.duplicates == 1 and list(sent.keys) == [("s", 0, 1, 0), ("s", 0, 2, 0), ("s", 0, 3, 0)]
+    sent.first_time(("s", 0, 4, 0), 60.5)  # the key sent at 0.0 is over a minute old
+    assert list(sent.keys) == [("s", 0, 2, 0), ("s", 0, 3, 0), ("s", 0, 4, 0)]
+    assert not sent.first_time(("s", 0, 4, 0), 200.0) and sent.duplicates == 2
 
 
 def test_a_restarted_fusion_carries_on_from_the_floor_and_decides_copies_again_with_their_context(bundle_dir):
