@@ -492,9 +492,10 @@ class SensorIngest:
 
     def _after_closable_windows(self, session: str, source: str, start: float) -> bool:
         """Whether media starting at `start` lies past the last window end its stream has reached, so that no
-        window it belongs to can close before the stream's next batch."""
+        window it belongs to can close before the stream's next batch (an ended stream holds no window back:
+        its media goes now)."""
         stream = self.streams.get((session, source))
-        if stream is None:
+        if stream is None or stream.ended:
             return False
         reached = self._window_ends_before(stream.progress)
         return math.isfinite(reached) and start >= reached * self.hop + self.length

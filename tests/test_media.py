@@ -193,6 +193,11 @@ def test_a_window_ends_batch_leaves_the_next_windows_frame_for_later_and_reports
     later = ingest.take_batch(as_of=101.3, defer_media=True)  # not due: everything is encoded
     assert len(tower.encoded) == 2 and later.progress[0].progress == pytest.approx(16 / 15)
     assert [(d.window_id, d.weight, float(d.total[0])) for d in later.deltas] == [(1, 1.0, 20.0)]
+    frame = np.zeros((8, 8, 3), np.uint8)
+    ingest.ingest(wire.encode(wire.rgb8_message("s", "cam0", 16, 2.0, frame, 1 / 15)), 102.0)
+    ingest.ingest(wire.encode(wire.SensorMessage("s", "cam0", "visual", 17, 2.1, kind="end")), 102.1)
+    ending = ingest.take_batch(as_of=102.2, defer_media=True)  # an ended stream holds no window back
+    assert len(tower.encoded) == 3 and ending.progress[0].ended and ending.progress[0].progress == pytest.approx(2.1)
 
 
 def test_a_jpeg_is_decoded_when_encoded_and_pixels_that_do_not_decode_cost_only_themselves():
