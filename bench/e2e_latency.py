@@ -100,8 +100,8 @@ def media_events(session: str, name: str, start: float, length: float, rng) -> l
     if SENSORS[name] == "audio":
         return [(start + 0.1 * (i + 1), lambda seq, t=start + 0.1 * i, chunk=samples["pcm"][i % 8]:
                  wire.pcm16_message(session, name, seq, t, chunk, 16000)) for i in range(int(length / 0.1))]
-    return [(start + length, lambda seq: wire.text_message(session, name, seq, start,
-                                                           "so this is what I was talking about, really great", length))]
+    segment = "so this is what I was talking about, really great"
+    return [(start + length, lambda seq: wire.text_message(session, name, seq, start, segment, length))]
 
 
 def window_events(k: int, sessions: list[str], args, dims: dict, rng) -> tuple[list, int]:
@@ -125,9 +125,9 @@ def window_events(k: int, sessions: list[str], args, dims: dict, rng) -> tuple[l
                 events += [(end if args.burst else at, session, name, make)
                            for at, make in media_events(session, name, start, args.window_s, rng)]
             else:
-                events.append((end, session, name, lambda seq, s=session, n=name, m=modality,
-                               vector=rng.normal(size=dims[m]): wire.features_message(s, n, m, seq, start, vector,
-                                                                                      duration=args.window_s)))
+                vector = rng.normal(size=dims[modality])
+                events.append((end, session, name, lambda seq, s=session, n=name, m=modality, v=vector:
+                               wire.features_message(s, n, m, seq, start, v, duration=args.window_s)))
     events.sort(key=lambda event: event[0])  # (stable: a stream's messages keep their order)
     return events, incomplete
 
