@@ -22,6 +22,7 @@ from mmfuse.frames import ClosedWindow, SessionEnd, WindowKey
 PUBLISHED_KEPT_S = 60.0
 PUBLISHED_KEPT = 20_000
 
+
 class Outbox:
     """Windows the aligner handed on that the publisher has not acknowledged yet, and the ends of their sessions."""
 

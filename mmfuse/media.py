@@ -262,11 +262,11 @@ class MediaEncoder:
     def encode(self, later=None) -> list[EncodedSpan]:
         """Encode what is queued, all sessions in one batch; what `later(session, source, start)` says may wait
         stays queued."""
-        if later is None:
-            pending, self.pending = self.pending, []
-        else:
-            pending = [p for p in self.pending if not later(p.session, p.source, p.start)]
-            self.pending = [p for p in self.pending if later(p.session, p.source, p.start)]
+        pending, self.pending = self.pending, []
+        if later is not None:
+            waiting = [later(p.session, p.source, p.start) for p in pending]
+            self.pending = [p for p, wait in zip(pending, waiting) if wait]
+            pending = [p for p, wait in zip(pending, waiting) if not wait]
         if not pending:
             return []
         ready = [(p, item) for p in pending if (item := _decoded(p.item)) is not None]

@@ -181,6 +181,9 @@ class TextTower(Tower):
 
         self.clip = clip
         self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.skips_padding = (getattr(clip, "attn_mask", None) is not None  # causal, pooled at the end token
+                              and getattr(clip, "text_pool_type", None) == "argmax"
+                              and isinstance(getattr(clip, "text_projection", None), nn.Parameter))
 
     @property
     def dim(self) -> int:
@@ -197,8 +200,7 @@ class TextTower(Tower):
         causal and pools at that token (CLIP's): no position attends past itself, so the padding after it
         changes nothing and costs most of the work (3x on short ASR segments)."""
         clip = self.clip
-        causal = getattr(clip, "attn_mask", None) is not None and getattr(clip, "text_pool_type", None) == "argmax"
-        if not causal or not isinstance(clip.text_projection, nn.Parameter):
+        if not self.skips_padding:
             return clip.encode_text(tokens)
         length = int(tokens.argmax(dim=-1).max()) + 1  # (the end token has the highest id)
         tokens = tokens[:, :length]
