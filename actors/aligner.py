@@ -18,6 +18,7 @@ from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
 from mmfuse.metrics import aligner_families
 from mmfuse.pipeline import PIPELINE, build_aligner
+from mmfuse.stages import StageHandles
 from mmfuse.virtual_clock import TICK_S, AlignerTicks, Tick
 
 IN_FLIGHT_KEPT = 64
@@ -39,7 +40,7 @@ class AlignerActor:
         self.applied: dict[tuple[str, str], int] = {}  # (sensor, incarnation) -> number of its last batch applied
         self.down: frozenset[str] = frozenset()        # stages the supervisor reports down
         self.fusion_in_restorer = config.pipeline.shared_model_process
-        self.stages: dict = {}
+        self.stages = StageHandles()
         self.lock = threading.RLock()  # restore() replays held calls, which take it too
         self.restored = False
         self.held: list[tuple[str, tuple]] = []        # calls that came before restore()
@@ -107,6 +108,11 @@ class AlignerActor:
         self.aligner.push(batch)
         return True
 
+    def connect(self) -> None:
+        """Connect to the stages windows go to, before the first window does (mmfuse.stages)."""
+        with self.lock:
+            self.in_flight += self.stages.connect(["restorer"] if self.fusion_in_restorer else ["restorer", "fusion"])
+
     def ack(self, keys: list[WindowKey]) -> None:
         """The publisher has sent these windows' decisions."""
         with self.lock:
@@ -148,13 +154,6 @@ class AlignerActor:
             with self.lock:
                 if self.restored:
                     self._dispatch(self.aligner.poll(time.time()))
-
-    def _stage(self, name: str):
-        if name not in self.stages:
-            import ray
-
-            self.stages[name] = ray.get_actor(name)
-        return self.stages[name]
 
     def _dispatch(self, windows: list[ClosedWindow]) -> None:
         now = time.time()
@@ -199,7 +198,7 @@ class AlignerActor:
     def _call(self, stage: str, method: str, *args) -> None:
         import ray
 
-        self.in_flight.append(getattr(self._stage(stage), method).remote(*args))
+        self.in_flight.append(getattr(self.stages[stage], method).remote(*args))
         self.calls += 1
         if len(self.in_flight) > IN_FLIGHT_KEPT:
             _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)

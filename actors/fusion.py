@@ -11,6 +11,7 @@ from mmfuse.frames import ClosedWindow, SessionEnd
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
 from mmfuse.pipeline import build_fusion, build_restorer
+from mmfuse.stages import StageHandles
 
 IN_FLIGHT_KEPT = 64
 
@@ -27,13 +28,18 @@ class FusionActor:
         bundle = load_bundle(config.bundle)
         device = actor_device(config.fusion.num_gpus)
         self.head = build_fusion(config, bundle, build_restorer(config, bundle, device), device)
-        self.publisher = None
+        self.head.warm_up()
+        self.stages = StageHandles()
         self.in_flight: list = []
         self.decisions = self.batches = self.failed = 0
         self.log.info("fusion ready", bundle=bundle.id, device=device, incarnation=self.incarnation.token)
 
     def ping(self) -> Incarnation:
         return self.incarnation
+
+    def connect(self) -> None:
+        """Connect to the publisher before the first decision goes to it (mmfuse.stages)."""
+        self.in_flight += self.stages.connect(["publisher"])
 
     def decide(self, windows: list[ClosedWindow]) -> None:
         self.batches += 1
@@ -55,10 +61,8 @@ class FusionActor:
 
         if not decisions:
             return
-        if self.publisher is None:
-            self.publisher = ray.get_actor("publisher")
         self.decisions += len(decisions)
-        self.in_flight.append(self.publisher.publish.remote(decisions))
+        self.in_flight.append(self.stages["publisher"].publish.remote(decisions))
         if len(self.in_flight) > IN_FLIGHT_KEPT:
             _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)
 

@@ -17,6 +17,7 @@ from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
 from mmfuse.metrics import DecisionMetrics
 from mmfuse.security import CONSUMERS, Gatekeeper, daemon_keys, serve
+from mmfuse.stages import StageHandles
 
 RECONNECT_WAIT_S = 1.0  # how long a new publisher waits for a first subscriber before it publishes
 RECENT_KEPT = 1024      # decisions kept for the live view (mmfuse.daemon.monitor reads them about once a second)
@@ -54,10 +55,14 @@ class PublisherActor:
         self.published = 0
         self.metrics = DecisionMetrics()
         self.recent: deque[tuple[int, dict]] = deque(maxlen=RECENT_KEPT)  # (number published, wire payload)
-        self.aligner = None
+        self.stages = StageHandles()
 
     def ping(self) -> Incarnation:
         return self.incarnation
+
+    def connect(self) -> None:
+        """Connect to the aligner before the first acknowledgement goes to it (mmfuse.stages)."""
+        self.stages.connect(["aligner"])
 
     def ready(self) -> str | None:
         return self.error
@@ -77,8 +82,6 @@ class PublisherActor:
         """Send each decision not sent before, then acknowledge them all (copies too: their first
         acknowledgement may have been lost with an aligner). Without a socket nothing is acknowledged, so the
         aligner keeps the windows."""
-        import ray
-
         if self.error:
             return
         self._read_subscriptions()
@@ -97,9 +100,7 @@ class PublisherActor:
             self.recent.append((self.published, payload | {"published_at": now}))
             self.log.debug("decision", session=decision.session, window=decision.window_id,
                            label=decision.label, restored=decision.restored, dropped=decision.dropped)
-        if self.aligner is None:
-            self.aligner = ray.get_actor("aligner")
-        self.aligner.ack.remote([d.key for d in decisions])
+        self.stages["aligner"].ack.remote([d.key for d in decisions])
 
     def drain(self) -> dict:
         self.socket.close()  # LINGER lets queued decisions go out first

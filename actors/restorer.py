@@ -16,6 +16,7 @@ from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
 from mmfuse.metrics import RestoreMetrics
 from mmfuse.pipeline import build_fusion, build_restorer
+from mmfuse.stages import StageHandles
 
 IN_FLIGHT_KEPT = 64
 
@@ -36,13 +37,15 @@ class RestorerActor:
         self.fusion = None  # a FusionHead while standing in for the fusion stage, or always in a shared process
         if config.pipeline.shared_model_process:
             self.fusion = build_fusion(config, self.bundle, self.restorer, self.device)
+            self.fusion.warm_up()
         self.max_batch, self.max_wait = config.restorer.max_batch, config.restorer.max_wait_ms / 1000
         self.queue: list[tuple[float, ClosedWindow, bool]] = []
         self.condition = threading.Condition()
         self.busy = False
         self.stopping = False
         self.in_flight: list = []
-        self.stages: dict = {}
+        self.stages = StageHandles()
+        self.shared = config.pipeline.shared_model_process
         self.windows = self.batches = self.failed = self.decided = 0
         self.metrics = RestoreMetrics()
         threading.Thread(target=self._work, name="restorer", daemon=True).start()
@@ -51,6 +54,11 @@ class RestorerActor:
 
     def ping(self) -> Incarnation:
         return self.incarnation
+
+    def connect(self) -> None:
+        """Connect to the stages it hands windows and decisions to (mmfuse.stages)."""
+        with self.condition:
+            self.in_flight += self.stages.connect(["publisher"] if self.shared else ["fusion", "publisher"])
 
     def restore(self, windows: list[ClosedWindow], decide: bool = False) -> None:
         """Queue windows; with `decide`, decide them here too (fusion is down)."""
@@ -126,8 +134,6 @@ class RestorerActor:
     def _call(self, stage: str, method: str, *args) -> None:
         import ray
 
-        if stage not in self.stages:
-            self.stages[stage] = ray.get_actor(stage)
         self.in_flight.append(getattr(self.stages[stage], method).remote(*args))
         if len(self.in_flight) > IN_FLIGHT_KEPT:
             _, self.in_flight = ray.wait(self.in_flight, num_returns=len(self.in_flight), timeout=0)

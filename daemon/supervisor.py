@@ -158,6 +158,8 @@ class Supervisor:
             problems = [ray.get(self.actors["publisher"].handle.ready.remote(), timeout=START_TIMEOUT_S)]
             self.output_address = ray.get(self.actors["publisher"].handle.address.remote(), timeout=START_TIMEOUT_S)
             ray.get(self.aligner.handle.restore.remote(None, {}, frozenset()), timeout=START_TIMEOUT_S)
+            ray.get([self.actors[name].handle.connect.remote() for name in stage_actors(self.config)],
+                    timeout=START_TIMEOUT_S)
             for watched, incarnation in zip([w for w in self.actors.values() if w not in self.sensors], incarnations):
                 watched.incarnation = incarnation
             problems = [p for p in problems if p]
@@ -273,7 +275,9 @@ class Supervisor:
                       pid=watched.incarnation.pid, restarts=watched.restarts)
         if watched.stage.name == "sensor":
             self.pending.append((watched.name, "start", watched.handle.start.remote()))
-        elif watched is self.aligner:
+            return
+        self.pending.append((watched.name, "connect", watched.handle.connect.remote()))
+        if watched is self.aligner:
             kept = {}
             calls = {w.name: w.handle.retained_batches.remote() for w in self.sensors if w.down_since is None}
             for name, call in calls.items():

@@ -65,6 +65,14 @@ class FusionHead:
         self.sessions: dict[tuple[str, int], SessionState] = {}  # by (session, the aligner's epoch of it)
         self.redecided = 0
 
+    def warm_up(self, rows: int = 64) -> None:
+        """Decide `rows` stand-in windows of a session no sensor can name, and forget it: torch's first calls
+        cost the first batch of a run several times what the next ones cost."""
+        zeros = {m: np.zeros(spec["dim"], np.float32) for m, spec in self.bundle.modalities.items()}
+        self.decide([ClosedWindow("", i, 0.0, 0.0, zeros, list(zeros), [], [], 0.0, seq=i, epoch=-1)
+                     for i in range(rows)])
+        del self.sessions[("", -1)]
+
     def decide(self, windows: list[ClosedWindow]) -> list[Decision]:
         ready, again, touched = [], [], set()
         for window in windows:
