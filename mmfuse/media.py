@@ -133,13 +133,14 @@ class _Pending:
     source: str
     start: float
     end: float
-    item: object  # image array, text or waveform: what the tower's encode() takes; a jpeg message until then
+    item: object  # image array, text, waveform or log-mel: what the tower's encode() takes; a jpeg message until then
 
 
 @dataclass
 class _AudioSegment:
     index: int                   # position on the grid: covers [index * segment_s, (index + 1) * segment_s)
     start: float                 # where its audio begins (later than the grid point for a stream's first segment)
+    spectrogram: object          # the tower's, of its samples so far: all but its last frames ready at its end
     chunks: list = field(default_factory=list)
     samples: int = 0
 
@@ -212,11 +213,13 @@ class MediaEncoder:
             segment = None
         while len(samples):
             if segment is None:
-                segment = self.audio[key] = _AudioSegment(math.floor((t + 0.5 / rate) / length), t)
+                segment = self.audio[key] = _AudioSegment(math.floor((t + 0.5 / rate) / length), t,
+                                                          self.tower.spectrogram())
             end = segment.start + segment.samples / rate
             room = max(1, round(((segment.index + 1) * length - end) * rate))
             taken, samples = samples[:room], samples[room:]
             segment.chunks.append(taken)
+            segment.spectrogram.add(taken)
             segment.samples += len(taken)
             t = segment.start + segment.samples / rate
             if len(taken) == room:  # reached the grid boundary
@@ -227,8 +230,11 @@ class MediaEncoder:
         segment = self.audio.pop(key, None)
         if segment is None or segment.samples / self.tower.rate < MIN_PARTIAL_SEGMENT_S:
             return
-        wave = fit_segment(np.concatenate(segment.chunks), self.tower.segment_samples)
-        self.pending.append(_Pending(*key, segment.start, segment.start + segment.samples / self.tower.rate, wave))
+        if segment.samples >= self.tower.segment_samples:
+            item = segment.spectrogram.finish()
+        else:  # a partial segment is tiled up to a whole one, and its log-mel made of that at encode
+            item = fit_segment(np.concatenate(segment.chunks), self.tower.segment_samples)
+        self.pending.append(_Pending(*key, segment.start, segment.start + segment.samples / self.tower.rate, item))
 
     def complete_until(self, key: tuple[str, str], reached: float) -> float:
         """Event time up to which this stream's media has been queued for encoding."""

@@ -237,6 +237,50 @@ class LogMel(nn.Module):
         power = spectrum.real ** 2 + spectrum.imag ** 2  # (|z| ** 2 by way of abs() takes twice as long)
         return torch.log(torch.einsum("bft,fm->bmt", power, self.filters) + 1e-6)
 
+    def streaming(self) -> StreamingLogMel:
+        """A log-mel of one waveform that takes its samples as they come (on the CPU)."""
+        return StreamingLogMel(self.n_fft, self.hop, self.window.cpu(), self.filters.cpu())
+
+
+class StreamingLogMel:
+    """What LogMel gives for one waveform (to float rounding), computed while its samples arrive: frame t needs
+    samples up to t * hop + n_fft / 2, so all but the last few frames are done before the waveform is complete,
+    and `finish` adds those. Padded at both ends by reflection, as torch.stft pads."""
+
+    def __init__(self, n_fft: int, hop: int, window: torch.Tensor, filters: torch.Tensor):
+        self.n_fft, self.hop, self.pad = n_fft, hop, n_fft // 2
+        self.window, self.filters = window, filters
+        self.start: np.ndarray | None = np.zeros(0, np.float32)  # samples until the start can be padded
+        self.signal = np.zeros(0, np.float32)  # the padded signal from the first frame not yet computed
+        self.frames: list[torch.Tensor] = []   # [frames, n_mels] blocks
+
+    def add(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, np.float32)
+        if self.start is not None:
+            self.start = np.concatenate([self.start, samples])
+            if len(self.start) <= self.pad:
+                return
+            samples, self.start = np.concatenate([self.start[self.pad:0:-1], self.start]), None
+        self.signal = np.concatenate([self.signal, samples])
+        self._compute()
+
+    def finish(self) -> np.ndarray:
+        """The log-mel [n_mels, frames] of the whole waveform (at least n_fft / 2 + 1 samples)."""
+        if self.start is not None:
+            raise ValueError(f"a waveform of {len(self.start)} samples is too short to pad by {self.pad}")
+        self.signal = np.concatenate([self.signal, self.signal[-2:-self.pad - 2:-1]])
+        self._compute()
+        return torch.cat(self.frames).T.numpy()
+
+    def _compute(self) -> None:
+        count = (len(self.signal) - self.n_fft) // self.hop + 1
+        if count <= 0:
+            return
+        frames = torch.from_numpy(self.signal).unfold(0, self.n_fft, self.hop)[:count] * self.window
+        spectrum = torch.fft.rfft(frames)
+        self.frames.append(torch.log((spectrum.real ** 2 + spectrum.imag ** 2) @ self.filters + 1e-6))
+        self.signal = self.signal[count * self.hop:]
+
 
 class AudioTower(Tower):
     """PCM audio -> log-mel -> a small 1-D conv net, mean-pooled over time -> feature vector.
@@ -269,15 +313,31 @@ class AudioTower(Tower):
     def example(self) -> np.ndarray:
         return np.zeros(self.segment_samples, np.float32)
 
-    def prepare(self, waveforms: list[np.ndarray]) -> torch.Tensor:
-        """Cut or tile every waveform to one segment."""
+    def prepare(self, items: list[np.ndarray]) -> torch.Tensor:
+        """Waveforms, each cut or tiled to one segment, as a batch [B, samples]; where some items are the log-mels
+        of whole segments already ([n_mels, frames]: the daemon's, made while the audio came), a batch of
+        log-mels [B, n_mels, frames]."""
         from mmfuse.media import fit_segment
 
-        return torch.from_numpy(np.stack([fit_segment(np.asarray(w, np.float32), self.segment_samples)
-                                          for w in waveforms]))
+        waves = [fit_segment(np.asarray(w, np.float32), self.segment_samples) if np.ndim(w) == 1 else w
+                 for w in items]
+        if all(np.ndim(w) == 1 for w in waves):
+            return torch.from_numpy(np.stack(waves))
+        return torch.from_numpy(np.stack([self.log_mel(w) if np.ndim(w) == 1 else w for w in waves]))
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.net(self.norm(self.logmel(waveform))).mean(dim=-1))
+    def spectrogram(self) -> StreamingLogMel:
+        """The log-mel of one segment, to be given its samples as they come."""
+        return self.logmel.streaming()
+
+    def log_mel(self, waveform: np.ndarray) -> np.ndarray:
+        spectrogram = self.spectrogram()
+        spectrogram.add(waveform)
+        return spectrogram.finish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Waveforms [B, samples] or their log-mels [B, n_mels, frames] -> feature vectors."""
+        mel = self.logmel(x) if x.dim() == 2 else x
+        return self.proj(self.net(self.norm(mel)).mean(dim=-1))
 
 
 def build_towers(media: dict, modalities: list[str], checkpoint: str | None = None) -> tuple[dict[str, nn.Module], nn.Module | None]:

@@ -13,7 +13,7 @@ from PIL import Image
 from mmfuse import wire
 from mmfuse.bundle import load_bundle
 from mmfuse.inference import embed, predict
-from mmfuse.media import MediaEncoder
+from mmfuse.media import MediaEncoder, pcm16_samples
 from mmfuse.towers import AudioTower, ImageTower, TextTower, TowerError, build_clip, clip_config, \
     preprocess_config, resolve_pretrained
 from mmfuse.training.evaluate import main as eval_main
@@ -43,6 +43,22 @@ class LengthTower:
 
     def encode(self, items):
         return np.array([[len(i)] for i in items], np.float32)
+
+    def spectrogram(self):
+        return Samples()
+
+
+class Samples:
+    """Stands in for the audio tower's running log-mel: the samples themselves."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def add(self, samples):
+        self.chunks.append(samples)
+
+    def finish(self):
+        return np.concatenate(self.chunks)
 
 
 def images(n, seed=0):
@@ -135,6 +151,31 @@ def test_camera_frames_are_thinned_to_k_per_window():
         queue(encoder, wire.rgb8_message("s", "cam0", i, i / 15, frame))
     spans = encoder.encode()
     assert [s.start for s in spans] == [0.0, 2.0] and encoder.skipped_frames == 58
+
+
+def test_live_audio_is_encoded_as_the_whole_segment_would_be_with_its_log_mel_made_as_it_came():
+    tower = AudioTower().eval()
+    rng = np.random.default_rng(3)
+    wave = rng.normal(0, 0.2, 16000 * 2 + 7000)
+    for sizes in ([16000] * 3, [1600] * 30, [7, 194, 1, 1700, 3, 9999] + [100] * 20):
+        spectrogram, done = tower.spectrogram(), 0
+        for size in sizes:
+            spectrogram.add(wave[done:done + size].astype(np.float32))
+            done += size
+        if done >= 16000:
+            whole = tower.logmel(torch.from_numpy(wave[:done].astype(np.float32))[None])[0].numpy()
+            np.testing.assert_allclose(spectrogram.finish(), whole, atol=1e-5)
+
+    encoder = MediaEncoder("audio", tower, frame_period_s=1.0)
+    pcm = np.round(wave * 32767).clip(-32768, 32767) / 32767
+    for i in range(23):  # 2.3 s in 100 ms chunks: two whole segments, then a partial one at the stream's end
+        queue(encoder, wire.pcm16_message("s", "mic0", i, i * 0.1, pcm[i * 1600:(i + 1) * 1600], 16000))
+    encoder.end(("s", "mic0"))
+    spans = encoder.encode()
+    heard = pcm16_samples(wire.pcm16_message("s", "mic0", 0, 0.0, pcm[:23 * 1600], 16000))
+    expected = tower.encode([heard[:16000], heard[16000:32000], heard[32000:]])
+    assert [(round(s.start, 3), round(s.end, 3)) for s in spans] == [(0.0, 1.0), (1.0, 2.0), (2.0, 2.3)]
+    np.testing.assert_allclose(np.stack([s.vector for s in spans]), expected, atol=1e-5)
 
 
 def test_audio_is_cut_on_the_segment_grid_and_counts_only_once_complete():
