@@ -35,6 +35,22 @@ def test_every_restorer_runs_in_the_daemon_path(bundle_dir, method):
     assert decisions[3].restored == [] and decisions[3].restorer == "none"
 
 
+def test_a_warmed_up_fusion_head_keeps_nothing_of_it_and_decides_as_a_cold_one(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    windows = [window(0, ["audio", "text", "visual"], rng=np.random.default_rng(1)),
+               window(1, ["visual"], rng=np.random.default_rng(2))]
+    cold = FusionHead(bundle, "mean").decide(WindowRestorer(bundle, "mean").restore(windows))
+    warm = FusionHead(bundle, "mean")
+    warm.warm_up()
+    assert warm.sessions == {}
+    windows = [window(0, ["audio", "text", "visual"], rng=np.random.default_rng(1)),
+               window(1, ["visual"], rng=np.random.default_rng(2))]
+    decided = warm.decide(WindowRestorer(bundle, "mean").restore(windows))
+    assert [(d.window_id, d.label) for d in decided] == [(d.window_id, d.label) for d in cold]
+    for after, before in zip(decided, cold):
+        assert list(after.scores.values()) == pytest.approx(list(before.scores.values()), abs=1e-6)
+
+
 def test_scores_are_calibrated_per_pattern_and_low_ones_abstain(bundle_dir):
     bundle = load_bundle(bundle_dir)
     windows = [window(0, ["audio", "text", "visual"]), window(1, ["visual"])]
