@@ -131,6 +131,15 @@ class AlignerActor:
             if self.restored:
                 self._redeliver()
 
+    def lose_sensor(self, sensor: str, incarnation: str) -> None:
+        """That life of a sensor actor died (mmfuse.aligner.Aligner.lose_sensor)."""
+        with self.lock:
+            if not self.restored:
+                self.held.append(("lose_sensor", (sensor, incarnation)))
+                return
+            self.aligner.lose_sensor(sensor, incarnation)
+            self._dispatch(self.aligner.poll(time.time()))
+
     def redeliver(self) -> None:
         """Hand every unacknowledged window on again (the publisher restarted and lost what it held)."""
         with self.lock:

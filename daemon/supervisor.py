@@ -5,8 +5,9 @@ Every stage is one Ray actor (the sensor stage one per configured sensor) create
 name, stay valid. The supervisor asks every actor for its incarnation every PING_S; a
 new one is a restart, and it brings the restarted stage back into the pipeline:
 
-- a sensor is started again (it re-subscribes; what only it held is gone, and the
-  aligner decides those windows with what reached it, the sensor in `dropped`);
+- the aligner is told a sensor died, so its streams count as silent at once (what only
+  it held is gone, and the aligner decides those windows with what reached it, the
+  sensor in `dropped`); it is started again and re-subscribes;
 - the aligner takes up the latest snapshot of its state (the supervisor asks for one
   every PING_S) and the batches the sensors kept since (they keep each until a
   snapshot holding it is confirmed), then hands every unacknowledged window on again;
@@ -255,6 +256,8 @@ class Supervisor:
                          pid=watched.incarnation.pid if watched.incarnation else None, deaths=watched.deaths)
         if watched.stage.model:
             self._tell_aligner("set_down", self.down())
+        if watched.stage.name == "sensor" and watched.incarnation is not None:  # told before its next life starts
+            self._tell_aligner("lose_sensor", watched.name.removeprefix("sensor-"), watched.incarnation.token)
         if watched is self.aligner:
             self.snapshot_call = None
             self.fresh = False

@@ -136,6 +136,7 @@ class Aligner:
         self.epochs = 0
         self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
         self.reported: dict[str, float] = {}  # live sensor actor -> wall time its latest batch was taken
+        self.lost: dict[str, str] = {}  # sensor actor -> the incarnation of it that died last
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
 
     def copy(self) -> Aligner:
@@ -146,7 +147,7 @@ class Aligner:
         twin.log = self.log
         twin.modalities, twin.sensors = list(self.modalities), dict(self.sensors)
         twin.sessions = {name: session.copy() for name, session in self.sessions.items()}
-        twin.counts, twin.reported = dict(self.counts), dict(self.reported)
+        twin.counts, twin.reported, twin.lost = dict(self.counts), dict(self.reported), dict(self.lost)
         twin.finished = list(self.finished)
         twin.retired = [copy.copy(window) for window in self.retired]  # dispatching stamps them
         return twin
@@ -159,9 +160,18 @@ class Aligner:
         self.__dict__.update(state)
         self.log = structlog.get_logger()
 
+    def lose_sensor(self, sensor: str, incarnation: str) -> None:
+        """A live sensor actor died: what it read and had not pushed is gone, so its streams count as silent
+        from now until its next life delivers data again (windows waiting for them close, the sensor in
+        `dropped`). A batch of the dead life that comes after this adds its data, not its account."""
+        if sensor in self.reported:
+            self.reported[sensor] = -math.inf
+            self.lost[sensor] = incarnation
+
     def push(self, batch: SensorBatch) -> None:
         taken: set[int] = set()
-        if batch.as_of > self.reported.get(batch.sensor, -math.inf):  # (NaN is not: no live sensor's batch)
+        if batch.as_of > self.reported.get(batch.sensor, -math.inf) \
+                and batch.incarnation != self.lost.get(batch.sensor):  # (NaN is not: no live sensor's batch)
             self.reported[batch.sensor] = batch.as_of
         for progress in batch.progress:
             ending = self.sessions.get(progress.session)

@@ -223,6 +223,33 @@ def test_a_live_sensors_streams_are_judged_on_its_latest_account_so_a_sensor_beh
     assert "cam0" in aligner.sessions["s1"].dropped  # the camera, silent for more than 5 * 0.04 s by then
 
 
+def test_a_dead_sensor_actors_streams_are_silent_at_once_and_its_next_lifes_data_brings_them_back():
+    def batch(source, window, t, incarnation, data=True):
+        delta = [WindowDelta("s1", source, SENSORS[source], window, np.ones(3, np.float32), 1.0, 1)] if data else []
+        progress = [StreamProgress("s1", source, SENSORS[source], t, OFFSET + t, OFFSET, False, 0)] if data else []
+        return SensorBatch(source, delta, progress, incarnation=incarnation, as_of=OFFSET + t)
+
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 3.0, flush_s=0.05)
+    for source in SENSORS:
+        aligner.push(batch(source, 0, 2.0, "first"))
+    assert len(aligner.poll(OFFSET + 2.0)) == 1
+    aligner.push(batch("cam0", 0, 3.9, "first", data=False))  # its actor is alive, the camera sends 2 s windows
+    for source in ("mic0", "asr0"):  # window 1's camera data died with its sensor actor
+        aligner.push(batch(source, 1, 4.0, "first"))
+    assert aligner.poll(OFFSET + 4.0) == []  # the camera's actor is only late, as far as anyone knows
+    aligner.lose_sensor("cam0", "first")
+    aligner.push(batch("cam0", 0, 3.95, "first", data=False))  # a call of the dead life, come late: no news
+    (window,) = aligner.poll(OFFSET + 4.01)  # not the drop timeout later: it is known what became of them
+    assert window.window_id == 1 and window.missing == ["visual"] and window.dropped == ["cam0"]
+    aligner.push(batch("cam0", 2, 6.0, "second", data=False))  # the next life is up, the camera not heard yet
+    assert "cam0" in aligner.sessions["s1"].dropped
+    for source in SENSORS:
+        aligner.push(batch(source, 2, 6.0, "second" if source == "cam0" else "first"))
+    (window,) = aligner.poll(OFFSET + 6.0)
+    assert window.present == MODALITIES and window.dropped == []
+    assert "cam0" not in aligner.sessions["s1"].dropped
+
+
 def test_a_modality_with_too_few_of_its_expected_frames_counts_as_missing():
     aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, min_share=0.5)
     for source, frames in (("mic0", 50), ("asr0", 2), ("cam0", 10)):  # cam0: 10 of 50 frames at 25 Hz
