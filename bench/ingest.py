@@ -7,8 +7,8 @@ three sensors: visual, audio, text), each sending small `features` messages at r
 time, every session's windows complete. At the end of the step every stream sends `end`, the daemon is stopped
 and its final stats read. Per rate: messages sent; accepted by the sensor actors; rejected and unsupported by
 reason; sequence gaps (messages lost before the daemon saw them); messages the aligner counted late; windows
-decided, degraded ones (decided without a modality that was sent for them) and those whose decision names
-`seq_gaps`; decision latency from the window's end to its decision arriving (p50, p99); the daemon's memory
+decided (until the daemon has drained and stopped: a window not decided by then is lost), degraded ones (decided
+without a modality that was sent for them) and those whose decision names `seq_gaps`; decision latency from the window's end to its decision arriving (p50, p99); the daemon's memory
 (whole process tree, peak of samples: RSS summed, and PSS, which counts each shared page once); and the share of
 one core the sender itself used (it runs on the same cores as the daemon, so it encodes every message of a step
 before the step starts and only sends while the clock runs).
@@ -186,11 +186,11 @@ def run_step(rate: int, args, bundle: Path, dims: dict[str, int], workdir: Path)
             sockets[name].send_multipart(wire.encode(wire.SensorMessage(s, name, SENSORS[name], seq, seq * period,
                                                                         kind="end")))
         time.sleep(3 * args.window_s + 2.0)
+        daemon.send_signal(signal.SIGTERM)  # its drain decides every window still open: listen until it is out
+        daemon.wait(timeout=120)
+        time.sleep(0.5)
         stop_listening.set()
         listening.join()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=120)
-        time.sleep(0.2)
     finally:
         if daemon.poll() is None:
             daemon.kill()
