@@ -236,6 +236,10 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
     # Ray keeps an event record of every actor call in its GCS for its state API and dashboard, which the daemon
     # uses neither of: at a few calls per window that grew the GCS by 8 MiB a minute (bench/soak.py) up to its cap
     os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
+    # Ray starts its workers, every actor of the pipeline among them, at nice 15: below its own agents, the
+    # driver and every other process here, so a sender on the same box keeps a sensor actor and its ZeroMQ I/O
+    # thread off the CPU (docs/results.md). A cluster's nodes set it at `ray start` (deploy/)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     from mmfuse.daemon.monitor import Monitor

@@ -1,6 +1,8 @@
 """The daemon as users run it: `mmfuse-daemon` in its own process, fed by a plain pyzmq
 client written here (not the project's replay), decisions read from its output socket."""
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import time
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 import yaml
 import zmq
@@ -134,6 +137,10 @@ def test_one_decision_per_window_and_a_dead_camera_is_restored(lab):
 
     received = collect(decisions, quiet_s=3.0)
     assert daemon.process.poll() is None, f"daemon died:\n{daemon.log()}"
+    ready = next(line for line in daemon.lines if "daemon ready" in line)
+    actors = {name: psutil.Process(int(pid)) for name, pid in re.findall(r"'([\w-]+)': (\d+)", ready)}
+    assert len(actors) == len(SENSORS) + 4, ready  # at the daemon's own priority, not Ray's nice 15 for workers
+    assert {name: p.nice() for name, p in actors.items()} == dict.fromkeys(actors, os.nice(0))
     by_session = {}
     for decision in received:
         by_session.setdefault(decision["session"], []).append(decision)
