@@ -149,6 +149,7 @@ class MediaEncoder:
     def __init__(self, modality: str, tower, frame_period_s: float):
         self.modality = modality
         self.tower = tower
+        self.tower_batch = getattr(tower, "live_batch", None)  # the most items a live batch encodes at once
         self.frame_period = frame_period_s
         self.pending: list[_Pending] = []
         self.last_slot: dict[tuple[str, str], int] = {}
@@ -157,6 +158,7 @@ class MediaEncoder:
         self.skipped_frames = 0
         self.encoded = 0
         self.failed = 0  # items that could not be decoded or encoded
+        self.overflow = 0  # items the last `encode` left queued past its limit, not because they may wait
 
     def accepts(self, encoding: str) -> bool:
         return encoding in MEDIA_ENCODINGS[self.modality]
@@ -265,14 +267,17 @@ class MediaEncoder:
         if segment is not None and t >= segment.start + segment.samples / self.tower.rate - 1e-6:
             self._close_segment(key)
 
-    def encode(self, later=None) -> list[EncodedSpan]:
+    def encode(self, later=None, limit: int | None = None) -> list[EncodedSpan]:
         """Encode what is queued, all sessions in one batch; what `later(session, source, start)` says may wait
-        stays queued."""
-        pending, self.pending = self.pending, []
-        if later is not None:
-            waiting = [later(p.session, p.source, p.start) for p in pending]
-            self.pending = [p for p, wait in zip(pending, waiting) if wait]
-            pending = [p for p, wait in zip(pending, waiting) if not wait]
+        stays queued, and so does what comes after the first `limit` of the rest (`overflow` counts those)."""
+        waiting = [False] * len(self.pending) if later is None else \
+            [later(p.session, p.source, p.start) for p in self.pending]
+        now = [i for i, wait in enumerate(waiting) if not wait]
+        now, over = (now, []) if limit is None else (now[:limit], now[limit:])
+        chosen = set(now)
+        pending = [self.pending[i] for i in now]
+        self.pending = [p for i, p in enumerate(self.pending) if i not in chosen]  # (in the order they came)
+        self.overflow = len(over)
         if not pending:
             return []
         ready = [(p, item) for p in pending if (item := _decoded(p.item)) is not None]

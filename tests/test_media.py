@@ -241,6 +241,26 @@ def test_a_window_ends_batch_leaves_the_next_windows_frame_for_later_and_reports
     assert len(tower.encoded) == 3 and ending.progress[0].ended and ending.progress[0].progress == pytest.approx(2.1)
 
 
+def test_a_live_batch_encodes_one_tower_batch_and_the_rest_waits_with_its_streams_held_back_due_next():
+    from mmfuse.ingest import SensorIngest
+
+    tower = CountingTower()
+    tower.live_batch = 2
+    ingest = SensorIngest("cam0", "visual", 1.0, 1.0, 1, media=MediaEncoder("visual", tower, 1.0))
+    for session in ("a", "b", "c"):  # window 0's frame of each session, then window 1's, which ends window 0
+        for seq, t in enumerate((0.0, 1.0)):
+            ingest.ingest(wire.encode(wire.rgb8_message(session, "cam0", seq, t, np.full((8, 8, 3), 10, np.uint8),
+                                                        1 / 15)), 101.0 + t)
+    batch = ingest.take_batch(as_of=102.1, defer_media=True)
+    assert len(tower.encoded) == 2 and ingest.media.overflow == 1 and ingest.due  # one batch; the rest goes next
+    assert {p.session: p.progress for p in batch.progress} == {"a": 1.0, "b": 1.0, "c": 0.0}  # c: not encoded
+    batch = ingest.take_batch(as_of=102.2, defer_media=True)
+    assert len(tower.encoded) == 3 and not ingest.due
+    assert {p.session: p.progress for p in batch.progress} == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert ingest.take_batch().progress[0].progress == pytest.approx(16 / 15)  # not live: all at once
+    assert len(tower.encoded) == 6
+
+
 def test_a_jpeg_is_decoded_when_encoded_and_pixels_that_do_not_decode_cost_only_themselves():
     from mmfuse.ingest import SensorIngest
 
