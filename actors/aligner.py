@@ -140,6 +140,14 @@ class AlignerActor:
             self.aligner.lose_sensor(sensor, incarnation)
             self._dispatch(self.aligner.poll(time.time()))
 
+    def regain_sensor(self, sensor: str, incarnation: str) -> None:
+        """That life of a sensor actor was only silent (mmfuse.aligner.Aligner.regain_sensor)."""
+        with self.lock:
+            if not self.restored:
+                self.held.append(("regain_sensor", (sensor, incarnation)))
+                return
+            self.aligner.regain_sensor(sensor, incarnation)
+
     def redeliver(self) -> None:
         """Hand every unacknowledged window on again (the publisher restarted and lost what it held)."""
         with self.lock:

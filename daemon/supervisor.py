@@ -267,6 +267,8 @@ class Supervisor:
         self.log.info("actor answers again", actor=watched.name, pid=watched.incarnation.pid)
         if watched.stage.model:
             self._tell_aligner("set_down", self.down())
+        if watched.stage.name == "sensor":
+            self._tell_aligner("regain_sensor", watched.name.removeprefix("sensor-"), watched.incarnation.token)
 
     def _restarted(self, watched: Watched) -> None:
         import ray

@@ -168,6 +168,12 @@ class Aligner:
             self.reported[sensor] = -math.inf
             self.lost[sensor] = incarnation
 
+    def regain_sensor(self, sensor: str, incarnation: str) -> None:
+        """That life of a sensor actor, taken for dead (silent on another node), answers again: its batches
+        count as its account again."""
+        if self.lost.get(sensor) == incarnation:
+            del self.lost[sensor]
+
     def push(self, batch: SensorBatch) -> None:
         taken: set[int] = set()
         if batch.as_of > self.reported.get(batch.sensor, -math.inf) \

@@ -250,6 +250,24 @@ def test_a_dead_sensor_actors_streams_are_silent_at_once_and_its_next_lifes_data
     assert "cam0" not in aligner.sessions["s1"].dropped
 
 
+def test_a_sensor_actor_taken_for_dead_that_answers_again_is_heard_again():
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 3.0, flush_s=0.05)
+
+    def account(t, incarnation="first"):
+        progress = StreamProgress("s1", "cam0", "visual", t, OFFSET + t, OFFSET, False, 0)
+        aligner.push(SensorBatch("cam0", [], [progress], incarnation=incarnation, as_of=OFFSET + t))
+        aligner.poll(OFFSET + t)
+        return "cam0" not in aligner.sessions["s1"].dropped
+
+    assert account(1.0)
+    aligner.lose_sensor("cam0", "first")  # silent on its node for a while: taken for dead
+    assert not account(1.5)
+    aligner.regain_sensor("cam0", "second")  # not the life taken for dead: nothing changes
+    assert not account(2.0)
+    aligner.regain_sensor("cam0", "first")
+    assert account(2.5)
+
+
 def test_a_modality_with_too_few_of_its_expected_frames_counts_as_missing():
     aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, min_share=0.5)
     for source, frames in (("mic0", 50), ("asr0", 2), ("cam0", 10)):  # cam0: 10 of 50 frames at 25 Hz
