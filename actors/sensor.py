@@ -67,6 +67,7 @@ class SensorActor:
         self.start_error: str | None = None
         self.pushes = 0
         self.last_push = time.monotonic()
+        self.drained_at = time.time()  # the socket was last found empty then
         self.numbered = 0
         self.retained: list[SensorBatch] = []
         self.push_failures = Tally()
@@ -125,13 +126,18 @@ class SensorActor:
                 self.gate.rejoin(socket, self.sensor.endpoint)
             if socket.poll(self.min_interval * 1000, zmq.POLLIN):
                 for _ in range(READS_PER_WAKE):
+                    started = time.time()
                     received = self._read(socket)
+                    if len(received) < READ_MAX:  # what arrived before the read began has been read
+                        self.drained_at = started
                     in_flight = self._handle(aligner, received, in_flight)
                     in_flight = self._push_if_due(aligner, in_flight)  # a backlog must not hold the aligner's news
                     if len(received) < READ_MAX:
                         break
                 if recorder is not None:
                     self._forward(recorder)
+            else:
+                self.drained_at = time.time()
             in_flight = self._push_if_due(aligner, in_flight)
         handle_until = time.monotonic() + STOP_HANDLING_S
         unread = 0
@@ -140,6 +146,7 @@ class SensorActor:
                 in_flight = self._handle(aligner, received, in_flight)
             else:
                 unread += len(received)
+        self.drained_at = time.time()
         if unread:
             with self.lock:
                 self.ingest.rejected.counts["unread_at_stop"] = unread
@@ -300,9 +307,12 @@ class SensorActor:
         return self._push(aligner, in_flight)
 
     def _push(self, aligner, in_flight: list, defer_media: bool = True) -> list:
+        """A batch (empty too: the aligner hears this sensor is alive) whose account of the streams is as of when
+        the socket was last found empty: a stream whose messages wait unread behind a backlog is not silent."""
         with self.lock:
             now = time.time()
-            batch = self.ingest.take_batch(now, defer_media)  # (empty too: the aligner hears this sensor is alive)
+            batch = self.ingest.take_batch(min(now, self.drained_at), defer_media)
+            batch.taken_at = now
             self.ingest.forget_idle(now)
             self._number(batch)
         return self._send(in_flight, aligner.push.remote(batch))

@@ -135,7 +135,8 @@ class Aligner:
                        "stale_run": 0}
         self.epochs = 0
         self.finished: list[SessionEnd] = []  # sessions forgotten since take_finished()
-        self.reported: dict[str, float] = {}  # live sensor actor -> wall time its latest batch was taken
+        self.reported: dict[str, float] = {}  # live sensor actor -> wall time its latest account is as of
+        self.heard: dict[str, float] = {}  # live sensor actor -> wall time its latest batch was taken
         self.lost: dict[str, str] = {}  # sensor actor -> the incarnation of it that died last
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
 
@@ -148,6 +149,7 @@ class Aligner:
         twin.modalities, twin.sensors = list(self.modalities), dict(self.sensors)
         twin.sessions = {name: session.copy() for name, session in self.sessions.items()}
         twin.counts, twin.reported, twin.lost = dict(self.counts), dict(self.reported), dict(self.lost)
+        twin.heard = dict(self.heard)
         twin.finished = list(self.finished)
         twin.retired = [copy.copy(window) for window in self.retired]  # dispatching stamps them
         return twin
@@ -165,7 +167,7 @@ class Aligner:
         from now until its next life delivers data again (windows waiting for them close, the sensor in
         `dropped`). A batch of the dead life that comes after this adds its data, not its account."""
         if sensor in self.reported:
-            self.reported[sensor] = -math.inf
+            self.reported[sensor] = self.heard[sensor] = -math.inf
             self.lost[sensor] = incarnation
 
     def regain_sensor(self, sensor: str, incarnation: str) -> None:
@@ -176,9 +178,12 @@ class Aligner:
 
     def push(self, batch: SensorBatch) -> None:
         taken: set[int] = set()
-        if batch.as_of > self.reported.get(batch.sensor, -math.inf) \
-                and batch.incarnation != self.lost.get(batch.sensor):  # (NaN is not: no live sensor's batch)
-            self.reported[batch.sensor] = batch.as_of
+        if batch.incarnation != self.lost.get(batch.sensor):  # a dead life's late batch brings data, no account
+            if batch.as_of > self.reported.get(batch.sensor, -math.inf):  # (NaN is not: no live sensor's batch)
+                self.reported[batch.sensor] = batch.as_of
+            took = batch.as_of if math.isnan(batch.taken_at) else batch.taken_at
+            if took > self.heard.get(batch.sensor, -math.inf):
+                self.heard[batch.sensor] = took
         for progress in batch.progress:
             ending = self.sessions.get(progress.session)
             if ending is not None and progress.run > ending.run:  # this batch's data of the life it ends goes first
@@ -349,17 +354,20 @@ class Aligner:
 
     def _live(self, session: Session, source: str, now: float) -> bool:
         """Whether a stream is live: not ended, and not silent for longer than its silence limit. A live sensor
-        actor's streams are judged on its latest account (less the flush interval, which only delays accounts),
-        and that account counts until it is as old as the drop timeout: an actor behind its socket (a machine out
-        of CPU for a moment) delays its news, not its sources."""
+        actor's streams are judged on its latest account (less the flush interval, which only delays accounts):
+        as of the last moment it had read everything that had arrived, so an actor behind its socket (a machine
+        out of CPU for a moment) delays its news, not its sources. The account counts while the actor's latest
+        batch is no older than the drop timeout."""
         stream = session.streams[source]
         if stream.ended:
             return False
-        reported = self.reported.get(session.reporters.get(source))
+        reporter = session.reporters.get(source)
+        reported = self.reported.get(reporter)
         if reported is None:
             return now - stream.arrived_at <= self.silence_limit(stream)
         silent = reported - stream.arrived_at
-        return silent <= self.silence_limit(stream) - self.flush and now - reported <= self.timeout
+        return silent <= self.silence_limit(stream) - self.flush and now - self.heard.get(reporter, reported) \
+            <= self.timeout
 
     def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the

@@ -72,7 +72,8 @@ class SensorBatch:
     spans: list[Span] = field(default_factory=list)
     incarnation: str = ""   # which life of the sensor actor made it (a restarted one counts from 0 again)
     number: int = 0         # 0, 1, 2, ... per incarnation: the aligner applies each batch once
-    as_of: float = math.nan  # wall time a live sensor took it: its account of its streams is as of then
+    as_of: float = math.nan  # wall time a live sensor's account of its streams is as of: what arrived before
+    taken_at: float = math.nan  # it was read (the socket found empty since); wall time the batch was taken
 
 
 @dataclass(frozen=True, slots=True)

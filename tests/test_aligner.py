@@ -268,6 +268,30 @@ def test_a_sensor_actor_taken_for_dead_that_answers_again_is_heard_again():
     assert account(2.5)
 
 
+def test_a_sensor_behind_its_socket_accounts_as_of_its_last_empty_socket_so_unread_streams_are_not_silent():
+    aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, period_factor=5, flush_s=0.05)
+
+    def frame(session, t, arrived):
+        return StreamProgress(session, "cam0", "visual", t, OFFSET + arrived, OFFSET, False, 0, period=0.04)
+
+    for t in np.arange(0.0, 1.0, 0.04):  # one actor, two 25 Hz cameras, up to date
+        aligner.push(SensorBatch("cam0", [], [frame("s1", t, t), frame("s2", t, t)], as_of=OFFSET + t,
+                                 taken_at=OFFSET + t))
+    for now in np.arange(1.0, 2.5, 0.05):  # behind its socket from 0.96: it reads s1's frames, s2's wait unread
+        aligner.push(SensorBatch("cam0", [], [frame("s1", now - 0.5, now)], as_of=OFFSET + 0.96,
+                                 taken_at=OFFSET + now))
+        aligner.poll(OFFSET + now)
+        assert not aligner.sessions["s2"].dropped  # its last frame came as late as the account is: not silent
+    aligner.push(SensorBatch("cam0", [], [frame("s2", 2.0, 2.5)], as_of=OFFSET + 2.5, taken_at=OFFSET + 2.5))
+    aligner.poll(OFFSET + 2.5)  # the backlog read, the socket empty at 2.5
+    assert not aligner.sessions["s1"].dropped and not aligner.sessions["s2"].dropped
+    aligner.push(SensorBatch("cam0", [], [frame("s2", 2.8, 2.8)], as_of=OFFSET + 2.8, taken_at=OFFSET + 2.8))
+    aligner.poll(OFFSET + 2.8)  # s1 sent nothing since 2.45, by an account as of when nothing waited: silent
+    assert "cam0" in aligner.sessions["s1"].dropped and not aligner.sessions["s2"].dropped
+    aligner.poll(OFFSET + 3.9)  # and an actor that sends nothing for the drop timeout drops all it reports
+    assert "cam0" in aligner.sessions["s2"].dropped
+
+
 def test_a_modality_with_too_few_of_its_expected_frames_counts_as_missing():
     aligner = Aligner(MODALITIES, SENSORS, 2.0, 2.0, 1.0, min_share=0.5)
     for source, frames in (("mic0", 50), ("asr0", 2), ("cam0", 10)):  # cam0: 10 of 50 frames at 25 Hz
