@@ -131,22 +131,17 @@ class AlignerActor:
             if self.restored:
                 self._redeliver()
 
-    def lose_sensor(self, sensor: str, incarnation: str) -> None:
-        """That life of a sensor actor died (mmfuse.aligner.Aligner.lose_sensor)."""
+    def sensor_lost(self, sensor: str, incarnation: str, lost: bool = True) -> None:
+        """That life of a sensor actor died, or (`lost` False) was taken for dead and answers again
+        (mmfuse.aligner.Aligner.lose_sensor, regain_sensor)."""
         with self.lock:
             if not self.restored:
-                self.held.append(("lose_sensor", (sensor, incarnation)))
-                return
-            self.aligner.lose_sensor(sensor, incarnation)
-            self._dispatch(self.aligner.poll(time.time()))
-
-    def regain_sensor(self, sensor: str, incarnation: str) -> None:
-        """That life of a sensor actor was only silent (mmfuse.aligner.Aligner.regain_sensor)."""
-        with self.lock:
-            if not self.restored:
-                self.held.append(("regain_sensor", (sensor, incarnation)))
-                return
-            self.aligner.regain_sensor(sensor, incarnation)
+                self.held.append(("sensor_lost", (sensor, incarnation, lost)))
+            elif lost:
+                self.aligner.lose_sensor(sensor, incarnation)
+                self._dispatch(self.aligner.poll(time.time()))
+            else:
+                self.aligner.regain_sensor(sensor, incarnation)
 
     def redeliver(self) -> None:
         """Hand every unacknowledged window on again (the publisher restarted and lost what it held)."""

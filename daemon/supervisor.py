@@ -257,7 +257,7 @@ class Supervisor:
         if watched.stage.model:
             self._tell_aligner("set_down", self.down())
         if watched.stage.name == "sensor" and watched.incarnation is not None:  # told before its next life starts
-            self._tell_aligner("lose_sensor", watched.name.removeprefix("sensor-"), watched.incarnation.token)
+            self._tell_aligner("sensor_lost", watched.name.removeprefix("sensor-"), watched.incarnation.token)
         if watched is self.aligner:
             self.snapshot_call = None
             self.fresh = False
@@ -268,7 +268,7 @@ class Supervisor:
         if watched.stage.model:
             self._tell_aligner("set_down", self.down())
         if watched.stage.name == "sensor":
-            self._tell_aligner("regain_sensor", watched.name.removeprefix("sensor-"), watched.incarnation.token)
+            self._tell_aligner("sensor_lost", watched.name.removeprefix("sensor-"), watched.incarnation.token, False)
 
     def _restarted(self, watched: Watched) -> None:
         import ray
