@@ -128,11 +128,12 @@ class SensorActor:
                 for _ in range(READS_PER_WAKE):
                     started = time.time()
                     received = self._read(socket)
-                    if len(received) < READ_MAX:  # what arrived before the read began has been read
+                    drained = len(received) < READ_MAX
+                    if drained:  # what arrived before the read began has been read
                         self.drained_at = started
                     in_flight = self._handle(aligner, received, in_flight)
                     in_flight = self._push_if_due(aligner, in_flight)  # a backlog must not hold the aligner's news
-                    if len(received) < READ_MAX:
+                    if drained:
                         break
                 if recorder is not None:
                     self._forward(recorder)

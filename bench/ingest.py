@@ -8,7 +8,8 @@ time, every session's windows complete. At the end of the step every stream send
 and its final stats read. Per rate: messages sent; accepted by the sensor actors; rejected and unsupported by
 reason; sequence gaps (messages lost before the daemon saw them); messages the aligner counted late; windows
 decided (until the daemon has drained and stopped: a window not decided by then is lost), degraded ones (decided
-without a modality that was sent for them) and those whose decision names `seq_gaps`; decision latency from the window's end to its decision arriving (p50, p99); the daemon's memory
+without a modality that was sent for them) and those whose decision names `seq_gaps`; decision latency from the
+window's end to its decision arriving (p50, p99); the daemon's memory
 (whole process tree, peak of samples: RSS summed, and PSS, which counts each shared page once); and the share of
 one core the sender itself used (it runs on the same cores as the daemon, so it encodes every message of a step
 before the step starts and only sends while the clock runs).

@@ -366,8 +366,7 @@ class Aligner:
         if reported is None:
             return now - stream.arrived_at <= self.silence_limit(stream)
         silent = reported - stream.arrived_at
-        return silent <= self.silence_limit(stream) - self.flush and now - self.heard.get(reporter, reported) \
-            <= self.timeout
+        return silent <= self.silence_limit(stream) - self.flush and now - self.heard[reporter] <= self.timeout
 
     def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the

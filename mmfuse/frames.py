@@ -72,8 +72,9 @@ class SensorBatch:
     spans: list[Span] = field(default_factory=list)
     incarnation: str = ""   # which life of the sensor actor made it (a restarted one counts from 0 again)
     number: int = 0         # 0, 1, 2, ... per incarnation: the aligner applies each batch once
-    as_of: float = math.nan  # wall time a live sensor's account of its streams is as of: what arrived before
-    taken_at: float = math.nan  # it was read (the socket found empty since); wall time the batch was taken
+    as_of: float = math.nan  # wall time a live sensor's account of its streams is as of: all that arrived
+                             # before it had been read (its socket was found empty then)
+    taken_at: float = math.nan  # wall time a live sensor took the batch: it was alive then
 
 
 @dataclass(frozen=True, slots=True)

@@ -459,14 +459,14 @@ class SensorIngest:
         that may close now; the rest (the camera frame that begins the next window) waits for a batch that is
         not (at the latest the flush interval's), and its stream's progress is reported only up to where that
         media begins. So a window's close does not share the CPU with encoding the next window, and nothing
-        can close without its media. And it encodes at most one batch of the tower's (`MediaEncoder.tower_batch`),
+        can close without its media. And it encodes at most one batch of the tower's (`Tower.live_batch`),
         the next batch due as soon as it may go: a sensor actor encoding 64 camera frames at once was not heard
         from for up to a second, long enough for every one of its streams to look dropped."""
         held_back: dict[tuple[str, str], float] = {}
         if self.media is not None:
             failed = self.media.failed
             spans = self.media.encode(self._after_closable_windows if defer_media and self.due else None,
-                                      self.media.tower_batch if defer_media else None)
+                                      self.media.live_batch if defer_media else None)
             held_back = self.media.queued_from()
             if self.media.failed > failed:
                 self.log.warning("media that could not be decoded or encoded", count=self.media.failed - failed,

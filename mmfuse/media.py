@@ -149,7 +149,7 @@ class MediaEncoder:
     def __init__(self, modality: str, tower, frame_period_s: float):
         self.modality = modality
         self.tower = tower
-        self.tower_batch = getattr(tower, "live_batch", None)  # the most items a live batch encodes at once
+        self.live_batch = getattr(tower, "live_batch", None)  # the most items a live batch encodes at once
         self.frame_period = frame_period_s
         self.pending: list[_Pending] = []
         self.last_slot: dict[tuple[str, str], int] = {}
@@ -270,14 +270,14 @@ class MediaEncoder:
     def encode(self, later=None, limit: int | None = None) -> list[EncodedSpan]:
         """Encode what is queued, all sessions in one batch; what `later(session, source, start)` says may wait
         stays queued, and so does what comes after the first `limit` of the rest (`overflow` counts those)."""
-        waiting = [False] * len(self.pending) if later is None else \
-            [later(p.session, p.source, p.start) for p in self.pending]
-        now = [i for i, wait in enumerate(waiting) if not wait]
-        now, over = (now, []) if limit is None else (now[:limit], now[limit:])
-        chosen = set(now)
-        pending = [self.pending[i] for i in now]
-        self.pending = [p for i, p in enumerate(self.pending) if i not in chosen]  # (in the order they came)
-        self.overflow = len(over)
+        pending, self.pending = self.pending, []
+        if later is not None:
+            waiting = [later(p.session, p.source, p.start) for p in pending]
+            self.pending = [p for p, wait in zip(pending, waiting) if wait]
+            pending = [p for p, wait in zip(pending, waiting) if not wait]
+        self.overflow = 0 if limit is None else max(0, len(pending) - limit)
+        if self.overflow:  # the oldest go first, next time too
+            pending, self.pending = pending[:limit], pending[limit:] + self.pending
         if not pending:
             return []
         ready = [(p, item) for p in pending if (item := _decoded(p.item)) is not None]
