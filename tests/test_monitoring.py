@@ -196,13 +196,14 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_live_view_in_a_browser_shows_both_sessions_the_stopped_sensor_and_decisions(watched):
+def test_live_view_in_a_browser_shows_the_sessions_the_stopped_sensor_and_decisions(watched):
     browser_path = chromium()
     if browser_path is None:
         pytest.skip("no Chromium found (Debian: apt-get install chromium; .ci/run installs it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extras")
-    sending = threading.Thread(target=send_sessions, args=(watched, ["north", "south"], 24, ("south", "mic0", 3)),
-                               daemon=True)
+    long_name = "participant-" + "x" * 244  # a name as long as the wire allows, with nowhere to wrap
+    sending = threading.Thread(target=send_sessions, args=(watched, ["north", "south", long_name], 24,
+                                                           ("south", "mic0", 3)), daemon=True)
     sending.start()
     OUT.mkdir(exist_ok=True)
     shot = OUT / "live_view.png"
@@ -218,6 +219,10 @@ def test_live_view_in_a_browser_shows_both_sessions_the_stopped_sensor_and_decis
             page.wait_for_selector('[data-session="south"] tr.decision', timeout=20_000)
             assert page.locator('[data-session="north"] [data-source="mic0"]').get_attribute("data-state") == "up"
             assert page.locator("#readiness").inner_text() == "ready"
+            page.wait_for_selector(f'[data-session="{long_name}"] tr.decision', timeout=20_000)
+            overflowing = page.evaluate("[...document.querySelectorAll('.session')]"
+                                        ".filter(card => card.scrollWidth > card.clientWidth).length")
+            assert overflowing == 0  # a long name is cut short in its card, shown whole on hover
             time.sleep(2.0)  # a few more decisions and plot points
             page.screenshot(path=str(shot))
         finally:
