@@ -83,10 +83,11 @@ def sensor_grid(config: DaemonConfig) -> tuple[float, float]:
 def build_ingest(config: DaemonConfig, sensor: SensorConfig, dim: int | None, tower=None, log=None,
                  keys=None) -> SensorIngest:
     """`keys` (mmfuse.security.DaemonKeys) when sensors authenticate: then a sensor takes frames from its own
-    key only, and none that name another configured sensor as their source."""
+    key only. With or without them, none that name another configured sensor as their source: every sensor has
+    an endpoint of its own, and the aligner knows a session's streams by source name."""
     media = None if tower is None else MediaEncoder(sensor.modality, tower,
                                                     config.window.length_s / sensor.frames_per_window)
-    others = frozenset(s.name for s in config.sensors if s.name != sensor.name) if keys is not None else frozenset()
+    others = frozenset(s.name for s in config.sensors if s.name != sensor.name)
     return SensorIngest(sensor.name, sensor.modality, *sensor_grid(config), dim, config.pipeline.max_payload_bytes,
                         log, media, config.clock.jump_s, spans=config.window.mode == "utterance",
                         idle_s=5 * config.pipeline.session_idle_s,  # streams outlive their session's idle time

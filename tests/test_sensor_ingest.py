@@ -190,6 +190,21 @@ def test_a_thinned_out_camera_frame_that_cannot_be_decoded_touches_no_stream_sta
     assert stream.clock.seen == 1
 
 
+def test_without_authentication_a_sensor_still_never_takes_frames_as_another_configured_sensor():
+    """The aligner knows a session's streams by source: camera frames named `asr0` would be merged into the
+    text sensor's stream and cost it its own windows."""
+    from mmfuse.config import parse_config
+    from mmfuse.pipeline import build_ingest
+
+    config = parse_config({"bundle": "models/x", "sensors": [
+        {"name": "cam0", "modality": "visual", "endpoint": "tcp://127.0.0.1:1"},
+        {"name": "asr0", "modality": "text", "endpoint": "tcp://127.0.0.1:2"}]})
+    camera = build_ingest(config, config.sensors[0], 4)
+    camera.ingest(wire.encode(wire.features_message("s1", "asr0", "visual", 0, 0.0, np.ones(4))), 100.0)
+    camera.ingest(wire.encode(wire.features_message("s1", "cam9", "visual", 0, 0.0, np.ones(4))), 100.0)
+    assert camera.rejected.counts == {"wrong_source": 1} and list(camera.streams) == [("s1", "cam9")]
+
+
 def test_with_authenticated_sensors_only_the_sensors_key_may_send_and_never_as_another_sensor():
     sensor = SensorIngest("cam0", "visual", 2.0, 2.0, 4, sender_key="CAMKEY", other_sensors=frozenset({"asr0"}))
     frames = wire.encode(wire.features_message("s1", "cam0", "visual", 0, 0.0, np.ones(4)))
