@@ -68,6 +68,7 @@ class Session:
     closed: int = 0
     revised: int = 0
     reference: str | None = None    # the source whose clock is session time: the first heard
+    reference_learning: float = math.inf  # since when its sensor actor has been learning its clock (again)
     first_offset: float | None = None  # its lowest delay, to tell other clocks before they are known
     shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
     reporters: dict[str, str] = field(default_factory=dict)  # the sensor actor that reports each source
@@ -194,6 +195,9 @@ class Aligner:
             session = self._life(progress.session, progress.run, progress.arrived_at)
             if session is None:
                 continue
+            if progress.source == session.reference and progress.line is None:
+                known = session.streams[progress.source].line is not None
+                session.reference_learning = progress.arrived_at if known else session.reference_learning
             session.streams[progress.source] = progress
             session.reporters[progress.source] = batch.sensor
             session.first_seen = min(session.first_seen, progress.arrived_at)
@@ -250,6 +254,7 @@ class Aligner:
     def _follow_clock(self, name: str, session: Session, stream: StreamProgress) -> None:
         if session.first_offset is None:
             session.first_offset, session.reference = stream.offset, stream.source
+            session.reference_learning = stream.arrived_at
         held = stream.source in session.unmapped
         if stream.line is None:
             if stream.source not in session.shifts and not held:
@@ -268,8 +273,10 @@ class Aligner:
             self._map(session, stream.source, 0.0)
             return
         reference = session.streams[session.reference]
-        if reference.line is None and stream.arrived_at < session.first_seen + self.timeout + LEARNING_S:
-            return  # the reference's lowest delay is not settled yet: the stream stays as it was classified
+        if reference.line is None and stream.arrived_at < session.reference_learning + self.timeout + LEARNING_S:
+            # the reference's lowest delay is not settled yet, at the session's start or after its sensor actor
+            # restarted: the stream stays as it was mapped
+            return
         # both offsets are the lowest recent delays, so comparing them now already follows any drift
         disagreement = stream.offset - reference.offset
         shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0

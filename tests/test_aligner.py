@@ -5,6 +5,7 @@ import copy
 import numpy as np
 
 from mmfuse.aligner import Aligner
+from mmfuse.clocks import ClockLine
 from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
 
 MODALITIES = ["audio", "text", "visual"]
@@ -248,6 +249,33 @@ def test_a_dead_sensor_actors_streams_are_silent_at_once_and_its_next_lifes_data
     (window,) = aligner.poll(OFFSET + 6.0)
     assert window.present == MODALITIES and window.dropped == []
     assert "cam0" not in aligner.sessions["s1"].dropped
+
+
+def test_while_the_session_clocks_stream_learns_its_clock_again_after_a_restart_no_other_stream_is_moved():
+    """Session time is the first stream's clock. A restarted sensor actor learns its streams' clocks anew, and a
+    young estimate is off by its first arrivals' delays: the other streams must not be moved by it."""
+    line = ClockLine(OFFSET, 0.0)
+
+    def report(source, window, offset, learnt):
+        t = (window + 1) * 2.0
+        delta = WindowDelta("s1", source, SENSORS[source], window, np.full(3, window, np.float32), 1.0, 1)
+        progress = StreamProgress("s1", source, SENSORS[source], t, OFFSET + t, offset, False, 0,
+                                  line=line if learnt else None)
+        aligner.push(SensorBatch(source, [delta], [progress]))
+
+    aligner = make_aligner()
+    for window in range(6):  # cam0 heard first: its clock is session time
+        for source in ("cam0", "mic0", "asr0"):
+            report(source, window, OFFSET, learnt=window >= 2)
+        assert [w.window_id for w in aligner.poll(OFFSET + (window + 1) * 2.0)] == [window]
+    for window in range(6, 9):  # cam0's actor restarted: its estimate, from its first arrivals, 0.5 s off
+        report("cam0", window, OFFSET + 0.5, learnt=False)
+        for source in ("mic0", "asr0"):
+            report(source, window, OFFSET, learnt=True)
+        (closed,) = aligner.poll(OFFSET + (window + 1) * 2.0)
+        assert closed.window_id == window and closed.present == MODALITIES
+        assert all(vector[0] == window for vector in closed.features.values())
+    assert aligner.sessions["s1"].shifts.get("asr0", 0.0) == 0.0 and aligner.counts["late"] == 0
 
 
 def test_a_sensor_actor_taken_for_dead_that_answers_again_is_heard_again():
