@@ -40,6 +40,7 @@ class SensorActor:
         self.sensor = next(s for s in config.sensors if s.name == name)
         self.min_interval = config.pipeline.batch_interval_ms / 1000.0
         self.flush_interval = config.pipeline.flush_interval_ms / 1000.0
+        self.gather = config.pipeline.gather_ms / 1000.0
         self.log = structlog.get_logger().bind(actor="sensor", sensor=name)
         self.incarnation = Incarnation.here()
         tower = None
@@ -302,7 +303,7 @@ class SensorActor:
         (a few of their periods plus the flush interval) look dropped to the aligner, so a sensor working through
         a backlog pushes between reads as well."""
         if self.virtual_clock or not self.ingest.push_due(time.monotonic() - self.last_push, self.min_interval,
-                                                          self.flush_interval):
+                                                          self.flush_interval, time.time(), self.gather):
             return in_flight
         self.last_push = time.monotonic()
         return self._push(aligner, in_flight)

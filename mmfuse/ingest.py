@@ -123,6 +123,8 @@ class SensorIngest:
         self.unsupported = Tally()
         self.accepted = 0
         self.due = False  # a window may close once the aligner hears what we hold: send soon
+        self.due_since = -math.inf  # arrival of the message that made the batch due
+        self.due_end = -math.inf    # which window end (as _window_ends_before counts) that message passed
 
     def _window_ends_before(self, t: float) -> float:
         """How many window ends lie at or before event time t (a step function of t)."""
@@ -349,6 +351,8 @@ class SensorIngest:
                 self.media.heartbeat(key, message.t)
             reached = self.media.complete_until(key, delivered)
         if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
+            if not self.due:
+                self.due_since, self.due_end = arrived_at, self._window_ends_before(reached)
             self.due = True
         stream.progress = max(stream.progress, reached)
         stream.arrived_at = arrived_at
@@ -440,10 +444,24 @@ class SensorIngest:
                 self.media.forget(key)
             self.log.debug("stream forgotten", session=key[0], source=key[1])
 
-    def push_due(self, waited: float, batch_interval: float, flush_interval: float) -> bool:
+    def push_due(self, waited: float, batch_interval: float, flush_interval: float, now: float | None = None,
+                 gather: float = 0.0) -> bool:
         """Whether to hand the aligner a batch, `waited` seconds after the last one: as soon as a
-        stream has passed a window end (at most one per batch interval), else after the flush interval."""
-        return (self.due and waited >= batch_interval) or waited >= flush_interval
+        stream has passed a window end (at most one per batch interval), else after the flush interval.
+
+        With `now` (wall time), a batch due at a window end waits up to `gather` seconds after the message that
+        made it due while another stream heard in the last two hops has not reached that end: the sessions'
+        windows end together, and their last messages come as one burst, read in parts. Sent at the first
+        part, the rest would wait for that part's encode, then be encoded in a batch of its own."""
+        if waited >= flush_interval:
+            return True
+        if not self.due or waited < batch_interval:
+            return False
+        return now is None or now - self.due_since >= gather or not self._short_of_due_end(now - 2 * self.hop)
+
+    def _short_of_due_end(self, heard_since: float) -> bool:
+        return any(not stream.ended and stream.arrived_at >= heard_since
+                   and self._window_ends_before(stream.progress) < self.due_end for stream in self.streams.values())
 
     def take_accepted(self) -> list[tuple[bytes, bytes, float]]:
         """With `keep_accepted`: every message applied since the last call, as (topic, payload, arrival time), in

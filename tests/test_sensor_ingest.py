@@ -54,6 +54,28 @@ def test_a_live_sensor_hands_over_an_account_even_when_nothing_happened():
     assert (quiet.deltas, quiet.progress, quiet.as_of) == ([], [], 100.7)
 
 
+def test_a_batch_due_at_a_window_end_waits_briefly_for_the_other_sessions_to_reach_it():
+    sensor = ingest(length=1.0, hop=1.0)
+    for session in ("s1", "s2", "s3"):
+        send(sensor, 0, 0.0, [1] * 4, duration=0.5, session=session, at=100.5)
+    send(sensor, 0, 0.0, [1] * 4, duration=0.5, session="gone", at=98.4)  # last heard over two windows ago
+    sensor.take_batch()
+    send(sensor, 1, 0.5, [1] * 4, duration=0.5, session="s1", at=101.0)  # s1 reached the end of window 0
+
+    def due(now):
+        return sensor.push_due(0.05, 0.01, 0.2, now, gather=0.02)
+
+    assert sensor.due and not due(101.005)  # s2 and s3 are still short of it
+    send(sensor, 1, 0.5, [1] * 4, duration=0.5, session="s2", at=101.006)
+    assert not due(101.007)
+    send(sensor, 1, 0.5, [1] * 4, duration=0.5, session="s3", at=101.008)
+    assert due(101.008)  # all there: at once, without waiting out the gather time
+    sensor.take_batch()
+    send(sensor, 2, 1.0, [1] * 4, duration=1.0, session="s1", at=102.0)
+    assert not due(102.01) and due(102.021)  # the others never came: it goes after the gather time
+    assert sensor.push_due(0.05, 0.01, 0.2)  # without a wall time: at once, as on the virtual clock
+
+
 def test_malformed_messages_are_counted_not_raised():
     sensor = ingest()
     sensor.ingest([b"visual/s1", b"\x00\xff\x13"], 1.0)
