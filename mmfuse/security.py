@@ -29,6 +29,7 @@ CONSUMERS = "consumers"  # ZAP domain of the decision socket
 RECORDER = "recorder"    # ZAP domain of mmfuse-record's socket for the messages the daemon accepted
 REFUSED_AT_HANDSHAKE = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 REJOIN_S = 0.1  # as libzmq's own reconnect interval
+KEYS_NAMED_MAX = 1000  # refused keys each logged at least once; beyond, one line per Tally step as for any refusal
 PROTOCOL_ERRORS = {  # why a handshake failed before ZAP was asked; ZeroMQ gives no peer address or key then
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "peer without a CURVE key (mechanism mismatch)",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "CURVE handshake failed: the peer does not use this daemon's public key",
@@ -195,6 +196,7 @@ class Gatekeeper(ThreadAuthenticator):
         self.watched: list[tuple[zmq.Socket, threading.Thread]] = []  # sockets and the threads reading monitors
         self.stopping = threading.Event()
         self.refused_on: set[int] = set()  # id() of the watched sockets a handshake failed on: see rejoin()
+        self.keys_named: set[str] = set()  # refused keys already logged: a keyless peer's retries hide none
         self.rejoined_at: dict[int, float] = {}
 
     def admit(self, domain: str, keys: frozenset[bytes] | None) -> None:
@@ -265,6 +267,10 @@ class Gatekeeper(ThreadAuthenticator):
     def _refuse(self, why: str, **fields) -> None:
         with self.lock:
             worth_a_line = self.refused.add("auth_refused")
+            key = fields.get("key")
+            if key is not None and key not in self.keys_named and len(self.keys_named) < KEYS_NAMED_MAX:
+                self.keys_named.add(key)
+                worth_a_line = True
         if worth_a_line:
             self.events.warning("peer refused at the handshake", why=why, count=self.refused.counts["auth_refused"],
                                 **fields)

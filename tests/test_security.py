@@ -142,6 +142,17 @@ def test_peers_without_a_key_with_an_unknown_key_or_the_wrong_server_key_are_ref
         context.destroy(linger=0)
 
 
+def test_each_refused_key_is_logged_even_after_a_keyless_peers_retries_used_up_the_lines(tmp_path):
+    stranger = certificate(tmp_path / "stranger", "stranger")
+    lines = io.StringIO()
+    gate = Gatekeeper(zmq.Context.instance(), structlog.wrap_logger(structlog.PrintLogger(lines)))
+    gate.admit(SENSOR_DOMAIN, frozenset())
+    for _ in range(30):  # a peer without a key retrying: refused before ZAP is asked, no key to name
+        gate._refuse("the peer did not speak CURVE", domain=SENSOR_DOMAIN, endpoint="tcp://127.0.0.1:1")
+    assert not gate.callback(SENSOR_DOMAIN, stranger.public)
+    assert gate.refused_count == 31 and stranger.public.decode() in lines.getvalue()
+
+
 def stopped_stats(daemon: Daemon) -> dict:
     for line in reversed(daemon.lines):
         if '"event": "stopped"' in line:
