@@ -69,6 +69,7 @@ class Session:
     revised: int = 0
     reference: str | None = None    # the source whose clock is session time: the first heard
     reference_learning: float = math.inf  # since when its sensor actor has been learning its clock (again)
+    reference_life: str = ""  # the incarnation of the sensor actor that reports it
     first_offset: float | None = None  # its lowest delay, to tell other clocks before they are known
     shifts: dict[str, float] = field(default_factory=dict)  # session time - stream time, per source
     reporters: dict[str, str] = field(default_factory=dict)  # the sensor actor that reports each source
@@ -195,13 +196,15 @@ class Aligner:
             session = self._life(progress.session, progress.run, progress.arrived_at)
             if session is None:
                 continue
-            if progress.source == session.reference and progress.line is None:
-                known = session.streams[progress.source].line is not None
-                session.reference_learning = progress.arrived_at if known else session.reference_learning
+            if progress.source == session.reference and progress.line is None and (
+                    session.streams[progress.source].line is not None or batch.incarnation != session.reference_life):
+                session.reference_learning = progress.arrived_at  # its sensor actor restarted: it learns anew
             session.streams[progress.source] = progress
             session.reporters[progress.source] = batch.sensor
             session.first_seen = min(session.first_seen, progress.arrived_at)
             self._follow_clock(progress.session, session, progress)
+            if progress.source == session.reference:
+                session.reference_life = batch.incarnation
         for delta in batch.deltas:
             if id(delta) not in taken:
                 session = self._life(delta.session, delta.run, None)

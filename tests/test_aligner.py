@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pytest
 
 from mmfuse.aligner import Aligner
 from mmfuse.clocks import ClockLine
@@ -251,27 +252,29 @@ def test_a_dead_sensor_actors_streams_are_silent_at_once_and_its_next_lifes_data
     assert "cam0" not in aligner.sessions["s1"].dropped
 
 
-def test_while_the_session_clocks_stream_learns_its_clock_again_after_a_restart_no_other_stream_is_moved():
-    """Session time is the first stream's clock. A restarted sensor actor learns its streams' clocks anew, and a
-    young estimate is off by its first arrivals' delays: the other streams must not be moved by it."""
+@pytest.mark.parametrize("restart", [6, 2])  # after it learned its clock, and before it ever had
+def test_while_the_session_clocks_stream_learns_its_clock_again_after_a_restart_no_other_stream_is_moved(restart):
+    """Session time is the first stream's clock. A restarted sensor actor learns its streams' clocks anew (its
+    line takes two windows here), and a young estimate is off by its first arrivals' delays: the other streams
+    must not be moved by it."""
     line = ClockLine(OFFSET, 0.0)
 
-    def report(source, window, offset, learnt):
+    def report(source, window, offset, learnt, incarnation="first"):
         t = (window + 1) * 2.0
         delta = WindowDelta("s1", source, SENSORS[source], window, np.full(3, window, np.float32), 1.0, 1)
         progress = StreamProgress("s1", source, SENSORS[source], t, OFFSET + t, offset, False, 0,
                                   line=line if learnt else None)
-        aligner.push(SensorBatch(source, [delta], [progress]))
+        aligner.push(SensorBatch(source, [delta], [progress], incarnation=incarnation))
 
     aligner = make_aligner()
-    for window in range(6):  # cam0 heard first: its clock is session time
-        for source in ("cam0", "mic0", "asr0"):
-            report(source, window, OFFSET, learnt=window >= 2)
-        assert [w.window_id for w in aligner.poll(OFFSET + (window + 1) * 2.0)] == [window]
-    for window in range(6, 9):  # cam0's actor restarted: its estimate, from its first arrivals, 0.5 s off
-        report("cam0", window, OFFSET + 0.5, learnt=False)
+    for window in range(10):  # cam0 heard first: its clock is session time
+        if window < restart:
+            report("cam0", window, OFFSET, learnt=window >= 2)
+        else:  # its actor restarted: until it has learnt, its estimate, from its first arrivals, is 0.5 s off
+            learnt = window >= restart + 2
+            report("cam0", window, OFFSET if learnt else OFFSET + 0.5, learnt, incarnation="second")
         for source in ("mic0", "asr0"):
-            report(source, window, OFFSET, learnt=True)
+            report(source, window, OFFSET, learnt=window >= 2)
         (closed,) = aligner.poll(OFFSET + (window + 1) * 2.0)
         assert closed.window_id == window and closed.present == MODALITIES
         assert all(vector[0] == window for vector in closed.features.values())
