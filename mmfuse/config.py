@@ -205,7 +205,7 @@ class PipelineConfig(Section):
     flush_interval_ms: float = Field(200.0, gt=0, description="most time data waits in a sensor actor when "
                                      "no window is due; keep it below drop.timeout_s")
     gather_ms: float = Field(20.0, ge=0, le=1000, description="most time a batch due at a window end waits for "
-                             "the sensor's other live streams to reach that end too, so that the messages ending "
+                             "the sensor's other streams whose windows end then too, so that the messages ending "
                              "a window in every session go out, and are encoded, together; 0: at once")
     max_payload_bytes: int = Field(8 * 1024 * 1024, gt=0, description="larger sensor messages are rejected")
     session_idle_s: float = Field(60.0, gt=0, description="forget a session silent this long")

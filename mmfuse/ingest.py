@@ -123,8 +123,7 @@ class SensorIngest:
         self.unsupported = Tally()
         self.accepted = 0
         self.due = False  # a window may close once the aligner hears what we hold: send soon
-        self.due_since = -math.inf  # arrival of the message that made the batch due
-        self.due_end = -math.inf    # which window end (as _window_ends_before counts) that message passed
+        self.due_since = -math.inf  # arrival of the message that passed the window end the batch is due for
 
     def _window_ends_before(self, t: float) -> float:
         """How many window ends lie at or before event time t (a step function of t)."""
@@ -351,8 +350,8 @@ class SensorIngest:
                 self.media.heartbeat(key, message.t)
             reached = self.media.complete_until(key, delivered)
         if message.kind == "end" or self._window_ends_before(reached) > self._window_ends_before(stream.progress):
-            if not self.due:
-                self.due_since, self.due_end = arrived_at, self._window_ends_before(reached)
+            if not self.due or self.due_since == -math.inf:
+                self.due_since = arrived_at
             self.due = True
         stream.progress = max(stream.progress, reached)
         stream.arrived_at = arrived_at
@@ -450,18 +449,27 @@ class SensorIngest:
         stream has passed a window end (at most one per batch interval), else after the flush interval.
 
         With `now` (wall time), a batch due at a window end waits up to `gather` seconds after the message that
-        made it due while another stream heard in the last two hops has not reached that end: the sessions'
-        windows end together, and their last messages come as one burst, read in parts. Sent at the first
-        part, the rest would wait for that part's encode, then be encoded in a batch of its own."""
+        made it due while another stream heard in the last two hops is expected to reach its own next window end
+        within that time and has not yet: sessions whose windows end together send their last messages as one
+        burst, read in parts. Sent at the first part, the rest would wait for that part's encode, then be
+        encoded in a batch of its own. Sessions whose windows end at other moments are not waited for."""
         if waited >= flush_interval:
             return True
         if not self.due or waited < batch_interval:
             return False
-        return now is None or now - self.due_since >= gather or not self._short_of_due_end(now - 2 * self.hop)
+        deadline = self.due_since + gather
+        return now is None or now >= deadline or not self._ends_expected(now - 2 * self.hop, deadline)
 
-    def _short_of_due_end(self, heard_since: float) -> bool:
-        return any(not stream.ended and stream.arrived_at >= heard_since
-                   and self._window_ends_before(stream.progress) < self.due_end for stream in self.streams.values())
+    def _ends_expected(self, heard_since: float, by: float) -> bool:
+        """Whether a stream heard since then should reach its next window end by wall time `by`, taking it to
+        send in real time from where its latest message left it."""
+        for stream in self.streams.values():
+            if stream.ended or stream.arrived_at < heard_since:
+                continue
+            end = (self._window_ends_before(stream.progress) + 1) * self.hop + self.length
+            if stream.arrived_at + end - stream.progress <= by:
+                return True
+        return False
 
     def take_accepted(self) -> list[tuple[bytes, bytes, float]]:
         """With `keep_accepted`: every message applied since the last call, as (topic, payload, arrival time), in
@@ -509,6 +517,7 @@ class SensorIngest:
         self.deltas, self.spans = {}, []
         self.touched = {key: None for key in held_back if key in self.streams}  # their progress, once encoded
         self.due = self.media is not None and self.media.overflow > 0  # the rest as soon as the next batch may go
+        self.due_since = -math.inf
         return batch
 
     def _after_closable_windows(self, session: str, source: str, start: float) -> bool:

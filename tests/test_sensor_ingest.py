@@ -54,10 +54,11 @@ def test_a_live_sensor_hands_over_an_account_even_when_nothing_happened():
     assert (quiet.deltas, quiet.progress, quiet.as_of) == ([], [], 100.7)
 
 
-def test_a_batch_due_at_a_window_end_waits_briefly_for_the_other_sessions_to_reach_it():
+def test_a_batch_due_at_a_window_end_waits_briefly_for_the_sessions_whose_windows_end_with_it():
     sensor = ingest(length=1.0, hop=1.0)
     for session in ("s1", "s2", "s3"):
         send(sensor, 0, 0.0, [1] * 4, duration=0.5, session=session, at=100.5)
+    send(sensor, 0, 0.0, [1] * 4, duration=0.1, session="apart", at=100.5)  # its windows end 0.4 s later
     send(sensor, 0, 0.0, [1] * 4, duration=0.5, session="gone", at=98.4)  # last heard over two windows ago
     sensor.take_batch()
     send(sensor, 1, 0.5, [1] * 4, duration=0.5, session="s1", at=101.0)  # s1 reached the end of window 0
