@@ -449,25 +449,26 @@ class SensorIngest:
         stream has passed a window end (at most one per batch interval), else after the flush interval.
 
         With `now` (wall time), a batch due at a window end waits up to `gather` seconds after the message that
-        made it due while another stream heard in the last two hops is expected to reach its own next window end
-        within that time and has not yet: sessions whose windows end together send their last messages as one
-        burst, read in parts. Sent at the first part, the rest would wait for that part's encode, then be
-        encoded in a batch of its own. Sessions whose windows end at other moments are not waited for."""
+        made it due while another stream heard in the last two hops has not reached its own next window end and
+        its clock expects it to within `gather` of that message: sessions whose windows end together send their
+        last messages as one burst, read in parts. Sent at the first part, the rest would wait for that part's
+        encode, then be encoded in a batch of its own. Streams whose windows end at other moments, or that are
+        overdue by half a hop (silent, or on a clock it has not learnt), are not waited for."""
         if waited >= flush_interval:
             return True
         if not self.due or waited < batch_interval:
             return False
-        deadline = self.due_since + gather
-        return now is None or now >= deadline or not self._ends_expected(now - 2 * self.hop, deadline)
+        return (now is None or now >= self.due_since + gather
+                or not self._ends_expected(now - 2 * self.hop, self.due_since - self.hop / 2, self.due_since + gather))
 
-    def _ends_expected(self, heard_since: float, by: float) -> bool:
-        """Whether a stream heard since then should reach its next window end by wall time `by`, taking it to
-        send in real time from where its latest message left it."""
+    def _ends_expected(self, heard_since: float, earliest: float, latest: float) -> bool:
+        """Whether a stream heard since then has its next window end still to come, due by its clock (the
+        lowest delay it has shown) between those wall times."""
         for stream in self.streams.values():
             if stream.ended or stream.arrived_at < heard_since:
                 continue
             end = (self._window_ends_before(stream.progress) + 1) * self.hop + self.length
-            if stream.arrived_at + end - stream.progress <= by:
+            if earliest <= end + stream.clock.offset(end) <= latest:
                 return True
         return False
 
