@@ -49,12 +49,16 @@ def daemon_listening(config: dict, path, *flags):
     context = zmq.Context()
     listener = context.socket(zmq.SUB)
     listener.setsockopt(zmq.SUBSCRIBE, b"decision/")
+    joined = listener.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     listener.connect(config["output"]["endpoint"])
     try:
         assert daemon.ready.wait(120), daemon.log()
-        time.sleep(0.3)
+        assert joined.poll(30_000), "the decision subscriber never connected"  # a replay at full speed decides
+        time.sleep(0.3)  # its first window at once: a subscription still on its way would miss it
         yield daemon, listener
     finally:
+        listener.disable_monitor()
+        joined.close(linger=0)
         daemon.process.send_signal(signal.SIGTERM)
         daemon.process.wait(30)
         context.destroy(linger=0)
