@@ -13,7 +13,7 @@ import psutil
 import structlog
 
 from mmfuse.config import ConfigError, DaemonConfig, load_config
-from mmfuse.logs import configure
+from mmfuse.logs import Tally, configure
 from mmfuse.media import MEDIA_ENCODINGS
 from mmfuse.security import SecurityError, daemon_keys
 
@@ -141,13 +141,13 @@ def tree_memory_mb(pid: int | None = None) -> dict[str, float]:
     try:
         process = psutil.Process(pid)
         processes = [process, *process.children(recursive=True)]
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return {"rss_mb": 0.0, "pss_mb": 0.0}
     rss = pss = 0
     for each in processes:
         try:
             memory = each.memory_full_info()
-        except psutil.Error:
+        except (psutil.Error, OSError):  # (gone, or no descriptor left to read its /proc files with)
             continue
         rss, pss = rss + memory.rss, pss + memory.pss
     return {"rss_mb": round(rss / 2**20, 1), "pss_mb": round(pss / 2**20, 1)}
@@ -254,7 +254,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         if config.http is not None:  # up before Ray, so that probes get an answer (not ready) while it starts
             from mmfuse.daemon.web import WebServer
 
-            web = WebServer(monitor, config.http.host, config.http.port)
+            web = WebServer(monitor, config.http.host, config.http.port, log=log)
             problem = web.start()
             if problem:
                 log.error("start-up failed", problem=problem)
@@ -284,16 +284,21 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
                  output=supervisor.output_address, restorer=config.restorer.method, virtual_clock=virtual_clock,
                  startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
-        next_stats, last_stats = time.monotonic() + config.log.stats_interval_s, None
+        next_stats, last_stats, faults = time.monotonic() + config.log.stats_interval_s, None, Tally()
         while not signals.stop.wait(PING_S):
-            supervisor.watch()
-            monitor.poll()
-            if time.monotonic() >= next_stats:
-                stats = supervisor.stats()
-                if stats != last_stats:  # a quiet daemon says nothing
-                    log.info("stats", **stats, **tree_memory_mb())
-                    last_stats = stats
-                next_stats = time.monotonic() + config.log.stats_interval_s
+            try:
+                supervisor.watch()
+                monitor.poll()
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + config.log.stats_interval_s
+                    stats = supervisor.stats()
+                    if stats != last_stats:  # a quiet daemon says nothing
+                        log.info("stats", **stats, **tree_memory_mb())
+                        last_stats = stats
+            except Exception as exc:  # (the machine out of file descriptors, say): the pipeline's actors go on
+                if faults.add(type(exc).__name__):
+                    log.exception("a turn of the daemon's watch failed; it goes on", error=repr(exc),
+                                  count=faults.counts[type(exc).__name__])
         log.info("draining", signal=signal.Signals(signals.received).name)
         monitor.set_phase("draining")
         final = supervisor.drain()

@@ -1,7 +1,9 @@
 """The daemon's HTTP endpoint (`http: {host, port}`; off by default): /metrics for Prometheus, /healthz and
 /readyz for probes, the live view at / with its server-sent events at /events, and /view.json. aiohttp on
 an event loop of its own in a thread of the driver; it only reads the Monitor, so a slow or stuck client
-holds up nothing of the daemon."""
+holds up nothing of the daemon. It holds at most MAX_CONNECTIONS connections (each is a file descriptor of the
+driver: with none left, its ZeroMQ and Ray sockets could not open) and closes one that sends no complete
+request for IDLE_S, so that clients that connect and never ask (or ask a byte at a time) cannot take them all."""
 
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ import logging
 import threading
 from importlib import resources
 
+import structlog
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from mmfuse.daemon.monitor import Monitor
+from mmfuse.logs import Tally
 
 EVENT_INTERVAL_S = 1.0
+MAX_CONNECTIONS = 256  # live-view tabs, probes and scrapers together; beyond it a connection is closed at once
+IDLE_S = 10.0          # a connection with no complete request for this long is closed (aiohttp's keep-alive)
 PAGE = resources.files("mmfuse.daemon").joinpath("live_view.html")
 
 
@@ -59,24 +65,41 @@ def application(monitor: Monitor) -> web.Application:
 class WebServer:
     """start() binds (or says why it cannot), then serves until stop()."""
 
-    def __init__(self, monitor: Monitor, host: str, port: int):
+    def __init__(self, monitor: Monitor, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
+                 idle_s: float = IDLE_S, log=None):
         # aiohttp logs a traceback for every malformed request, outside the daemon's log format: one client
         # could fill the log with them. It answers them 400 all the same.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
         self.monitor, self.host, self.port = monitor, host, port
+        self.max_connections, self.idle_s = max_connections, idle_s
+        self.log = log or structlog.get_logger()
+        self.refused = Tally()
         self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(application(monitor), access_log=None, shutdown_timeout=1.0)
+        self.runner = web.AppRunner(application(monitor), access_log=None, shutdown_timeout=1.0,
+                                    keepalive_timeout=idle_s)
+        self.listener: asyncio.Server | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
 
     def start(self) -> str | None:
+        self.loop.run_until_complete(self.runner.setup())
         try:
-            self.loop.run_until_complete(self.runner.setup())
-            self.loop.run_until_complete(web.TCPSite(self.runner, self.host, self.port).start())
+            self.listener = self.loop.run_until_complete(
+                self.loop.create_server(self._connection, self.host, self.port, reuse_address=True))
         except OSError as exc:
             self.loop.run_until_complete(self.runner.cleanup())
             return f"http: cannot listen on {self.host}:{self.port} ({exc.strerror}); choose a free http.port"
         self.thread.start()
         return None
+
+    def _connection(self) -> asyncio.Protocol:
+        """aiohttp's handler for a new connection, or, with MAX_CONNECTIONS open, one that closes it at once."""
+        if len(self.runner.server.connections) < self.max_connections:
+            return self.runner.server()
+        if self.refused.add("connections"):
+            self.log.warning("http connection refused: too many open", open=len(self.runner.server.connections),
+                             refused=self.refused.counts["connections"], hint=f"at most {self.max_connections}; "
+                             f"one that sends no complete request is closed after {self.idle_s:g} s")
+        return _Refused()
 
     @property
     def address(self) -> str:
@@ -85,6 +108,16 @@ class WebServer:
     def stop(self) -> None:
         if not self.thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+    async def _close(self) -> None:
+        self.listener.close()
+        await self.runner.cleanup()  # (closes the connections, which wait_closed may wait for)
+        await self.listener.wait_closed()
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # (a reset: the descriptor is free at once)

@@ -251,3 +251,33 @@ def test_the_memory_of_a_process_tree_counts_its_children_and_shared_pages_once_
         for process in children:
             process.kill()
             process.wait()
+
+
+def test_http_holds_a_bounded_number_of_connections_and_closes_those_that_never_ask():
+    """Each connection is a descriptor of the daemon's driver: clients that connect and send nothing must not
+    be able to take them all (and with them the driver's ZeroMQ and Ray sockets)."""
+    import socket
+
+    port = free_port()
+    server = WebServer(Monitor("bundle-x"), "127.0.0.1", port, max_connections=8, idle_s=1.0)
+    assert server.start() is None
+    silent = []
+    try:
+        for _ in range(8):
+            silent.append(socket.create_connection(("127.0.0.1", port)))
+            silent[-1].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            assert extra.recv(1) == b""  # closed at once
+        except ConnectionResetError:
+            pass
+        extra.close()
+        assert server.refused.counts["connections"] >= 1
+        time.sleep(1.5)  # the silent ones are closed after idle_s
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert all(s.recv(1) == b"" for s in silent)
+    finally:
+        for s in silent:
+            s.close()
+        server.stop()
