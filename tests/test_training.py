@@ -80,6 +80,17 @@ def test_validation_split_keeps_videos_whole():
     assert len(train) + len(val) == len(videos)
 
 
+def test_data_of_one_video_is_refused_rather_than_trained_on_nothing(tmp_path, capsys):
+    """A validation split takes whole videos: from one video it would leave no row to train on."""
+    path = tmp_path / "one_video.npz"
+    np.savez(path, text=np.ones((4, 3), np.float32), label=np.array([0, 1, 0, 1]),
+             uid=np.array(["a_1", "a_2", "a_3", "a_4"]))
+    assert train_main(["--data", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "holds 1 video(s)" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    train, val = split_by_video(np.array(["a", "b"]), 0.9, seed=0)  # a large fraction still leaves one to train on
+    assert len(train) == 1 and len(val) == 1
+
+
 def test_every_restorer_leaves_present_rows_bit_identical(bundle_dir):
     bundle = load_bundle(bundle_dir)
     z = torch.randn(64, 3, bundle.manifest["embed_dim"])

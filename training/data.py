@@ -7,13 +7,21 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse.datasets import DataError
 
-def split_by_video(videos: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, validation), whole videos on one side only."""
+
+def split_by_video(videos: np.ndarray, val_fraction: float, seed: int,
+                   source: str = "the data") -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation), whole videos on one side only. Raises DataError when a side would be
+    empty: a file of one video has none to validate on that it was not trained on."""
     unique = np.unique(videos)
+    if len(unique) < 2:
+        raise DataError(f"{source} holds {len(unique)} video(s) (a row's video is its uid up to the last '_'), and "
+                        f"a validation split takes whole videos, so nothing would be left to train on; give rows of "
+                        f"two videos at least, or a --val file")
     rng = np.random.default_rng(seed)
     rng.shuffle(unique)
-    n_val = max(1, round(len(unique) * val_fraction))
+    n_val = min(max(1, round(len(unique) * val_fraction)), len(unique) - 1)
     val_videos = set(unique[:n_val])
     is_val = np.array([v in val_videos for v in videos])
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)

@@ -59,7 +59,7 @@ class Trainer:
             from mmfuse.training.media import train_media_features
 
             dataset, self.media, self.media_weights = train_media_features(
-                args, lambda videos: split_by_video(videos, args.val_fraction, args.seed), self.device)
+                args, lambda videos: split_by_video(videos, args.val_fraction, args.seed, args.data), self.device)
         else:
             dataset = load_features(args.data)
         if args.task == "regression" and dataset.sentiment is None:
@@ -75,7 +75,7 @@ class Trainer:
         if args.context is None:  # measured: +2-3 points on IEMOCAP dialogues, nothing on MOSI (docs/results.md)
             args.context = 3 if self.media and len(set(dataset.videos)) < len(dataset) else 0
         if args.val is None:
-            train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed)
+            train_idx, val_idx = split_by_video(dataset.videos, args.val_fraction, args.seed, args.data)
             self.train, self.val = self._split(dataset, train_idx), self._split(dataset, val_idx)
         else:
             validation = self._validation_file(args.val)
