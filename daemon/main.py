@@ -41,6 +41,7 @@ def check(config: DaemonConfig) -> int:
     try:
         bundle = load_bundle(config.bundle)
         bundle.check_fits(config.modalities, config.restorer.method)
+        bundle.verify()
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = load_bundle(config.bundle)
         bundle.check_fits(config.modalities, config.restorer.method)
+        bundle.verify()
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -72,11 +72,7 @@ class Bundle:
         expected = self.manifest["files"].get(filename)
         if expected is None:
             raise BundleError(f"{self.path}: the manifest lists no {filename}")
-        path = self.path / filename
-        if not path.is_file():
-            raise BundleError(f"{path} is missing; the bundle is incomplete, train it again")
-        if sha256_file(path) != expected:
-            raise BundleError(f"{path} does not match the sha256 in {MANIFEST}; the bundle is damaged")
+        path = self._verify_file(filename, expected)
         from safetensors.torch import load_file
 
         return load_file(path)
@@ -134,6 +130,20 @@ class Bundle:
         restorer = RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
         aside = self.restorers[name].get("step_aside")
         return SteppingAside(restorer, aside, self.modality_order) if aside else restorer
+
+    def verify(self) -> None:
+        """Raise BundleError unless every weight file the manifest lists is there with its sha256 (no torch):
+        the daemon checks this before it starts anything, instead of an actor failing on it at start-up."""
+        for filename, expected in self.manifest["files"].items():
+            self._verify_file(filename, expected)
+
+    def _verify_file(self, filename: str, expected: str) -> Path:
+        path = self.path / filename
+        if not path.is_file():
+            raise BundleError(f"{path} is missing; the bundle is incomplete, train it again")
+        if sha256_file(path) != expected:
+            raise BundleError(f"{path} does not match the sha256 in {MANIFEST}; the bundle is damaged")
+        return path
 
     def check_fits(self, modalities: list[str], restorer: str) -> None:
         """Raise BundleError when a daemon with these sensors and this restorer cannot use the bundle."""

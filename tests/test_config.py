@@ -139,3 +139,26 @@ def test_check_rejects_bundle_that_does_not_fit(tmp_path, bundle_dir):
     path.write_text(yaml.safe_dump({**raw, "bundle": str(narrow)}))
     result = run_check(path)
     assert result.returncode == 2 and "sensors for visual" in result.stderr
+
+
+def test_check_and_start_up_refuse_a_damaged_or_incomplete_bundle_before_ray_starts(tmp_path, bundle_dir):
+    """Every weight file is checked against its sha256 up front: a damaged bundle is a configuration error
+    (exit 2) named by `--check`, not an actor that fails to start after Ray has (exit 3, a Ray traceback)."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in bundle_dir.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    weights = damaged / "head_complete.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    path = tmp_path / "damaged.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "bundle": str(damaged), "restorer": {"method": "mean"}}))
+    for flags in (["--check"], []):
+        result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(path), *flags],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "head_complete.safetensors does not match the sha256" in result.stderr
+    weights.unlink()
+    result = run_check(path)
+    assert result.returncode == 2 and "head_complete.safetensors is missing" in result.stderr
