@@ -19,7 +19,7 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # (.inf would pass every `gt`)
 
 
 def _check_endpoint(value: str) -> str:
@@ -63,13 +63,18 @@ class SensorConfig(Section):
     _resources = field_validator("resources")(_check_resources)
 
 
+MIN_WINDOW_S = 0.05  # shorter windows hold too little of any modality to decide on, and cost a decision each
+MAX_WINDOW_S = 3600.0
+MAX_OVERLAP = 100  # windows a moment belongs to (length_s / hop_s)
+
+
 class WindowConfig(Section):
     mode: Literal["time", "utterance"] = Field("time", description="time: tumbling or sliding windows of "
                                                "length_s every hop_s; utterance: one window per text segment "
                                                "(its span), windows of length_s while no text source is live")
-    length_s: float = Field(2.0, gt=0)
+    length_s: float = Field(2.0, ge=MIN_WINDOW_S, le=MAX_WINDOW_S)
     hop_s: float = Field(2.0, gt=0)
-    slot_s: float = Field(0.25, gt=0, description="utterance windows: the resolution their spans are cut at")
+    slot_s: float = Field(0.25, ge=0.01, description="utterance windows: the resolution their spans are cut at")
     watermark_bound_s: float = Field(0.0, ge=0, description="how far behind its latest time a source may still "
                                      "send data: windows close this much later")
     allowed_lateness_s: float = Field(0.0, ge=0, description="how long after closing a window still takes late "
@@ -81,6 +86,10 @@ class WindowConfig(Section):
         if self.hop_s > self.length_s:
             raise ValueError(f"hop_s ({self.hop_s}) is longer than length_s ({self.length_s}): data between "
                              "windows would be lost; use hop_s <= length_s")
+        if self.length_s > MAX_OVERLAP * self.hop_s:
+            raise ValueError(f"length_s / hop_s is {self.length_s / self.hop_s:g}: every message would be summed "
+                             f"into that many windows; keep it at most {MAX_OVERLAP} (hop_s >= "
+                             f"{self.length_s / MAX_OVERLAP:g})")
         if self.mode == "utterance" and self.allowed_lateness_s:
             raise ValueError("allowed_lateness_s applies to time windows; set it to 0 or use mode: time")
         return self
@@ -296,6 +305,7 @@ _FIXES = {
     "extra_forbidden": "remove it or check its spelling",
     "float_parsing": "use a number such as 2.0",
     "float_type": "use a number such as 2.0",
+    "finite_number": "use a finite number such as 2.0",
     "int_parsing": "use a whole number",
     "int_type": "use a whole number",
     "bool_parsing": "use true or false",

@@ -37,6 +37,21 @@ def test_wrong_type_names_the_key_and_the_fix():
     assert "window.length_s" in message and "use a number" in message
 
 
+@pytest.mark.parametrize("section, values, key, words", [
+    ("window", {"length_s": float("inf"), "hop_s": float("inf")}, "window.length_s", "finite number"),
+    ("drop", {"timeout_s": float("inf")}, "drop.timeout_s", "finite number"),
+    ("restorer", {"max_wait_ms": float("nan")}, "restorer.max_wait_ms", "finite number"),
+    ("aligner", {"resources": {"lab": float("nan")}}, "aligner.resources.lab", "finite number"),
+    ("window", {"length_s": 1e-6, "hop_s": 1e-6}, "window.length_s", "greater than or equal to 0.05"),
+    ("window", {"length_s": 60.0, "hop_s": 0.1}, "window", "hop_s >= 0.6"),
+])
+def test_values_that_would_break_the_running_daemon_are_refused_up_front(section, values, key, words):
+    """Infinite windows failed every message at run time (an OverflowError counted as internal_error), and 1 us
+    windows, or a message summed into 600 windows, filled the memory: each is a configuration error instead."""
+    message = problems({**MINIMAL, section: values})
+    assert f"{key}:" in message and words in message
+
+
 def test_unknown_key_is_named():
     message = problems({**MINIMAL, "drop": {"timeout": 1.0}})
     assert "drop.timeout" in message and "remove it or check its spelling" in message
