@@ -40,6 +40,8 @@ from mmfuse.datasets import DataError, load_features
 from mmfuse.security import ClientKeys, SecurityError, client_keys, connect_as
 from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, replay_ticks, tick_frames
 
+LONG_GAP_S = 60.0  # a pause of the recording longer than this (at the replay's speed) is announced
+
 
 @dataclass(frozen=True)
 class Kill:
@@ -96,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.speed = float("inf") if args.speed == "max" else float(args.speed)
-        if args.speed <= 0:
+        if not args.speed > 0:  # (nan too)
             raise ValueError
     except ValueError:
         parser.error(f"--speed takes a positive number or max, got {args.speed!r}")
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def receive(timeout_s: float) -> None:
         nonlocal received, correct
-        if listener.poll(max(0.0, timeout_s) * 1000, zmq.POLLIN):
+        if listener.poll(min(max(0.0, timeout_s), 1.0) * 1000, zmq.POLLIN):  # (a pace's wait may be years)
             while True:
                 try:
                     decision = wire.decode_decision(listener.recv_multipart(zmq.NOBLOCK))
@@ -490,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_decision(decision, label), flush=True)
 
     items = sorted(schedule)
+    gap, at = max(((b.due - a.due, a.due) for a, b in zip(items, items[1:])), default=(0.0, 0.0))
+    if gap / args.speed > LONG_GAP_S:
+        print(f"warning: {source} has a gap of {gap:g} s after receive time {at:g}: at speed {args.speed:g} the "
+              f"replay waits {gap / args.speed:g} s there; --speed max with --virtual-clock does not wait",
+              file=sys.stderr)
     first, start = (items[0].due if items else 0.0), time.monotonic()
 
     def pace(due: float) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import structlog
 
 import mmfuse
 from mmfuse import wire
@@ -119,8 +120,13 @@ def _reader(handle, path: Path):
     try:
         reader = make_reader(handle)
         return reader, reader.get_summary()
-    except (McapError, ValueError, EOFError) as exc:
-        raise RecordingError(f"{path}: not a readable MCAP file ({exc})") from None
+    except (McapError, ValueError, EOFError, OSError) as exc:
+        raise RecordingError(f"{path}: not a readable MCAP file ({_described(exc)}): not MCAP, or cut off before "
+                             f"its end") from None
+
+
+def _described(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def mmfuse_channels(summary) -> tuple[dict[int, object], list[str]]:
@@ -151,18 +157,57 @@ def read_recording(path: str | Path) -> tuple[dict, list[RecordedMessage]]:
         if not usable:
             raise RecordingError(f"{path} holds no mmfuse channels (msgpack wire-protocol messages with a modality); "
                                  f"channels it cannot use: {', '.join(foreign) or 'none'}")
-        config = {}
-        for record in reader.iter_metadata():
-            if record.name == "mmfuse":
-                config = json.loads(record.metadata.get("config", "{}"))
-        messages = []
-        for _, channel, message in reader.iter_messages(topics=[c.topic for c in usable.values()]):
-            body = msgpack.unpackb(message.data, raw=False)
-            messages.append(RecordedMessage(channel.metadata["sensor"],
-                                            f"{channel.metadata['modality']}/{body.get('session')}".encode(),
-                                            message.data, message.log_time / 1e9,
-                                            float(body.get("t", 0.0)) + float(body.get("duration", 0.0))))
+        try:
+            config = _recorded_config(reader, path)
+            messages, skipped = [], 0
+            for _, channel, message in reader.iter_messages(topics=[c.topic for c in usable.values()]):
+                recorded = _recorded_message(channel, message)
+                if recorded is None:
+                    skipped += 1
+                else:
+                    messages.append(recorded)
+        except RecordingError:
+            raise
+        except Exception as exc:  # the mcap library's own errors on damaged data are of many types
+            raise RecordingError(f"{path}: the MCAP file is damaged ({_described(exc)})") from None
+    if skipped and not messages:
+        raise RecordingError(f"{path}: none of its {skipped} messages is an mmfuse sensor message (a msgpack map "
+                             f"with a session and finite times); the file is damaged or was not made by mmfuse")
+    if skipped:
+        structlog.get_logger().warning("recorded messages skipped: not mmfuse sensor messages", recording=str(path),
+                                       count=skipped, kept=len(messages))
     return config, messages
+
+
+def _recorded_config(reader, path: Path) -> dict:
+    """The configuration in the recording's `mmfuse` metadata ({} when there is none)."""
+    config = {}
+    for record in reader.iter_metadata():
+        if record.name == "mmfuse":
+            try:
+                config = json.loads(record.metadata.get("config", "{}"))
+            except ValueError:
+                config = None
+            if not isinstance(config, dict):
+                raise RecordingError(f"{path}: its mmfuse metadata holds no configuration (not a JSON mapping); "
+                                     f"the file is damaged")
+    return config
+
+
+def _recorded_message(channel, message) -> RecordedMessage | None:
+    """A recorded sensor message as replayed (its bytes as recorded), or None when its payload is not a map with
+    a session and finite times: no sensor message, so a damaged or foreign file."""
+    try:
+        body = msgpack.unpackb(message.data, raw=False)
+    except Exception:  # (msgpack raises several unrelated types for bad input)
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("session"), str):
+        return None
+    t, duration = body.get("t", 0.0), body.get("duration", 0.0)
+    if not all(type(v) in (int, float) and np.isfinite(v) for v in (t, duration)):
+        return None
+    return RecordedMessage(channel.metadata["sensor"], f"{channel.metadata['modality']}/{body['session']}".encode(),
+                           message.data, message.log_time / 1e9, float(t) + float(duration))
 
 
 @dataclass
@@ -219,9 +264,12 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
             raise RecordingError(f"{path}: the MCAP file has no summary section (was the recording cut off?)")
         times: dict[int, list[float]] = {}
         origins: dict[int, list[float]] = {}
-        for _, channel, message in reader.iter_messages():
-            times.setdefault(channel.id, []).append(message.log_time / 1e9)
-            origins.setdefault(channel.id, []).append(message.publish_time / 1e9)
+        try:
+            for _, channel, message in reader.iter_messages():
+                times.setdefault(channel.id, []).append(message.log_time / 1e9)
+                origins.setdefault(channel.id, []).append(message.publish_time / 1e9)
+        except Exception as exc:  # (as in read_recording)
+            raise RecordingError(f"{path}: the MCAP file is damaged ({_described(exc)})") from None
     result = []
     usable, _ = mmfuse_channels(summary)
     for channel_id, channel in summary.channels.items():

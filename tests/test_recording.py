@@ -297,3 +297,44 @@ def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(record
     assert result["decisions"] == 6 and result["labelled"] == 6 and result["acc"] == 1.0
     assert result["by_pattern"]["avt"]["windows"] == 3 and result["by_pattern"]["at"]["windows"] == 3
     assert result["dropped_windows_by_source"] == {"cam0": 3}
+
+
+def crafted_recording(path, payloads, config="{}"):
+    """An MCAP file laid out as mmfuse records, holding these payloads on one text channel."""
+    from mcap.writer import Writer
+
+    with open(path, "wb") as handle:
+        writer = Writer(handle)
+        writer.start(profile="mmfuse", library="test")
+        writer.add_metadata("mmfuse", {"config": config})
+        channel = writer.register_channel("text/asr0", "msgpack", 0,
+                                          {"modality": "text", "source": "asr0", "sensor": "asr0"})
+        for k, payload in enumerate(payloads):
+            writer.add_message(channel, (k + 1) * 10**9, payload, (k + 1) * 10**9, k)
+        writer.finish()
+    return path
+
+
+def test_damaged_recordings_are_named_errors_and_a_foreign_message_is_skipped_not_crashed_on(tmp_path):
+    good = [wire.encode(wire.text_message("s1", "asr0", k, float(k), "hello", 1.0))[1] for k in range(3)]
+    mixed = crafted_recording(tmp_path / "mixed.mcap", [good[0], b"\xc1 not msgpack", msgpack.packb(42), good[1],
+                                                         msgpack.packb({"session": "s1", "t": "soon"}), good[2]])
+    _, messages = read_recording(mixed)
+    assert [m.payload for m in messages] == good  # the three that are no sensor message are skipped
+    with pytest.raises(RecordingError, match="none of its 2 messages is an mmfuse sensor message"):
+        read_recording(crafted_recording(tmp_path / "foreign.mcap", [b"\xc1", msgpack.packb([1])]))
+    with pytest.raises(RecordingError, match="mmfuse metadata holds no configuration"):
+        read_recording(crafted_recording(tmp_path / "config.mcap", good, config="{not json"))
+    data = (mixed).read_bytes()
+    (tmp_path / "cut.mcap").write_bytes(data[:8])
+    flipped = bytearray(data)
+    for i in range(200, len(flipped) - 200, 97):
+        flipped[i] ^= 0xFF
+    (tmp_path / "flipped.mcap").write_bytes(bytes(flipped))
+    (tmp_path / "empty.mcap").write_bytes(b"")
+    for name in ("cut", "flipped", "empty"):
+        with pytest.raises(RecordingError, match=f"{name}.mcap: (not a readable MCAP file|the MCAP file is damaged|"
+                                                 f"the MCAP file has no summary)"):
+            read_recording(tmp_path / f"{name}.mcap")
+        with pytest.raises(RecordingError):
+            summarize_mcap(tmp_path / f"{name}.mcap")

@@ -80,6 +80,10 @@ def test_bad_flags_are_explained():
         parse_drop("text=0.3")
     with pytest.raises(argparse.ArgumentTypeError, match="visual@10s"):
         parse_kill("camera@10")
+    for speed in ("0", "-2", "nan", "fast"):
+        result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.replay", "--data", "x.npz", "--speed", speed],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "--speed takes a positive number or max" in result.stderr
 
 
 def test_replay_without_daemon_fails_fast(tmp_path, feature_file):
