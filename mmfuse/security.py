@@ -57,11 +57,25 @@ def read_certificate(path: str | Path, secret: bool = False) -> Certificate:
         raise SecurityError(f"{path}: not a ZeroMQ certificate ({exc}); use a file mmfuse-keys new wrote") from None
     if secret and secret_key is None:
         raise SecurityError(f"{path}: holds no secret key; give the NAME.key_secret file of this certificate")
+    for key in (public, secret_key):
+        if key is not None and not curve_key(key):
+            raise SecurityError(f"{path}: holds {key[:12]!r}, which is no CURVE key (40 Z85 characters); use a file "
+                                f"mmfuse-keys new wrote")
     mode = path.stat().st_mode
     if secret and mode & stat.S_IROTH:
         raise SecurityError(f"{path}: a secret key that every user of this machine can read (mode "
                             f"{stat.filemode(mode)}); restrict it with: chmod 600 {path}")
     return Certificate(public, secret_key)
+
+
+def curve_key(key: bytes) -> bool:
+    """Whether a key is a CURVE key as certificates hold it: 32 bytes in 40 Z85 characters."""
+    from zmq.utils import z85
+
+    try:
+        return len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def authorized_keys(directory: str | Path) -> frozenset[bytes]:
@@ -74,6 +88,10 @@ def authorized_keys(directory: str | Path) -> frozenset[bytes]:
         keys = frozenset(zmq.auth.load_certificates(directory))
     except (OSError, ValueError) as exc:
         raise SecurityError(f"{directory}: a certificate there cannot be read ({exc})") from None
+    damaged = [key for key in keys if not curve_key(key)]
+    if damaged:
+        raise SecurityError(f"{directory}: a certificate there holds {damaged[0][:12]!r}, which is no CURVE key (40 "
+                            f"Z85 characters); replace it with a file mmfuse-keys new wrote")
     if not keys:
         raise SecurityError(f"{directory}: holds no certificate (NAME.key), so every peer would be refused; "
                             f"add them with mmfuse-keys new NAME --dir {directory}")

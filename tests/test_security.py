@@ -17,10 +17,11 @@ import zmq
 
 from mmfuse import wire
 from mmfuse.config import ConfigError, parse_config
-from mmfuse.daemon.keys import main as keys_main, new_certificate
+from mmfuse.daemon.keys import list_certificates, main as keys_main, new_certificate
 from mmfuse.daemon.main import main as daemon_main
 from mmfuse.recording import read_recording
-from mmfuse.security import SENSORS as SENSOR_DOMAIN, Gatekeeper, SecurityError, connect_as, read_certificate, serve
+from mmfuse.security import (SENSORS as SENSOR_DOMAIN, Gatekeeper, SecurityError, authorized_keys, connect_as,
+                             read_certificate, serve)
 
 from conftest import free_port
 from test_end_to_end import SENSORS, WINDOW, Daemon, message
@@ -340,6 +341,18 @@ def test_odd_key_names_and_links_are_refused_and_a_public_certificate_is_no_secr
         read_certificate(tmp_path / "keys" / "daemon.key", secret=True)
     with pytest.raises(SecurityError, match="no such key file"):
         read_certificate(tmp_path / "keys", secret=True)
+
+
+def test_a_certificate_whose_key_is_no_curve_key_is_refused_where_it_is_read(tmp_path):
+    """A hand-edited `public-key = "short"` was listed, passed --check, and left its sensor unable to connect
+    with nothing saying why."""
+    directory = tmp_path / "keys"
+    new_certificate("cam0", directory)
+    (directory / "short.key").write_text('metadata\ncurve\n    public-key = "short"\n')
+    for read in (lambda: read_certificate(directory / "short.key"), lambda: authorized_keys(directory),
+                 lambda: list_certificates(directory)):
+        with pytest.raises(SecurityError, match="short.*no CURVE key"):
+            read()
 
 
 def test_a_clock_tick_of_no_plausible_time_is_refused():
