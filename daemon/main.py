@@ -64,7 +64,8 @@ def check(config: DaemonConfig) -> int:
 
 def unavailable_resources(config: DaemonConfig) -> list[str]:
     """Resources of this machine the configuration asks for and cannot have: endpoints the daemon binds that are
-    in use, and GPUs an embedded Ray would not find. Found in a second, before Ray starts."""
+    in use, GPUs an embedded Ray would not find, and a Ray cluster that does not answer. Found in seconds, before
+    Ray starts."""
     import zmq
 
     problems = []
@@ -86,6 +87,10 @@ def unavailable_resources(config: DaemonConfig) -> list[str]:
         problem = unavailable_port(config.http.host, config.http.port)
         problems += [f"http: cannot listen on {config.http.host}:{config.http.port} ({problem}); is another "
                      f"daemon running on it? choose a free http.port"] if problem else []
+    if config.ray.address is not None:
+        problem = unreachable_cluster(config.ray.address)
+        problems += [f"ray.address: {problem}; start the cluster (ray start --head on its head node) or correct "
+                     f"ray.address"] if problem else []
     asked = gpu_requests(config)
     if asked and config.ray.address is None:  # torch is imported only when GPUs are asked for
         problem = gpu_problem(asked, local_gpus(), "this machine has", "to run on the CPU")
@@ -102,6 +107,23 @@ def unavailable_port(host: str, port: int) -> str | None:
             return None
     except OSError as exc:
         return exc.strerror or str(exc)
+
+
+def unreachable_cluster(address: str, timeout_s: float = 3.0) -> str | None:
+    """Why nothing answers at a Ray cluster's address (host:port of its GCS, or ray://host:port of its client
+    server), or None; Ray itself would retry for minutes before saying so. `auto` and `local` are Ray's to find."""
+    import socket
+
+    if address in ("auto", "local"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return f"{address} is not host:port (for example 10.0.0.5:6379, or ray://10.0.0.5:10001)"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {address} ({exc.strerror or exc})"
 
 
 def gpu_requests(config: DaemonConfig) -> dict[str, float]:
@@ -262,9 +284,14 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
                 log.error("start-up failed", problem=problem)
                 return EXIT_STARTUP
             log.info("http endpoint up", live_view=f"{web.address}/", metrics=f"{web.address}/metrics")
-        ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
-                 configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
-                 runtime_env=runtime_env)
+        try:
+            ray.init(address=config.ray.address, num_cpus=config.ray.num_cpus, include_dashboard=False,
+                     configure_logging=False, log_to_driver=True, namespace=f"mmfuse-{os.getpid()}-{time.time_ns()}",
+                     runtime_env=runtime_env)
+        except ConnectionError as exc:
+            log.error("start-up failed", problem=f"ray.address {config.ray.address}: {exc}; start the cluster "
+                      f"(ray start --head on its head node) or correct ray.address")
+            return EXIT_STARTUP
         signals.after_ray_init()
         problems = [problem for _, problem in placement_problems(config, ray.nodes())]
         if not problems and config.ray.address:  # each actor fits somewhere: do their GPUs, all together?

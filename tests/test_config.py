@@ -177,3 +177,17 @@ def test_check_and_start_up_refuse_a_damaged_or_incomplete_bundle_before_ray_sta
     weights.unlink()
     result = run_check(path)
     assert result.returncode == 2 and "head_complete.safetensors is missing" in result.stderr
+
+
+def test_a_ray_cluster_that_does_not_answer_is_named_before_ray_retries_for_minutes(tmp_path, bundle_dir):
+    from conftest import free_port
+
+    path = tmp_path / "cluster.yaml"
+    address = f"127.0.0.1:{free_port()}"
+    path.write_text(yaml.safe_dump({**MINIMAL, "bundle": str(bundle_dir), "restorer": {"method": "mean"},
+                                    "ray": {"address": address}}))
+    for flags in (["--check"], []):
+        result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.main", "--config", str(path), *flags],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3, result.stderr
+        assert f"ray.address: nothing answers at {address}" in result.stderr and "ray start --head" in result.stderr
