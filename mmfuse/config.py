@@ -26,7 +26,32 @@ def _check_endpoint(value: str) -> str:
     if not value.startswith(ENDPOINT_SCHEMES):
         raise ValueError(f"endpoint must start with one of {', '.join(ENDPOINT_SCHEMES)}, "
                          f"for example tcp://127.0.0.1:5551")
+    if value.startswith("tcp://"):
+        host, _, port = value.removeprefix("tcp://").rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("a tcp endpoint is tcp://HOST:PORT with a port from 1 to 65535, for example "
+                             "tcp://127.0.0.1:5551")  # (libzmq would take port 99999 as 34463)
     return value
+
+
+WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]")
+
+
+def _tcp_place(host: str, port: int, binds: bool) -> tuple[str, int, bool]:
+    """(host, port, whether it is surely this machine) of a TCP endpoint, its host normalised."""
+    import ipaddress
+
+    host = "127.0.0.1" if host == "localhost" else "*" if host in WILDCARD_HOSTS else host.strip("[]")
+    try:
+        local = binds or host == "*" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or an interface name
+        local = binds
+    return host, port, local
+
+
+def _same_place(a: tuple[str, int, bool], b: tuple[str, int, bool]) -> bool:
+    """Whether two TCP endpoints are one port: the same host, or a wildcard and a host of this machine."""
+    return a[1] == b[1] and (a[0] == b[0] or ("*" in (a[0], b[0]) and a[2] and b[2]))
 
 
 RAY_BUILT_IN = ("CPU", "GPU", "memory", "object_store_memory")
@@ -274,12 +299,31 @@ class DaemonConfig(Section):
         if self.pipeline.shared_model_process and (self.fusion.resources or self.fusion.num_gpus):
             raise ValueError("fusion.resources and fusion.num_gpus do not apply with pipeline.shared_model_process "
                              "(fusion runs in the restorer's process); set restorer.resources and restorer.num_gpus")
-        endpoints = [s.endpoint for s in self.sensors] + [self.output.endpoint]
-        endpoints += [self.recorder.endpoint] if self.recorder is not None else []
-        shared = sorted({e for e in endpoints if endpoints.count(e) > 1})
-        if shared:
-            raise ValueError(f"endpoint {shared[0]} is used twice; give each sensor, the output and the recorder its own")
+        self._distinct_endpoints()
         return self
+
+    def _distinct_endpoints(self) -> None:
+        """No two of the sensors', the output's, the recorder's and the HTTP endpoint are one: spelled alike, or
+        TCP on one port of one host (localhost is 127.0.0.1; a wildcard host is every address of this machine)."""
+        named = [(f"sensors[{i}].endpoint ({s.name})", s.endpoint, s.bind) for i, s in enumerate(self.sensors)]
+        named += [("output.endpoint", self.output.endpoint, True)]
+        named += [("recorder.endpoint", self.recorder.endpoint, False)] if self.recorder is not None else []
+        places = []
+        for key, endpoint, binds in named:
+            if endpoint.startswith("tcp://"):
+                host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+                places.append((key, endpoint, _tcp_place(host, int(port), binds)))
+            else:
+                places.append((key, endpoint, endpoint))
+        if self.http is not None:
+            places.append(("http.port", f"{self.http.host}:{self.http.port}",
+                           _tcp_place(self.http.host, self.http.port, True)))
+        for i, (key, endpoint, place) in enumerate(places):
+            for other_key, other, other_place in places[:i]:
+                if place == other_place or (isinstance(place, tuple) and isinstance(other_place, tuple)
+                                            and _same_place(place, other_place)):
+                    raise ValueError(f"{other_key} ({other}) and {key} ({endpoint}) are one endpoint; give each "
+                                     f"sensor, the output, the recorder and http a port of its own")
 
     @property
     def modalities(self) -> list[str]:
@@ -336,7 +380,7 @@ def _format_errors(source: str, error: ValidationError, raw: dict) -> str:
         message = item["msg"].removeprefix("Value error, ")
         fix = _FIXES.get(item["type"])
         got = "" if item["type"] in ("missing", "model_type") else f" (got {item.get('input')!r:.60})"
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" or isinstance(item.get("input"), dict):  # (a section: the message says)
             got = ""
         lines.append(f"  {key}: {message}{got}" + (f" -> fix: {fix}" if fix else ""))
     return "\n".join(lines)

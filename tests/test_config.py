@@ -52,6 +52,28 @@ def test_values_that_would_break_the_running_daemon_are_refused_up_front(section
     assert f"{key}:" in message and words in message
 
 
+@pytest.mark.parametrize("changes, named", [
+    ({"sensors": [{"name": "a", "modality": "visual", "endpoint": "tcp://localhost:5551"},
+                  {"name": "b", "modality": "audio", "endpoint": "tcp://127.0.0.1:5551"}]}, "sensors[0].endpoint (a)"),
+    ({"http": {"port": 1}}, "http.port"),
+    ({"recorder": {"endpoint": "tcp://127.0.0.1:5570"}, "http": {"port": 5570}}, "recorder.endpoint"),
+    ({"sensors": [{"name": "a", "modality": "visual", "endpoint": "tcp://127.0.0.1:5551", "bind": True}],
+      "output": {"endpoint": "tcp://0.0.0.0:5551"}}, "output.endpoint"),
+])
+def test_endpoints_that_are_one_port_are_refused_however_they_are_spelled(changes, named):
+    """A sensor connecting to the daemon's own HTTP port was connected to it, and its real sensor could not bind."""
+    message = problems({**MINIMAL, **changes})
+    assert named in message and "are one endpoint" in message and "(got" not in message
+
+
+def test_a_tcp_endpoint_needs_a_host_and_a_port_libzmq_would_not_wrap_around():
+    for endpoint in ("tcp://127.0.0.1:99999", "tcp://", "tcp://127.0.0.1:", "tcp://:5551"):
+        message = problems({**MINIMAL, "sensors": [{**MINIMAL["sensors"][0], "endpoint": endpoint}]})
+        assert "sensors[0].endpoint" in message and "port from 1 to 65535" in message
+    sensor = {"name": "far", "modality": "audio", "endpoint": "tcp://10.0.0.7:9464"}  # another machine's port
+    parse_config({**MINIMAL, "sensors": MINIMAL["sensors"] + [sensor], "http": {"host": "0.0.0.0", "port": 9464}})
+
+
 def test_unknown_key_is_named():
     message = problems({**MINIMAL, "drop": {"timeout": 1.0}})
     assert "drop.timeout" in message and "remove it or check its spelling" in message
