@@ -9,7 +9,8 @@ valid they send; it can then miss what sensors sent before its subscription was 
 One channel per source; each message keeps its original payload bytes, log time =
 receive time, publish time = origin time, sequence = `seq` (see mmfuse/recording.py).
 `--decisions` also records the daemon's decisions. Stops on Ctrl-C / SIGTERM or after
---duration-s, and always finishes the file so that it stays readable.
+--duration-s, and always finishes the file so that it stays readable; what it recorded goes to the
+file every second, so a recorder killed outright leaves a file that mmfuse-replay reads up to that point.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 import structlog
 import zmq
@@ -30,6 +32,8 @@ from mmfuse.recording import RecordingWriter
 from mmfuse.security import (RECORDER, SENSORS, DaemonKeys, Gatekeeper, SecurityError, client_keys, connect_as,
                              daemon_keys, serve)
 
+FLUSH_S = 1.0  # what was recorded goes to the file as a finished chunk this often: a killed recorder loses no more
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-record", description=__doc__,
@@ -41,7 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--key", action="append", default=[], metavar="NAME.key_secret",
                         help="with security.curve and --decisions: the consumer certificate to read decisions with "
                         "(the sensors are received as the daemon receives them, with its key)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.duration_s is not None and not 0 < args.duration_s < float("inf"):
+        parser.error(f"--duration-s takes a positive number of seconds, got {args.duration_s:g}; leave it out to "
+                     f"record until Ctrl-C or SIGTERM")
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory; give the MCAP file to write, e.g. {Path(args.out) / 'session.mcap'}")
+    return args
 
 
 class SensorSubscriptions:
@@ -212,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         context.destroy(linger=0)
         return 3
 
-    writer = RecordingWriter(args.out, config.model_dump(mode="json"))
+    try:
+        writer = RecordingWriter(args.out, config.model_dump(mode="json"))
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        source.close()
+        if gate is not None:
+            gate.stop()
+        context.destroy(linger=0)
+        return 2
     rejected = Tally()
     stopping = None
 
@@ -224,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     deadline = time.monotonic() + args.duration_s if args.duration_s else float("inf")
     print(f"{source.started()} into {args.out}; Ctrl-C stops", file=sys.stderr)
+    next_flush = time.monotonic() + FLUSH_S
     try:
         while stopping is None and time.monotonic() < deadline:
             source.look_after()
@@ -232,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     record_decisions(decisions, writer)
                 else:
                     source.record(socket, writer, rejected)
+            if time.monotonic() >= next_flush:
+                writer.flush()
+                next_flush = time.monotonic() + FLUSH_S
     finally:
         if gate is not None and gate.refused_count:
             rejected.counts["auth_refused"] = gate.refused_count

@@ -96,6 +96,11 @@ class RecordingWriter:
         self.writer.add_message(self._channel(DECISION_TOPIC, {}), seconds_to_ns(received), payload,
                                 seconds_to_ns(received))
 
+    def flush(self) -> None:
+        """Put what was written so far in the file as a finished chunk: a recorder killed later loses only
+        what came since (mmfuse-replay reads a file that ends early up to where it ends)."""
+        self.writer.flush()
+
     def close(self, counts: dict[str, int]) -> None:
         self.writer.add_metadata("mmfuse-counts", {k: str(v) for k, v in counts.items()})
         self.writer.add_metadata("mmfuse-clocks", {f"{session}/{source}": json.dumps(clock.estimate())
@@ -119,10 +124,55 @@ def _reader(handle, path: Path):
 
     try:
         reader = make_reader(handle)
-        return reader, reader.get_summary()
+        summary = reader.get_summary()
+        if summary is not None:
+            return reader, summary
+        problem = "it has no summary section"
     except (McapError, ValueError, EOFError, OSError) as exc:
-        raise RecordingError(f"{path}: not a readable MCAP file ({_described(exc)}): not MCAP, or cut off before "
-                             f"its end") from None
+        problem = _described(exc)
+    salvaged = _Salvaged(path)
+    if not salvaged.summary.channels:
+        raise RecordingError(f"{path}: not a readable MCAP file ({problem}): not MCAP, or cut off before its "
+                             f"first channel")
+    structlog.get_logger().warning("recording cut off (its recorder was killed?): read up to where it ends",
+                                   recording=str(path), messages=len(salvaged.messages), ends=salvaged.end)
+    return salvaged, salvaged.summary
+
+
+class _Salvaged:
+    """What an MCAP file that ends early (no summary: its writer was killed) holds up to where it ends, read
+    record by record, with the reader methods read_recording and summarize_mcap use."""
+
+    def __init__(self, path: Path):
+        from mcap.records import Channel, Message, Metadata, Schema
+        from mcap.stream_reader import StreamReader
+        from mcap.summary import Summary
+
+        self.summary, self.metadata, self.messages = Summary(), [], []
+        self.end = "at the end of the file"
+        with open(path, "rb") as handle:
+            try:
+                for record in StreamReader(handle).records:
+                    if isinstance(record, Channel):
+                        self.summary.channels[record.id] = record
+                    elif isinstance(record, Schema):
+                        self.summary.schemas[record.id] = record
+                    elif isinstance(record, Metadata):
+                        self.metadata.append(record)
+                    elif isinstance(record, Message) and record.channel_id in self.summary.channels:
+                        self.messages.append(record)
+            except Exception as exc:  # (where the file was cut: any of the library's errors)
+                self.end = f"in a record cut short ({_described(exc)})"
+        self.messages.sort(key=lambda m: m.log_time)
+
+    def iter_metadata(self):
+        return iter(self.metadata)
+
+    def iter_messages(self, topics: list[str] | None = None):
+        for message in self.messages:
+            channel = self.summary.channels[message.channel_id]
+            if topics is None or channel.topic in topics:
+                yield self.summary.schemas.get(channel.schema_id), channel, message
 
 
 def _described(exc: Exception) -> str:
@@ -151,8 +201,6 @@ def read_recording(path: str | Path) -> tuple[dict, list[RecordedMessage]]:
         raise RecordingError(f"{path}: no such file")
     with open(path, "rb") as handle:
         reader, summary = _reader(handle, path)
-        if summary is None:
-            raise RecordingError(f"{path}: the MCAP file has no summary section (was the recording cut off?)")
         usable, foreign = mmfuse_channels(summary)
         if not usable:
             raise RecordingError(f"{path} holds no mmfuse channels (msgpack wire-protocol messages with a modality); "
@@ -260,8 +308,6 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
     path = Path(path)
     with open(path, "rb") as handle:
         reader, summary = _reader(handle, path)
-        if summary is None:
-            raise RecordingError(f"{path}: the MCAP file has no summary section (was the recording cut off?)")
         times: dict[int, list[float]] = {}
         origins: dict[int, list[float]] = {}
         try:

@@ -338,3 +338,33 @@ def test_damaged_recordings_are_named_errors_and_a_foreign_message_is_skipped_no
             read_recording(tmp_path / f"{name}.mcap")
         with pytest.raises(RecordingError):
             summarize_mcap(tmp_path / f"{name}.mcap")
+
+
+def test_a_recording_whose_writer_was_killed_is_read_up_to_where_it_ends(tmp_path):
+    """A recorder killed outright writes no summary: what it flushed (every second) is read, with a warning."""
+    path = tmp_path / "killed.mcap"
+    writer = RecordingWriter(path, {"sensors": []})
+    for k in range(5):
+        writer.sensor_message("asr0", wire.text_message("s1", "asr0", k, float(k), "hello", 1.0),
+                              wire.encode(wire.text_message("s1", "asr0", k, float(k), "hello", 1.0))[1], 100.0 + k)
+        if k == 2:
+            writer.flush()
+    writer.handle.flush()  # (the chunk of messages 3 and 4 is still open: a kill loses it)
+    cut = path.read_bytes()
+    (tmp_path / "cut.mcap").write_bytes(cut)
+    (tmp_path / "cut_short.mcap").write_bytes(cut[:-7])  # into the chunk's message index, after the chunk
+    config, messages = read_recording(tmp_path / "cut.mcap")
+    assert config == {"sensors": []} and [m.received for m in messages] == [100.0, 101.0, 102.0]
+    assert [s.count for s in summarize_mcap(tmp_path / "cut.mcap") if s.name == "text/asr0"] == [3]
+    assert len(read_recording(tmp_path / "cut_short.mcap")[1]) == 3
+    writer.close({})
+    assert len(read_recording(path)[1]) == 5
+
+
+def test_record_refuses_a_duration_of_no_length_and_an_output_that_is_a_directory(tmp_path):
+    for flags, words in ((["--duration-s", "0"], "positive number"), (["--duration-s", "nan"], "positive number"),
+                         (["--duration-s", "-3"], "positive number"), (["--out", str(tmp_path)], "is a directory")):
+        args = ["--config", "c.yaml", "--out", str(tmp_path / "x.mcap"), *flags]
+        result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.record", *args], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
