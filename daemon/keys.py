@@ -41,12 +41,16 @@ def new_certificate(name: str, directory: Path) -> tuple[Path, Path]:
     if existing:
         raise SecurityError(f"{' and '.join(existing)} already exist; remove them first or choose another name "
                             f"(a new key locks out whoever holds the old one)")
-    directory.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0o077)  # the secret is never readable by others, not even for a moment
     try:
-        zmq.auth.create_certificates(directory, name)
-    finally:
-        os.umask(umask)
+        directory.mkdir(parents=True, exist_ok=True)
+        umask = os.umask(0o077)  # the secret is never readable by others, not even for a moment
+        try:
+            zmq.auth.create_certificates(directory, name)
+        finally:
+            os.umask(umask)
+    except OSError as exc:
+        raise SecurityError(f"cannot write keys in {directory}: {exc.strerror or exc}; --dir takes a directory "
+                            f"you can write to (made if missing)") from None
     public.chmod(0o644)
     secret.chmod(0o600)
     return public, secret

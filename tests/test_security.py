@@ -334,6 +334,9 @@ def test_an_impostor_on_a_sensors_port_cannot_cut_the_genuine_sensor_off(tmp_pat
 def test_odd_key_names_and_links_are_refused_and_a_public_certificate_is_no_secret_key(tmp_path, capsys):
     for name in ("../x", "", " ", "with space", "x.key", "a" * 65):
         assert keys_main(["new", name, "--dir", str(tmp_path)]) == 2, name
+    (tmp_path / "a_file").write_text("")
+    assert keys_main(["new", "cam0", "--dir", str(tmp_path / "a_file")]) == 2
+    assert "cannot write keys in" in capsys.readouterr().err
     (tmp_path / "cam0.key_secret").symlink_to(tmp_path / "elsewhere")  # dangling: never written through
     assert keys_main(["new", "cam0", "--dir", str(tmp_path)]) == 2 and not (tmp_path / "elsewhere").exists()
     new_certificate("daemon", tmp_path / "keys")
