@@ -281,6 +281,9 @@ def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str]) -> li
     except Exception as exc:  # pyxdf raises assorted errors on damaged files
         raise RecordingError(f"{path}: not a readable XDF file ({exc})") from None
     names = {s["info"]["name"][0] for s in streams}
+    if not mapping:
+        raise RecordingError(f"an XDF file needs --map NAME=MODALITY for each stream to publish (its streams: "
+                             f"{', '.join(sorted(names)) or 'none'}; --list describes them)")
     unknown = sorted(set(mapping) - names)
     if unknown:
         raise RecordingError(f"{path} has no stream {', '.join(unknown)}; it has {', '.join(sorted(names))}")

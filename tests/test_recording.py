@@ -275,6 +275,8 @@ def test_an_xdf_stream_becomes_features_on_the_mapped_sensor(shared_data):
     assert (np.diff(times) > 200).sum() == 1  # the 274 s gap survives; the clock reset does not show as a jump
     with pytest.raises(RecordingError, match="no stream Nope"):
         xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {"Nope": "audio"})
+    with pytest.raises(RecordingError, match="needs --map NAME=MODALITY"):
+        xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {})
 
 
 def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(recorded, tmp_path):
