@@ -299,6 +299,8 @@ def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(record
     assert result["decisions"] == 6 and result["labelled"] == 6 and result["acc"] == 1.0
     assert result["by_pattern"]["avt"]["windows"] == 3 and result["by_pattern"]["at"]["windows"] == 3
     assert result["dropped_windows_by_source"] == {"cam0": 3}
+    labels.write_text("session,start,end,label\nrec,0,2,happy\n")  # no label of the bundle's
+    assert eval_main(["--log", str(recording), "--labels", str(labels)]) == 2
 
 
 def crafted_recording(path, payloads, config="{}"):

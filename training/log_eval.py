@@ -64,6 +64,11 @@ def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_p
         raise DataError(f"{log} carries no configuration: pass --config")
     bundle = load_bundle(bundle_path or config.bundle)
     bundle.check_fits(config.modalities, config.restorer.method)
+    spans = read_labels(labels) if labels else {}
+    unknown = sorted({label for session in spans.values() for _, _, label in session} - set(bundle.labels))
+    if unknown:
+        raise DataError(f"{labels}: label(s) {', '.join(unknown)} are not among bundle {bundle.id}'s labels "
+                        f"({', '.join(bundle.labels)}); every window would count as wrong: use the bundle's names")
     run = InProcessPipeline(config, bundle).run([(m.received, m.sensor, [m.topic, m.payload]) for m in messages])
     offset = receive_offset(messages)
     decisions = sorted(run.decisions, key=lambda d: (d.session, d.window_id))
@@ -76,7 +81,6 @@ def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_p
         Path(decisions_out).parent.mkdir(parents=True, exist_ok=True)
         Path(decisions_out).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
-    spans = read_labels(labels) if labels else {}
     by_pattern: dict[str, list[bool]] = defaultdict(list)
     dropped: dict[str, int] = defaultdict(int)
     for record in records:
