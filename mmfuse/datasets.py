@@ -81,11 +81,19 @@ class FeatureSet:
 def load_features(path: str | Path) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'a directory, not an npz file' if path.is_dir() else 'no such file'}")
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise DataError(f"{path}: not a readable npz file ({exc})") from None
+    try:
+        return _feature_set(path, archive)
+    except (ValueError, TypeError, OSError) as exc:  # an array of objects (pickled), or of values of no number
+        raise DataError(f"{path}: an array cannot be read as the schema needs ({exc}); save numbers, and uid as "
+                        f"strings, with numpy.savez") from None
+
+
+def _feature_set(path: Path, archive) -> FeatureSet:
     with archive:
         names = set(archive.files)
         features, keys = {}, {}
@@ -108,6 +116,8 @@ def load_features(path: str | Path) -> FeatureSet:
             raise DataError(f"{path}: {keys[modality]} has shape {matrix.shape}; expected [{len(label)}, dim]")
         if not np.isfinite(matrix).all():
             raise DataError(f"{path}: {keys[modality]} contains NaN or infinite values")
+    if not len(label):
+        raise DataError(f"{path}: holds no rows")
     if label.min() < 0:
         raise DataError(f"{path}: labels must be class indices 0..K-1")
     from mmfuse.bundle import sha256_file  # (mmfuse.bundle imports torch: not for a command's --help)

@@ -71,6 +71,14 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     assert "'label' missing" in capsys.readouterr().err
     with pytest.raises(DataError, match="no such file"):
         load_features(tmp_path / "absent.npz")
+    with pytest.raises(DataError, match="a directory"):
+        load_features(tmp_path)
+    np.savez(path, text=np.zeros((0, 4), np.float32), label=np.zeros(0, np.int64), uid=np.array([], str))
+    with pytest.raises(DataError, match="holds no rows"):
+        load_features(path)
+    np.savez(path, text=np.zeros((2, 4), np.float32), label=np.array([0, 1]), uid=np.array(["a_1", None], object))
+    with pytest.raises(DataError, match="cannot be read as the schema needs"):
+        load_features(path)
 
 
 def test_validation_split_keeps_videos_whole():
