@@ -408,4 +408,27 @@ def load_config(path: str | Path) -> DaemonConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if _values_beyond(raw, MAX_VALUES):
+        raise ConfigError(f"{path}: the configuration expands to more than {MAX_VALUES:,} values (YAML aliases "
+                          f"repeating each other?); a daemon's configuration has a few hundred: write it out")
     return parse_config(raw, str(path))
+
+
+MAX_VALUES = 100_000
+
+
+def _values_beyond(raw, limit: int) -> bool:
+    """Whether a YAML document holds more than `limit` values, counting each use of an alias again (a few
+    nested aliases make billions of them, which validating would walk)."""
+    stack, seen = [raw], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False

@@ -1,6 +1,7 @@
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,17 @@ def test_a_tcp_endpoint_needs_a_host_and_a_port_libzmq_would_not_wrap_around():
         assert "sensors[0].endpoint" in message and "port from 1 to 65535" in message
     sensor = {"name": "far", "modality": "audio", "endpoint": "tcp://10.0.0.7:9464"}  # another machine's port
     parse_config({**MINIMAL, "sensors": MINIMAL["sensors"] + [sensor], "http": {"host": "0.0.0.0", "port": 9464}})
+
+
+def test_a_configuration_of_aliases_expanding_to_billions_is_refused_at_once(tmp_path):
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 9)}]" for k in range(1, 9)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="more than 100,000 values"):
+        load_config(path)
+    assert time.monotonic() - started < 5
 
 
 def test_unknown_key_is_named():
