@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ UNPLACED_AFTER_S = 5.0  # an actor down this long is checked for a node that cou
 START_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 5.0   # stats and recovery calls
 DRAIN_TIMEOUT_S = 30.0
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the tracebacks of its errors
 
 
 @dataclass
@@ -173,7 +175,7 @@ class Supervisor:
         except ray.exceptions.GetTimeoutError:
             return [f"actors not up within {START_TIMEOUT_S:g} s"]
         except ray.exceptions.RayError as exc:
-            return [f"an actor failed to start: {exc}"]
+            return [f"an actor failed to start: {ANSI_CODES.sub('', str(exc))}"]
         return problems
 
     def pids(self) -> dict[str, int]:
