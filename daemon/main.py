@@ -215,6 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     return run(config, bundle, log_format, args.virtual_clock, log, signals)
 
 
+class WatchSteps:
+    """The steps of the daemon's watch, each on its own: one that fails (the machine out of file descriptors, say)
+    is logged, its traceback once per kind of failure and then a line now and then with the count, and /readyz
+    names it while it keeps failing; the other steps, and the pipeline's actors, go on."""
+
+    def __init__(self, monitor, log):
+        self.monitor, self.log = monitor, log
+        self.failures = Tally()
+
+    def run(self, step: str, action) -> None:
+        try:
+            action()
+        except Exception as exc:
+            kind = f"{step}: {type(exc).__name__}"
+            first = kind not in self.failures.counts
+            if self.failures.add(kind):
+                (self.log.exception if first else self.log.error)(
+                    "a step of the daemon's watch failed; the rest goes on", step=step, error=repr(exc),
+                    count=self.failures.counts[kind])
+            self.monitor.step_failed(step, repr(exc))
+        else:
+            self.monitor.step_failed(step, None)
+
+
 class Signals:
     """SIGINT and SIGTERM at any moment. During start-up they abort it: at once, except while ray.init runs (it
     starts Ray's processes; stopping it half-way would leave them behind), where they take effect as soon as it
@@ -313,21 +337,21 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
                  output=supervisor.output_address, restorer=config.restorer.method, virtual_clock=virtual_clock,
                  startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
-        next_stats, last_stats, faults = time.monotonic() + config.log.stats_interval_s, None, Tally()
+        next_stats, last_stats, steps = time.monotonic() + config.log.stats_interval_s, None, WatchSteps(monitor, log)
+
+        def log_stats():
+            nonlocal last_stats
+            stats = supervisor.stats()
+            if stats != last_stats:  # a quiet daemon says nothing
+                log.info("stats", **stats, **tree_memory_mb())
+                last_stats = stats
+
         while not signals.stop.wait(PING_S):
-            try:
-                supervisor.watch()
-                monitor.poll()
-                if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + config.log.stats_interval_s
-                    stats = supervisor.stats()
-                    if stats != last_stats:  # a quiet daemon says nothing
-                        log.info("stats", **stats, **tree_memory_mb())
-                        last_stats = stats
-            except Exception as exc:  # (the machine out of file descriptors, say): the pipeline's actors go on
-                if faults.add(type(exc).__name__):
-                    log.exception("a turn of the daemon's watch failed; it goes on", error=repr(exc),
-                                  count=faults.counts[type(exc).__name__])
+            steps.run("supervision", supervisor.watch)
+            steps.run("metrics", monitor.poll)
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + config.log.stats_interval_s
+                steps.run("stats", log_stats)
         log.info("draining", signal=signal.Signals(signals.received).name)
         monitor.set_phase("draining")
         final = supervisor.drain()

@@ -41,6 +41,7 @@ class Monitor:
         self.carried: dict[str, dict[tuple, float]] = {}         # actor -> sample -> sum over its past lives
         self.published: tuple[str, int] = ("", 0)                # (publisher incarnation, decisions read)
         self.sessions: dict[str, SessionView] = {}
+        self.failing: dict[str, tuple[float, str]] = {}  # step of the daemon's watch -> (failing since, why)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -51,6 +52,14 @@ class Monitor:
     def set_phase(self, phase: str) -> None:
         with self.lock:
             self.phase = phase
+
+    def step_failed(self, step: str, why: str | None) -> None:
+        """A step of the daemon's watch failed (why), or went through (None): /readyz names it while it fails."""
+        with self.lock:
+            if why is None:
+                self.failing.pop(step, None)
+            elif step not in self.failing:
+                self.failing[step] = (time.monotonic(), why)
 
     def poll(self) -> None:
         """One supervision round's part: take up the answers that came, and ask again about once a second."""
@@ -154,12 +163,13 @@ class Monitor:
         return [*families.values(), restarts, info]
 
     def not_ready(self) -> dict[str, str]:
-        """What is not ready, by name (empty: ready): the daemon while it starts or drains, actors that are down,
-        sensors whose socket is not open."""
+        """What is not ready, by name (empty: ready): the daemon while it starts or drains, a step of its watch that
+        keeps failing, actors that are down, sensors whose socket is not open."""
         with self.lock:
             if self.phase != "running":
                 return {"daemon": self.phase}
-            problems = {}
+            problems = {f"watch: {step}": f"failing for {time.monotonic() - since:.1f} s: {why}"
+                        for step, (since, why) in self.failing.items()}
             for name, watched in self.supervisor.actors.items():
                 if watched.down_since is not None:
                     problems[name] = f"down for {time.monotonic() - watched.down_since:.1f} s" + \

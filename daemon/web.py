@@ -2,8 +2,9 @@
 /readyz for probes, the live view at / with its server-sent events at /events, and /view.json. aiohttp on
 an event loop of its own in a thread of the driver; it only reads the Monitor, so a slow or stuck client
 holds up nothing of the daemon. It holds at most MAX_CONNECTIONS connections (each is a file descriptor of the
-driver: with none left, its ZeroMQ and Ray sockets could not open) and closes one that sends no complete
-request for IDLE_S, so that clients that connect and never ask (or ask a byte at a time) cannot take them all."""
+driver: with none left, its ZeroMQ and Ray sockets could not open), of them at most MAX_STREAMS live views, and
+closes one that sends no complete request for IDLE_S, so that clients that connect and never ask (or ask a
+byte at a time) cannot take them all, and probes and scrapes always find room."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from mmfuse.logs import Tally
 
 EVENT_INTERVAL_S = 1.0
 MAX_CONNECTIONS = 256  # live-view tabs, probes and scrapers together; beyond it a connection is closed at once
+MAX_STREAMS = 64       # live views (/events, which never end) among them: the rest stay free for probes
 IDLE_S = 10.0          # a connection with no complete request for this long is closed (aiohttp's keep-alive)
 PAGE = resources.files("mmfuse.daemon").joinpath("live_view.html")
 
 
-def application(monitor: Monitor) -> web.Application:
+def application(monitor: Monitor, max_streams: int = MAX_STREAMS) -> web.Application:
     page = PAGE.read_text()
 
     async def healthz(_request):
@@ -42,15 +44,23 @@ def application(monitor: Monitor) -> web.Application:
     async def view(_request):
         return web.json_response(monitor.view())
 
+    streams = 0
+
     async def events(request):
+        nonlocal streams
+        if streams >= max_streams:
+            return web.json_response({"error": f"{max_streams} live views are open; close one"}, status=503)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
+        streams += 1
         try:
+            await response.prepare(request)
             while True:
                 await response.write(f"data: {json.dumps(monitor.view())}\n\n".encode())
                 await asyncio.sleep(EVENT_INTERVAL_S)
         except (ConnectionResetError, asyncio.CancelledError):
             return response
+        finally:
+            streams -= 1
 
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(monitor.registry))
@@ -66,7 +76,7 @@ class WebServer:
     """start() binds (or says why it cannot), then serves until stop()."""
 
     def __init__(self, monitor: Monitor, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
-                 idle_s: float = IDLE_S, log=None):
+                 max_streams: int = MAX_STREAMS, idle_s: float = IDLE_S, log=None):
         # aiohttp logs a traceback for every malformed request, outside the daemon's log format: one client
         # could fill the log with them. It answers them 400 all the same.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
@@ -75,7 +85,7 @@ class WebServer:
         self.log = log or structlog.get_logger()
         self.refused = Tally()
         self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(application(monitor), access_log=None, shutdown_timeout=1.0,
+        self.runner = web.AppRunner(application(monitor, max_streams), access_log=None, shutdown_timeout=1.0,
                                     keepalive_timeout=idle_s)
         self.listener: asyncio.Server | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)

@@ -259,7 +259,7 @@ def test_http_holds_a_bounded_number_of_connections_and_closes_those_that_never_
     import socket
 
     port = free_port()
-    server = WebServer(Monitor("bundle-x"), "127.0.0.1", port, max_connections=8, idle_s=1.0)
+    server = WebServer(Monitor("bundle-x"), "127.0.0.1", port, max_connections=8, max_streams=2, idle_s=1.0)
     assert server.start() is None
     silent = []
     try:
@@ -277,7 +277,50 @@ def test_http_holds_a_bounded_number_of_connections_and_closes_those_that_never_
         time.sleep(1.5)  # the silent ones are closed after idle_s
         assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         assert all(s.recv(1) == b"" for s in silent)
+        streams = [urllib.request.urlopen(f"http://127.0.0.1:{port}/events", timeout=5) for _ in range(2)]
+        assert get(f"http://127.0.0.1:{port}/events")[0] == 503  # live views have a cap of their own
+        time.sleep(1.5)  # and outlive idle_s
+        assert all(stream.readline().startswith(b"data: ") for stream in streams)
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        for stream in streams:
+            stream.close()
     finally:
         for s in silent:
             s.close()
         server.stop()
+
+
+def test_a_failing_step_of_the_daemons_watch_is_logged_once_in_full_and_named_by_readyz_until_it_recovers():
+    from mmfuse.daemon.main import WatchSteps
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def exception(self, event, **fields):
+            self.lines.append(("traceback", fields["count"]))
+
+        def error(self, event, **fields):
+            self.lines.append(("line", fields["count"]))
+
+    class Supervisor:
+        actors = {}
+
+    monitor, log = Monitor("bundle-x"), Log()
+    monitor.attach(Supervisor())
+    steps, fail = WatchSteps(monitor, log), [True]
+
+    def watch():
+        if fail[0]:
+            raise OSError(24, "Too many open files")
+
+    for _ in range(12):
+        steps.run("supervision", watch)
+        steps.run("metrics", lambda: None)  # the other steps go on
+    assert log.lines[0] == ("traceback", 1) and all(kind == "line" for kind, _ in log.lines[1:])
+    assert len(log.lines) == 10  # the 1st to 10th, then every 10th: the 20th
+    assert list(monitor.not_ready()) == ["watch: supervision"] and "Too many open files" in monitor.not_ready()[
+        "watch: supervision"]
+    fail[0] = False
+    steps.run("supervision", watch)
+    assert monitor.not_ready() == {}
