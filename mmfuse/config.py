@@ -41,6 +41,7 @@ def _tcp_place(host: str, port: int, binds: bool) -> tuple[str, int, bool]:
     """(host, port, whether it is surely this machine) of a TCP endpoint, its host normalised."""
     import ipaddress
 
+    host = host.lower()
     host = "127.0.0.1" if host == "localhost" else "*" if host in WILDCARD_HOSTS else host.strip("[]")
     try:
         local = binds or host == "*" or ipaddress.ip_address(host).is_loopback
@@ -98,7 +99,7 @@ class WindowConfig(Section):
                                                "length_s every hop_s; utterance: one window per text segment "
                                                "(its span), windows of length_s while no text source is live")
     length_s: float = Field(2.0, ge=MIN_WINDOW_S, le=MAX_WINDOW_S)
-    hop_s: float = Field(2.0, gt=0)
+    hop_s: float = Field(2.0, ge=0.01)
     slot_s: float = Field(0.25, ge=0.01, description="utterance windows: the resolution their spans are cut at")
     watermark_bound_s: float = Field(0.0, ge=0, description="how far behind its latest time a source may still "
                                      "send data: windows close this much later")
@@ -303,8 +304,17 @@ class DaemonConfig(Section):
         return self
 
     def _distinct_endpoints(self) -> None:
-        """No two of the sensors', the output's, the recorder's and the HTTP endpoint are one: spelled alike, or
-        TCP on one port of one host (localhost is 127.0.0.1; a wildcard host is every address of this machine)."""
+        """No two of the sensors', the output's, the recorder's and the HTTP endpoint are one: spelled alike, or,
+        with the embedded Ray (every actor on this machine), TCP on one port of one host (localhost is 127.0.0.1;
+        a wildcard host is every address of this machine). In a cluster each actor's localhost is its own node's."""
+        if self.ray.address is not None:
+            named = [s.endpoint for s in self.sensors] + [self.output.endpoint]
+            named += [self.recorder.endpoint] if self.recorder is not None else []
+            shared = sorted({e for e in named if named.count(e) > 1})
+            if shared:
+                raise ValueError(f"endpoint {shared[0]} is used twice; give each sensor, the output and the "
+                                 f"recorder its own")
+            return
         named = [(f"sensors[{i}].endpoint ({s.name})", s.endpoint, s.bind) for i, s in enumerate(self.sensors)]
         named += [("output.endpoint", self.output.endpoint, True)]
         named += [("recorder.endpoint", self.recorder.endpoint, False)] if self.recorder is not None else []

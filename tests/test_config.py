@@ -45,6 +45,7 @@ def test_wrong_type_names_the_key_and_the_fix():
     ("aligner", {"resources": {"lab": float("nan")}}, "aligner.resources.lab", "finite number"),
     ("window", {"length_s": 1e-6, "hop_s": 1e-6}, "window.length_s", "greater than or equal to 0.05"),
     ("window", {"length_s": 60.0, "hop_s": 0.1}, "window", "hop_s >= 0.6"),
+    ("window", {"length_s": 0.05, "hop_s": 0.0005}, "window.hop_s", "greater than or equal to 0.01"),
 ])
 def test_values_that_would_break_the_running_daemon_are_refused_up_front(section, values, key, words):
     """Infinite windows failed every message at run time (an OverflowError counted as internal_error), and 1 us
@@ -73,6 +74,9 @@ def test_a_tcp_endpoint_needs_a_host_and_a_port_libzmq_would_not_wrap_around():
         assert "sensors[0].endpoint" in message and "port from 1 to 65535" in message
     sensor = {"name": "far", "modality": "audio", "endpoint": "tcp://10.0.0.7:9464"}  # another machine's port
     parse_config({**MINIMAL, "sensors": MINIMAL["sensors"] + [sensor], "http": {"host": "0.0.0.0", "port": 9464}})
+    on_nodes = [{"name": "a", "modality": "visual", "endpoint": "tcp://localhost:5551", "resources": {"pc1": 1}},
+                {"name": "b", "modality": "audio", "endpoint": "tcp://127.0.0.1:5551", "resources": {"pc2": 1}}]
+    parse_config({**MINIMAL, "sensors": on_nodes, "ray": {"address": "auto"}})  # each its own node's localhost
 
 
 def test_a_configuration_of_aliases_expanding_to_billions_is_refused_at_once(tmp_path):
