@@ -141,7 +141,12 @@ class Bundle:
         path = self.path / filename
         if not path.is_file():
             raise BundleError(f"{path} is missing; the bundle is incomplete, train it again")
-        if sha256_file(path) != expected:
+        try:
+            found = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"{path} cannot be read ({exc.strerror or exc}); give the daemon's user read access "
+                              f"to the bundle") from None
+        if found != expected:
             raise BundleError(f"{path} does not match the sha256 in {MANIFEST}; the bundle is damaged")
         return path
 

@@ -134,13 +134,14 @@ def _reader(handle, path: Path):
     if not salvaged.summary.channels:
         raise RecordingError(f"{path}: not a readable MCAP file ({problem}): not MCAP, or cut off before its "
                              f"first channel")
-    structlog.get_logger().warning("recording cut off (its recorder was killed?): read up to where it ends",
-                                   recording=str(path), messages=len(salvaged.messages), ends=salvaged.end)
+    if salvaged.cut is not None:  # (an MCAP file may end without a summary: only a cut one is news)
+        structlog.get_logger().warning("recording cut off (its recorder was killed?): read up to where it ends",
+                                       recording=str(path), messages=len(salvaged.messages), cut=salvaged.cut)
     return salvaged, salvaged.summary
 
 
 class _Salvaged:
-    """What an MCAP file that ends early (no summary: its writer was killed) holds up to where it ends, read
+    """What an MCAP file without a summary holds (one whose writer was killed: up to where it was cut), read
     record by record, with the reader methods read_recording and summarize_mcap use."""
 
     def __init__(self, path: Path):
@@ -149,7 +150,7 @@ class _Salvaged:
         from mcap.summary import Summary
 
         self.summary, self.metadata, self.messages = Summary(), [], []
-        self.end = "at the end of the file"
+        self.cut: str | None = None  # why reading stopped before the file's proper end
         with open(path, "rb") as handle:
             try:
                 for record in StreamReader(handle).records:
@@ -162,7 +163,7 @@ class _Salvaged:
                     elif isinstance(record, Message) and record.channel_id in self.summary.channels:
                         self.messages.append(record)
             except Exception as exc:  # (where the file was cut: any of the library's errors)
-                self.end = f"in a record cut short ({_described(exc)})"
+                self.cut = _described(exc)
         self.messages.sort(key=lambda m: m.log_time)
 
     def iter_metadata(self):
@@ -194,11 +195,16 @@ def mmfuse_channels(summary) -> tuple[dict[int, object], list[str]]:
     return usable, foreign
 
 
-def read_recording(path: str | Path) -> tuple[dict, list[RecordedMessage]]:
-    """The configuration an mmfuse recording was made with, and its sensor messages in log-time order."""
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise RecordingError(f"{path}: no such file")
+        raise RecordingError(f"{path}: {'a directory, not a recording' if path.is_dir() else 'no such file'}")
+    return path
+
+
+def read_recording(path: str | Path) -> tuple[dict, list[RecordedMessage]]:
+    """The configuration an mmfuse recording was made with, and its sensor messages in log-time order."""
+    path = _existing(path)
     with open(path, "rb") as handle:
         reader, summary = _reader(handle, path)
         usable, foreign = mmfuse_channels(summary)
@@ -305,7 +311,7 @@ def clock_offsets(delays: np.ndarray) -> str:
 
 
 def summarize_mcap(path: str | Path) -> list[StreamSummary]:
-    path = Path(path)
+    path = _existing(path)
     with open(path, "rb") as handle:
         reader, summary = _reader(handle, path)
         times: dict[int, list[float]] = {}

@@ -57,10 +57,10 @@ def read_certificate(path: str | Path, secret: bool = False) -> Certificate:
         raise SecurityError(f"{path}: not a ZeroMQ certificate ({exc}); use a file mmfuse-keys new wrote") from None
     if secret and secret_key is None:
         raise SecurityError(f"{path}: holds no secret key; give the NAME.key_secret file of this certificate")
-    for key in (public, secret_key):
+    for kind, key in (("public", public), ("secret", secret_key)):
         if key is not None and not curve_key(key):
-            raise SecurityError(f"{path}: holds {key[:12]!r}, which is no CURVE key (40 Z85 characters); use a file "
-                                f"mmfuse-keys new wrote")
+            raise SecurityError(f"{path}: its {kind} key ({len(key)} characters) is no CURVE key (40 Z85 "
+                                f"characters); use a file mmfuse-keys new wrote")
     mode = path.stat().st_mode
     if secret and mode & stat.S_IROTH:
         raise SecurityError(f"{path}: a secret key that every user of this machine can read (mode "
@@ -84,14 +84,7 @@ def authorized_keys(directory: str | Path) -> frozenset[bytes]:
     if not directory.is_dir():
         raise SecurityError(f"{directory}: not a directory of public certificates; make it and put each "
                             f"peer's NAME.key in it (mmfuse-keys new NAME --dir {directory})")
-    try:
-        keys = frozenset(zmq.auth.load_certificates(directory))
-    except (OSError, ValueError) as exc:
-        raise SecurityError(f"{directory}: a certificate there cannot be read ({exc})") from None
-    damaged = [key for key in keys if not curve_key(key)]
-    if damaged:
-        raise SecurityError(f"{directory}: a certificate there holds {damaged[0][:12]!r}, which is no CURVE key (40 "
-                            f"Z85 characters); replace it with a file mmfuse-keys new wrote")
+    keys = frozenset(read_certificate(path).public for path in sorted(directory.glob("*.key")) if path.is_file())
     if not keys:
         raise SecurityError(f"{directory}: holds no certificate (NAME.key), so every peer would be refused; "
                             f"add them with mmfuse-keys new NAME --dir {directory}")

@@ -17,8 +17,8 @@ def split_by_video(videos: np.ndarray, val_fraction: float, seed: int,
     unique = np.unique(videos)
     if len(unique) < 2:
         raise DataError(f"{source} holds {len(unique)} video(s) (a row's video is its uid up to the last '_'), and "
-                        f"a validation split takes whole videos, so nothing would be left to train on; give rows of "
-                        f"two videos at least, or a --val file")
+                        f"a validation split takes whole videos, so nothing would be left to train on; give data of "
+                        f"two videos at least (beside a features npz, a --val file also does)")
     rng = np.random.default_rng(seed)
     rng.shuffle(unique)
     n_val = min(max(1, round(len(unique) * val_fraction)), len(unique) - 1)
