@@ -375,3 +375,31 @@ def test_record_refuses_a_duration_of_no_length_and_an_output_that_is_a_director
         result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.record", *args], capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_a_recorder_killed_outright_leaves_a_file_that_reads_back_what_it_had_recorded(tmp_path):
+    """mmfuse-record puts what it recorded in the file every second: SIGKILL loses at most the last second."""
+    context = zmq.Context.instance()
+    publisher = context.socket(zmq.XPUB)
+    port = free_port()
+    publisher.bind(f"tcp://127.0.0.1:{port}")
+    config = tmp_path / "lab.yaml"
+    config.write_text(yaml.safe_dump({"bundle": "b", "sensors": [
+        {"name": "asr0", "modality": "text", "endpoint": f"tcp://127.0.0.1:{port}"}]}))
+    recording = tmp_path / "killed.mcap"
+    recorder = subprocess.Popen([sys.executable, "-m", "mmfuse.daemon.record", "--config", str(config),
+                                 "--out", str(recording)], stderr=subprocess.DEVNULL)
+    try:
+        assert publisher.poll(30_000), "the recorder did not subscribe"
+        publisher.recv()
+        for k in range(10):
+            publisher.send_multipart(wire.encode(wire.text_message("s1", "asr0", k, float(k), "hello", 1.0)))
+        time.sleep(2.5)  # two flushes
+        recorder.kill()
+        recorder.wait(10)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+        publisher.close(linger=0)
+    _, messages = read_recording(recording)
+    assert [msgpack.unpackb(m.payload)["seq"] for m in messages] == list(range(10))
