@@ -307,25 +307,16 @@ class DaemonConfig(Section):
         """No two of the sensors', the output's, the recorder's and the HTTP endpoint are one: spelled alike, or,
         with the embedded Ray (every actor on this machine), TCP on one port of one host (localhost is 127.0.0.1;
         a wildcard host is every address of this machine). In a cluster each actor's localhost is its own node's."""
-        if self.ray.address is not None:
-            named = [s.endpoint for s in self.sensors] + [self.output.endpoint]
-            named += [self.recorder.endpoint] if self.recorder is not None else []
-            shared = sorted({e for e in named if named.count(e) > 1})
-            if shared:
-                raise ValueError(f"endpoint {shared[0]} is used twice; give each sensor, the output and the "
-                                 f"recorder its own")
-            return
+        here = self.ray.address is None
         named = [(f"sensors[{i}].endpoint ({s.name})", s.endpoint, s.bind) for i, s in enumerate(self.sensors)]
         named += [("output.endpoint", self.output.endpoint, True)]
         named += [("recorder.endpoint", self.recorder.endpoint, False)] if self.recorder is not None else []
         places = []
         for key, endpoint, binds in named:
-            if endpoint.startswith("tcp://"):
-                host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-                places.append((key, endpoint, _tcp_place(host, int(port), binds)))
-            else:
-                places.append((key, endpoint, endpoint))
-        if self.http is not None:
+            host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+            tcp = here and endpoint.startswith("tcp://")
+            places.append((key, endpoint, _tcp_place(host, int(port), binds) if tcp else endpoint))
+        if self.http is not None and here:
             places.append(("http.port", f"{self.http.host}:{self.http.port}",
                            _tcp_place(self.http.host, self.http.port, True)))
         for i, (key, endpoint, place) in enumerate(places):
