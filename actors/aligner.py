@@ -165,7 +165,7 @@ class AlignerActor:
         while not self.stopping.wait(TICK_S):
             with self.lock:
                 if self.restored:
-                    self._dispatch(self.aligner.poll(time.time()))
+                    self._dispatch(self.aligner.poll(time.time(), due_only=True))
 
     def _dispatch(self, windows: list[ClosedWindow]) -> None:
         now = time.time()

@@ -80,6 +80,7 @@ class Session:
     tiled_until: float = -math.inf  # utterance windows: where the time tiles end
     next_id: int = 0
     run: int = 0  # of its streams (wire key `run`): a later run is a new life, an earlier one is stale
+    wake_at: float = -math.inf  # wall time from which a poll may find it changed with nothing new (see poll)
 
     def progress(self, source: str) -> float:
         """How far a stream has delivered, in session time."""
@@ -141,6 +142,8 @@ class Aligner:
         self.heard: dict[str, float] = {}  # live sensor actor -> wall time its latest batch was taken
         self.lost: dict[str, str] = {}  # sensor actor -> the incarnation of it that died last
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
+        self.news = True  # something came since the last poll of every session
+        self.wake = math.inf  # while a session is polled: the earliest moment its answer can change by itself
 
     def copy(self) -> Aligner:
         """A copy of the whole state that later pushes and polls leave as it is (the aligner actor's snapshot),
@@ -171,14 +174,17 @@ class Aligner:
         if sensor in self.reported:
             self.reported[sensor] = self.heard[sensor] = -math.inf
             self.lost[sensor] = incarnation
+            self.news = True
 
     def regain_sensor(self, sensor: str, incarnation: str) -> None:
         """That life of a sensor actor, taken for dead (silent on another node), answers again: its batches
         count as its account again."""
         if self.lost.get(sensor) == incarnation:
             del self.lost[sensor]
+            self.news = True
 
     def push(self, batch: SensorBatch) -> None:
+        self.news = True
         taken: set[int] = set()
         if batch.incarnation != self.lost.get(batch.sensor):  # a dead life's late batch brings data, no account
             if batch.as_of > self.reported.get(batch.sensor, -math.inf):  # (NaN is not: no live sensor's batch)
@@ -327,20 +333,37 @@ class Aligner:
             kept.window.add(delta.modality, total, weight, frames, delta.gaps)
             kept.late[delta.modality] = kept.late.get(delta.modality, 0) + late
 
-    def poll(self, now: float) -> list[ClosedWindow]:
+    def poll(self, now: float, due_only: bool = False) -> list[ClosedWindow]:
+        """The windows that close at `now`. With `due_only` (a ticker's poll) and nothing pushed since the last
+        poll of every session, only the sessions whose `wake_at` has come are looked at: every comparison with
+        `now` that can turn by itself notes when it will, so no other session's answer can have changed."""
         closed, self.retired = self.retired, []
+        every = not due_only or self.news
+        self.news = False
         for name in list(self.sessions):
             session = self.sessions[name]
+            if not every and now < session.wake_at:
+                continue
+            self.wake = math.inf
             self._track_liveness(name, session, now)
-            idle = now - session.last_arrival() > self.session_idle
+            last = session.last_arrival()
+            idle = now - last > self.session_idle
             if idle:
                 self._release_held(session)
+            else:
+                self._note(last + self.session_idle)
             closed.extend(self._close_ready(name, session, now, draining=idle))
             closed.extend(self._revise(name, session, now, draining=idle))
+            session.wake_at = self.wake
             if idle:
-                self.log.info("session forgotten", session=name, idle_s=round(now - session.last_arrival(), 1))
+                self.log.info("session forgotten", session=name, idle_s=round(now - last, 1))
                 self._forget(name)
         return closed
+
+    def _note(self, at: float) -> None:
+        """A moment at which the session being polled can change with nothing new: it is polled again then."""
+        if at < self.wake:
+            self.wake = at
 
     def drain(self, now: float) -> list[ClosedWindow]:
         closed, self.retired = self.retired, []
@@ -374,9 +397,18 @@ class Aligner:
         reporter = session.reporters.get(source)
         reported = self.reported.get(reporter)
         if reported is None:
-            return now - stream.arrived_at <= self.silence_limit(stream)
+            limit = self.silence_limit(stream)
+            live = now - stream.arrived_at <= limit
+            if live:
+                self._note(stream.arrived_at + limit)
+            return live
         silent = reported - stream.arrived_at
-        return silent <= self.silence_limit(stream) - self.flush and now - self.heard[reporter] <= self.timeout
+        if silent > self.silence_limit(stream) - self.flush:
+            return False
+        live = now - self.heard[reporter] <= self.timeout
+        if live:
+            self._note(self.heard[reporter] + self.timeout)
+        return live
 
     def _too_sparse(self, session: Session, modality: str, frames: float, start: float, end: float) -> bool:
         """Fewer frames than min_share of what the periods of the modality's streams that delivered the
@@ -411,6 +443,7 @@ class Aligner:
     def _closable(self, session: Session, end: float, now: float) -> bool:
         """Whether the watermark has passed `end` (session time), or every stream behind it is overdue."""
         if now < session.first_seen + self.timeout and self._unheard(session):
+            self._note(session.first_seen + self.timeout)
             return False
         due = end + self.bound
         for source, stream in session.streams.items():
@@ -421,6 +454,7 @@ class Aligner:
             else:
                 deadline = due - session.shifts.get(source, 0.0) + stream.offset + self.timeout
             if now < deadline:
+                self._note(deadline)
                 return False
         return True
 

@@ -4,10 +4,12 @@ import copy
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mmfuse.aligner import Aligner
+from mmfuse.aligner import Aligner, UtteranceAligner
 from mmfuse.clocks import ClockLine
-from mmfuse.frames import SensorBatch, StreamProgress, WindowDelta
+from mmfuse.frames import SensorBatch, Span, StreamProgress, WindowDelta
 
 MODALITIES = ["audio", "text", "visual"]
 SENSORS = {"mic0": "audio", "asr0": "text", "cam0": "visual"}
@@ -394,3 +396,75 @@ def test_a_copy_shares_no_container_with_the_original():
     assert not containers(aligner) & containers(twin)
     assert not containers(outbox) & containers(outbox.copy())
     assert not containers(ticks) & containers(ticks.copy(twin)) - containers(twin)
+
+
+@st.composite
+def live_schedules(draw):
+    """Steps of a live daemon: wall time moves on by `dt`, then sensor actors push (data up to now, heartbeats,
+    heartbeats of a stream that stays behind, or nothing of the stream; with or without their live account),
+    one dies now and then, and the ticker polls."""
+    steps = []
+    for _ in range(draw(st.integers(5, 60))):
+        dt = draw(st.sampled_from([0.004, 0.01, 0.05, 0.2, 0.45, 0.9, 1.6]))
+        pushes = draw(st.lists(st.tuples(st.sampled_from(list(SENSORS)), st.sampled_from(["s1", "s2"]),
+                                         st.sampled_from(["data", "heartbeat", "lagging", "end", "silent"]),
+                                         st.booleans()), max_size=4))
+        steps.append((dt, pushes, draw(st.sampled_from([None, None, None, *SENSORS]))))
+    return steps
+
+
+@settings(deadline=None, max_examples=120)
+@given(schedule=live_schedules(), utterances=st.booleans())
+def test_a_ticker_that_polls_only_sessions_whose_noted_moment_has_come_closes_what_a_poll_of_all_closes(
+        schedule, utterances):
+    def build():
+        if utterances:
+            return UtteranceAligner(MODALITIES, SENSORS, 0.5, 2.0, 1.0, session_idle_s=6.0, period_factor=3.0)
+        return Aligner(MODALITIES, SENSORS, 2.0, 1.0, 1.0, session_idle_s=6.0, lateness_s=1.5, period_factor=3.0,
+                       flush_s=0.2, min_silence_s=0.3)
+
+    every, due, t = build(), build(), 0.0
+    reached = {(s, n): 0.0 for s in SENSORS for n in ("s1", "s2")}
+    for dt, pushes, lost in schedule:
+        t += dt
+        now = OFFSET + t
+        for source, session, kind, accounts in pushes:
+            if kind == "silent":  # the actor answers, with nothing of this stream
+                batch = SensorBatch(source, [], [])
+            elif kind == "lagging":  # heard now, still at where it was
+                batch = SensorBatch(source, [], [StreamProgress(session, source, SENSORS[source],
+                                                                reached[source, session], now, OFFSET, False, 0)])
+            else:
+                start, reached[source, session] = reached[source, session], t
+                deltas = [WindowDelta(session, source, SENSORS[source], k, np.ones(3, np.float32), 1.0, 1)
+                          for k in range(int(start // 1.0), int(t // 1.0) + 1)] if kind == "data" else []
+                batch = SensorBatch(source, deltas, [StreamProgress(session, source, SENSORS[source], t, now,
+                                                                    OFFSET, kind == "end", 0, period=0.1)],
+                                    spans=[Span(session, source, start, t)] if source == "asr0" and deltas else [])
+            if accounts:
+                batch.as_of = batch.taken_at = now
+            for aligner in (every, due):
+                aligner.push(copy.deepcopy(batch))
+            assert summary(due.poll(now)) == summary(every.poll(now))  # as the actor polls after a push
+        if lost is not None:
+            for aligner in (every, due):
+                aligner.lose_sensor(lost, "")
+        for tick in np.arange(now, now + dt, 0.01)[1:]:  # the ticker, until the next step
+            assert summary(due.poll(tick, due_only=True)) == summary(every.poll(tick))
+
+
+def test_a_ticker_that_polls_only_due_sessions_closes_a_window_at_the_deadline_of_a_stream_that_stays_behind():
+    aligner = make_aligner(length=2.0, hop=1.0)
+    for source, reached in (("mic0", 2.5), ("asr0", 2.5), ("cam0", 1.5)):  # cam0 heard at 2.5, still at 1.5
+        deltas = [WindowDelta("s1", source, SENSORS[source], k, np.ones(3, np.float32), 1.0, 1)
+                  for k in range(int(reached) + 1)]
+        aligner.push(SensorBatch(source, deltas, [StreamProgress("s1", source, SENSORS[source], reached,
+                                                                 OFFSET + 2.5, OFFSET, False, 0)]))
+    assert aligner.poll(OFFSET + 2.5) == []
+    closed = {round(tick - OFFSET, 2): [w.window_id for w in aligner.poll(tick, due_only=True)]
+              for tick in np.arange(OFFSET + 2.51, OFFSET + 3.2, 0.01)}
+    assert {t: ids for t, ids in closed.items() if ids} == {3.01: [0]}  # window 0: end 2.0 + timeout 1.0
+
+
+def summary(windows):
+    return [(w.session, w.window_id, w.revision, w.present, w.missing, w.dropped) for w in windows]
