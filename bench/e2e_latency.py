@@ -3,7 +3,9 @@
 Starts `mmfuse-daemon` on free ports, publishes every session's streams at real-time
 pace with a share of incomplete windows (one modality left out, its sensor still
 heartbeating), and measures, per window, the time from the moment the last message
-of the window was sent (the window can close) to the decision's arrival.
+of the window was sent (the window can close) to the decision's arrival: over all windows, and after the first
+--warm-up-s of the run (every session starts at once, so its first windows meet every stage's first batches and
+every stream's clock still being learnt, all at the same moment).
 
     python bench/e2e_latency.py --sessions 8 --duration-s 30
     python bench/e2e_latency.py --media --sessions 8 --duration-s 30
@@ -67,6 +69,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--media", action="store_true", help="send jpeg, pcm16 and utf8 instead of features")
     parser.add_argument("--burst", action="store_true", help="send a window's media in one burst at its end, "
                         "not as captured: the worst case, every encode after the window's last message")
+    parser.add_argument("--shared-model-process", action="store_true",
+                        help="pipeline.shared_model_process: fusion in the restorer's process")
+    parser.add_argument("--warm-up-s", type=float, default=3.0,
+                        help="windows ending in the run's first seconds are left out of `after_warm_up`")
     parser.add_argument("--json", default=None, help="default: bench/results/e2e_latency[_media].json")
     return parser.parse_args()
 
@@ -201,7 +207,8 @@ def main() -> int:
     args.json = args.json or str(ROOT / "bench" / "results" / f"e2e_latency{'_media' if args.media else ''}.json")
     dims = {m: spec["dim"] for m, spec in load_bundle(bundle_path).modalities.items()}
     context = zmq.Context()
-    config_path, sockets, listener = live_lab(workdir, bundle_path, args.window_s, args.restorer, context)
+    config_path, sockets, listener = live_lab(workdir, bundle_path, args.window_s, args.restorer, context,
+                                              args.shared_model_process)
 
     daemon, log_lines = start_daemon(config_path)
     try:
@@ -267,17 +274,24 @@ def main() -> int:
         closed = final.get("aligner", {}).get("closed", 0)
 
         latencies = np.array([(received[key][0] - sent) * 1000 for key, sent in sent_at.items() if key in received])
+        warm = math.ceil(args.warm_up_s / args.window_s) - 1  # the last window that ends within the warm-up
+        steady = np.array([(received[(s, k)][0] - sent) * 1000 for (s, k), sent in sent_at.items()
+                           if k > warm and (s, k) in received])
         internal = np.array([d["latency_ms"] for _, d in received.values()])
         result = {
             "sessions": args.sessions, "window_s": args.window_s, "duration_s": args.duration_s,
             "windows_per_s": round(args.sessions / args.window_s, 2),
             "incomplete_fraction": round(incomplete / max(1, len(sent_at)), 3),
-            "restorer": args.restorer, "media": args.media,
+            "restorer": args.restorer, "media": args.media, "shared_model_process": args.shared_model_process,
             "windows_sent": len(sent_at), "decisions": len(received), "duplicates": duplicates,
             "missing": sorted(f"{s}/{k}" for s, k in sent_at if (s, k) not in received)[:20],
             "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),
                            "p99": round(float(np.percentile(latencies, 99)), 2),
-                           "max": round(float(latencies.max()), 2)},
+                           "max": round(float(latencies.max()), 2),
+                           "after_warm_up": {"windows": len(steady), "from_window": warm + 1,
+                                             "p50": round(float(np.percentile(steady, 50)), 2),
+                                             "p99": round(float(np.percentile(steady, 99)), 2),
+                                             "max": round(float(steady.max()), 2)}},
             "daemon_internal_latency_ms": {"p50": round(float(np.percentile(internal, 50)), 2),
                                            "p99": round(float(np.percentile(internal, 99)), 2)},
             "decisions_per_s": round(len(received) / elapsed, 2),
