@@ -339,7 +339,6 @@ class Aligner:
         `now` that can turn by itself notes when it will, so no other session's answer can have changed."""
         closed, self.retired = self.retired, []
         every = not due_only or self.news
-        self.news = False
         for name in list(self.sessions):
             session = self.sessions[name]
             if not every and now < session.wake_at:
@@ -358,6 +357,7 @@ class Aligner:
             if idle:
                 self.log.info("session forgotten", session=name, idle_s=round(now - last, 1))
                 self._forget(name)
+        self.news = False  # (only once every session has been looked at: a poll that raised looks at all again)
         return closed
 
     def _note(self, at: float) -> None:
