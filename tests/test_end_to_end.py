@@ -66,6 +66,7 @@ class Lab:
             self.sockets[name].bind(f"tcp://127.0.0.1:{port}")
         self.decisions = self.context.socket(zmq.SUB)
         self.decisions.setsockopt(zmq.SUBSCRIBE, b"decision/")
+        self.connected = self.decisions.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.decisions.connect(output)
         self.daemon = Daemon(path)
 
@@ -74,7 +75,10 @@ class Lab:
         for name, sock in self.sockets.items():
             assert sock.poll(10_000), f"daemon never subscribed to {name}"
             sock.recv()
-        time.sleep(0.2)  # the decision subscriber's connection settles
+        assert self.connected.poll(10_000), "the decision subscriber never completed a handshake with the daemon"
+        self.decisions.disable_monitor()
+        self.connected.close(linger=0)
+        time.sleep(0.2)  # the daemon's publisher has the subscription
 
     def close(self):
         if self.daemon.process.poll() is None:  # let the daemon stop Ray; a killed daemon leaves Ray's agents behind
