@@ -158,6 +158,11 @@ def ensure_bundle(path: str | None, workdir: Path, media: bool) -> Path:
     return workdir / "bundle"
 
 
+def spread(latencies: list[float]) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(latencies, 50)), 2), "p99": round(float(np.percentile(latencies, 99)), 2),
+            "max": round(float(np.max(latencies)), 2)}
+
+
 def report(result: dict, path: str) -> None:
     """Print the figures and write them as JSON."""
     print(json.dumps(result, indent=2))
@@ -273,10 +278,9 @@ def main() -> int:
                  + final.get("restorer", {}).get("batches", 0) + final.get("fusion", {}).get("batches", 0))
         closed = final.get("aligner", {}).get("closed", 0)
 
-        latencies = np.array([(received[key][0] - sent) * 1000 for key, sent in sent_at.items() if key in received])
+        latency = {key: (received[key][0] - sent) * 1000 for key, sent in sent_at.items() if key in received}
         warm = math.ceil(args.warm_up_s / args.window_s) - 1  # the last window that ends within the warm-up
-        steady = np.array([(received[(s, k)][0] - sent) * 1000 for (s, k), sent in sent_at.items()
-                           if k > warm and (s, k) in received])
+        steady = [ms for (_, k), ms in latency.items() if k > warm]
         internal = np.array([d["latency_ms"] for _, d in received.values()])
         result = {
             "sessions": args.sessions, "window_s": args.window_s, "duration_s": args.duration_s,
@@ -285,13 +289,8 @@ def main() -> int:
             "restorer": args.restorer, "media": args.media, "shared_model_process": args.shared_model_process,
             "windows_sent": len(sent_at), "decisions": len(received), "duplicates": duplicates,
             "missing": sorted(f"{s}/{k}" for s, k in sent_at if (s, k) not in received)[:20],
-            "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),
-                           "p99": round(float(np.percentile(latencies, 99)), 2),
-                           "max": round(float(latencies.max()), 2),
-                           "after_warm_up": {"windows": len(steady), "from_window": warm + 1,
-                                             "p50": round(float(np.percentile(steady, 50)), 2),
-                                             "p99": round(float(np.percentile(steady, 99)), 2),
-                                             "max": round(float(steady.max()), 2)}},
+            "latency_ms": {**spread(list(latency.values())),
+                           "after_warm_up": {"windows": len(steady), "from_window": warm + 1, **spread(steady)}},
             "daemon_internal_latency_ms": {"p50": round(float(np.percentile(internal, 50)), 2),
                                            "p99": round(float(np.percentile(internal, 99)), 2)},
             "decisions_per_s": round(len(received) / elapsed, 2),
