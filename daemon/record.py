@@ -202,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         gate = Gatekeeper(context, structlog.get_logger().bind(actor="record"))
         gate.start()
         gate.admit(SENSORS, keys.sensors)
+
+    def close_sockets(source=None) -> None:
+        if source is not None:
+            source.close()
+        if gate is not None:
+            gate.stop()
+        context.destroy(linger=0)
+
     poller = zmq.Poller()
     try:
         source = (SensorSubscriptions if config.recorder is None else AcceptedStream)(context, config, keys, gate)
@@ -217,19 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             poller.register(decisions, zmq.POLLIN)
     except zmq.ZMQError as exc:
         print(f"error: cannot open the recorder's sockets: {exc}", file=sys.stderr)
-        if gate is not None:
-            gate.stop()
-        context.destroy(linger=0)
+        close_sockets()
         return 3
 
     try:
         writer = RecordingWriter(args.out, config.model_dump(mode="json"))
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        source.close()
-        if gate is not None:
-            gate.stop()
-        context.destroy(linger=0)
+        close_sockets(source)
         return 2
     rejected = Tally()
     stopping = None
@@ -258,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if gate is not None and gate.refused_count:
             rejected.counts["auth_refused"] = gate.refused_count
         writer.close(dict(rejected.counts))
-        source.close()
-        if gate is not None:
-            gate.stop()
-        context.destroy(linger=0)
+        close_sockets(source)
     print(f"wrote {writer.messages} sensor message(s) on {len(writer.channels)} channel(s) to {args.out}"
           + (f"; rejected {dict(rejected.counts)}" if rejected.counts else ""), file=sys.stderr)
     return 130 if stopping == signal.SIGINT else 0  # Ctrl-C, as for every command; SIGTERM and --duration-s: 0
