@@ -143,6 +143,7 @@ class Aligner:
         self.lost: dict[str, str] = {}  # sensor actor -> the incarnation of it that died last
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
         self.news = True  # something came since the last poll of every session
+        self.polled_at = -math.inf  # the `now` of the latest poll
         self.wake = math.inf  # while a session is polled: the earliest moment its answer can change by itself
 
     def copy(self) -> Aligner:
@@ -336,9 +337,11 @@ class Aligner:
     def poll(self, now: float, due_only: bool = False) -> list[ClosedWindow]:
         """The windows that close at `now`. With `due_only` (a ticker's poll) and nothing pushed since the last
         poll of every session, only the sessions whose `wake_at` has come are looked at: every comparison with
-        `now` that can turn by itself notes when it will, so no other session's answer can have changed."""
+        `now` that can turn by itself notes when it will, so no other session's answer can have changed. A wall
+        clock set back can turn them back, so a poll earlier than the last looks at every session."""
         closed, self.retired = self.retired, []
-        every = not due_only or self.news
+        every = not due_only or self.news or now < self.polled_at
+        self.polled_at = now
         for name in list(self.sessions):
             session = self.sessions[name]
             if not every and now < session.wake_at:

@@ -400,12 +400,12 @@ def test_a_copy_shares_no_container_with_the_original():
 
 @st.composite
 def live_schedules(draw):
-    """Steps of a live daemon: wall time moves on by `dt`, then sensor actors push (data up to now, heartbeats,
-    heartbeats of a stream that stays behind, or nothing of the stream; with or without their live account),
-    one dies now and then, and the ticker polls."""
+    """Steps of a live daemon: wall time moves on by `dt` (now and then back: the wall clock set back), then sensor
+    actors push (data up to now, heartbeats, heartbeats of a stream that stays behind, or nothing of the stream;
+    with or without their live account), one dies now and then, and the ticker polls."""
     steps = []
     for _ in range(draw(st.integers(5, 60))):
-        dt = draw(st.sampled_from([0.004, 0.01, 0.05, 0.2, 0.45, 0.9, 1.6]))
+        dt = draw(st.sampled_from([0.004, 0.01, 0.05, 0.2, 0.45, 0.9, 1.6, -0.3, -1.2]))
         pushes = draw(st.lists(st.tuples(st.sampled_from(list(SENSORS)), st.sampled_from(["s1", "s2"]),
                                          st.sampled_from(["data", "heartbeat", "lagging", "end", "silent"]),
                                          st.booleans()), max_size=4))
@@ -430,6 +430,8 @@ def test_a_ticker_that_polls_only_sessions_whose_noted_moment_has_come_closes_wh
             assert same(due.poll(tick, due_only=True), every.poll(tick), due, every)
         t += dt
         now = OFFSET + t
+        if dt < 0:  # the ticker's first poll after the clock was set back
+            assert same(due.poll(now, due_only=True), every.poll(now), due, every)
         for source, session, kind, accounts in pushes:
             if kind == "silent":  # the actor answers, with nothing of this stream
                 batch = SensorBatch(source, [], [])
