@@ -14,6 +14,7 @@ import structlog
 
 from mmfuse.clocks import LEARNING_S
 from mmfuse.frames import ClosedWindow, SensorBatch, SessionEnd, Span, StreamProgress, WindowDelta
+from mmfuse.logs import worth_a_line
 
 
 SLIVER_WEIGHT = 0.1  # of one message's span
@@ -195,12 +196,13 @@ class Aligner:
                 self.heard[batch.sensor] = took
         for progress in batch.progress:
             ending = self.sessions.get(progress.session)
-            if ending is not None and progress.run > ending.run:  # this batch's data of the life it ends goes first
-                for delta in batch.deltas:
+            if ending is not None and progress.run != ending.run and self._begins_life(ending, progress, batch.sensor):
+                for delta in batch.deltas:  # this batch's data of the life it ends goes first
                     if delta.session == progress.session and delta.run == ending.run and id(delta) not in taken:
                         self._take(ending, delta)
                         taken.add(id(delta))
-            session = self._life(progress.session, progress.run, progress.arrived_at)
+                self._end_life(progress.session, ending, progress.run, progress.arrived_at)
+            session = self._life(progress.session, progress.run)
             if session is None:
                 continue
             if progress.source == session.reference and progress.line is None and (
@@ -214,7 +216,7 @@ class Aligner:
                 session.reference_life = batch.incarnation
         for delta in batch.deltas:
             if id(delta) not in taken:
-                session = self._life(delta.session, delta.run, None)
+                session = self._life(delta.session, delta.run)
                 if session is not None:
                     self._take(session, delta)
 
@@ -224,22 +226,36 @@ class Aligner:
         else:
             self._place(session, delta)
 
-    def _life(self, name: str, run: int, now: float | None) -> Session | None:
-        """The session's life for data of this run: a later run than its current one ends that life (its open
-        windows close with what they have) and begins a new one; an earlier run is stale (counted, dropped)."""
+    def _begins_life(self, session: Session, progress: StreamProgress, sensor: str) -> bool:
+        """Whether a stream's report of another run than the session's ends the session's life. A later run of
+        one of its streams, from the sensor actor that reports it, does: that actor took the stream's new run
+        only once the stream's next message confirmed it. A stream the life does not know cannot end it while
+        any of its streams is live (one stray or forged message from a new source name would silence every
+        stream of the session); once none is, whatever comes begins the next life."""
+        if progress.source in session.streams:
+            return progress.run > session.run and session.reporters.get(progress.source) == sensor
+        return session.dropped >= session.streams.keys()
+
+    def _end_life(self, name: str, session: Session, run: int, now: float) -> None:
+        """End the session's life (its open windows close with what they have): a new run begins."""
+        self.log.info("session begins a new run", session=name, run=run, after_run=session.run)
+        self._release_held(session)
+        self.retired += self._close_ready(name, session, now, draining=True)
+        self.retired += self._revise(name, session, now, draining=True)
+        self._forget(name)
+
+    def _life(self, name: str, run: int) -> Session | None:
+        """The session's life for data of this run, begun if the session has none; None for data of another
+        run than its current life's (counted as stale, dropped)."""
         session = self.sessions.get(name)
-        if session is not None and run > session.run and now is not None:
-            self.log.info("session begins a new run", session=name, run=run, after_run=session.run)
-            self._release_held(session)
-            self.retired += self._close_ready(name, session, now, draining=True)
-            self.retired += self._revise(name, session, now, draining=True)
-            self._forget(name)
-            session = None
         if session is None:
             session = self.sessions[name] = Session(self.epochs, run=run)
             self.epochs += 1
         if session.run != run:
             self.counts["stale_run"] += 1
+            if worth_a_line(self.counts["stale_run"]):
+                self.log.warning("data of another run dropped", session=name, run=run, session_run=session.run,
+                                 count=self.counts["stale_run"])
             return None
         return session
 

@@ -24,12 +24,14 @@ def configure(format: str = "console", level: str = "info") -> None:
     )
 
 
-class Tally:
-    """Counts events by reason and says when one is worth a log line.
+def worth_a_line(count: int) -> bool:
+    """Whether the count-th occurrence of something is logged: the 1st to 10th, then every 10th up to 100, then
+    every 100th and so on, so a flood cannot flood the log."""
+    return count <= 10 or count % 10 ** (len(str(count)) - 1) == 0
 
-    The 1st to 10th occurrence of a reason is logged, then every 10th up to 100,
-    then every 100th and so on, so a flood of bad frames cannot flood the log.
-    """
+
+class Tally:
+    """Counts events by reason and says when one is worth a log line (`worth_a_line`)."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
@@ -37,7 +39,7 @@ class Tally:
     def add(self, reason: str) -> bool:
         count = self.counts.get(reason, 0) + 1
         self.counts[reason] = count
-        return count <= 10 or count % 10 ** (len(str(count)) - 1) == 0
+        return worth_a_line(count)
 
     def total(self) -> int:
         return sum(self.counts.values())

@@ -74,7 +74,8 @@ def sensor_families(sensor: str, stats: dict, up: bool) -> list[Metric]:
 
 
 def aligner_families(states: dict[str, dict[str, tuple[str, str]]], stats: dict) -> list[Metric]:
-    """The aligner's streams by state (mmfuse.aligner.Aligner.stream_states), sessions, and late messages."""
+    """The aligner's streams by state (mmfuse.aligner.Aligner.stream_states), sessions, late messages and data of
+    a stale run."""
     streams = GaugeMetricFamily("mmfuse_streams", "Streams of the open sessions by state", labels=["state"])
     counts = dict.fromkeys(STREAM_STATES, 0)
     for session in states.values():
@@ -86,4 +87,6 @@ def aligner_families(states: dict[str, dict[str, tuple[str, str]]], stats: dict)
     windows = GaugeMetricFamily("mmfuse_open_windows", "Windows open in the aligner", value=stats["open_windows"])
     late = CounterMetricFamily("mmfuse_late_messages", "Messages that reached the aligner after their window "
                                "closed", value=stats["late"])
-    return [streams, sessions, windows, late]
+    stale = CounterMetricFamily("mmfuse_stale_run_reports", "Stream reports and window contributions dropped for "
+                                "another run than their session's (docs/protocol.md, `run`)", value=stats["stale_run"])
+    return [streams, sessions, windows, late, stale]

@@ -352,6 +352,51 @@ def aligner_with_history():
     return aligner
 
 
+def in_run(batch: SensorBatch, run: int) -> SensorBatch:
+    for item in (*batch.deltas, *batch.progress):
+        item.run = run
+    return batch
+
+
+def stranger(t: float, session="s1") -> SensorBatch:
+    """A heartbeat from a source no configured sensor is named after, on cam0's socket."""
+    return SensorBatch("cam0", [], [StreamProgress(session, "cam9", "visual", t, OFFSET + t, OFFSET, False, 0)])
+
+
+def test_a_later_run_of_a_sessions_own_stream_begins_its_next_life():
+    aligner = make_aligner()
+    feed_window(aligner, 0)
+    feed_window(aligner, 1, sources=["mic0", "asr0"])
+    assert [w.window_id for w in aligner.poll(OFFSET + 2.0)] == [0]
+    aligner.push(in_run(utterance("cam0", 0), 5))  # cam0's sensor actor: its stream began run 5
+    old, new = aligner.poll(OFFSET + 4.0)
+    assert (old.epoch, old.window_id, old.missing) == (0, 1, ["visual"])  # closed with what it had
+    assert (new.epoch, new.window_id, new.present) == (1, 0, ["visual"]) and aligner.counts["stale_run"] == 0
+
+
+def test_one_message_from_a_new_source_of_a_later_run_leaves_a_live_session_as_it_is():
+    aligner = make_aligner()
+    feed_window(aligner, 0)
+    assert len(aligner.poll(OFFSET + 2.0)) == 1
+    aligner.push(in_run(stranger(2.5), 999))
+    feed_window(aligner, 1)
+    (window,) = aligner.poll(OFFSET + 4.0)
+    assert (window.epoch, window.window_id, window.present, window.dropped) == (0, 1, MODALITIES, [])
+    assert aligner.counts["stale_run"] == 1
+
+
+def test_a_session_begun_by_a_stranger_of_another_run_is_taken_over_once_nothing_of_it_is_live():
+    aligner = make_aligner()
+    aligner.push(in_run(stranger(0.5), 999))
+    assert aligner.poll(OFFSET + 0.5) == []
+    aligner.push(heartbeat("mic0", 0.9))  # run 0, while the stranger's stream is live: dropped
+    assert aligner.poll(OFFSET + 0.9) == [] and aligner.counts["stale_run"] == 1
+    assert aligner.poll(OFFSET + 1.6) == []  # the stranger silent past the drop timeout
+    feed_window(aligner, 0)
+    (window,) = aligner.poll(OFFSET + 2.0)
+    assert (window.epoch, window.window_id, window.present, window.dropped) == (1, 0, MODALITIES, [])
+
+
 def test_a_copy_goes_on_from_where_it_was_taken_whatever_the_original_does_after():
     original = aligner_with_history()
     taken, oracle = original.copy(), copy.deepcopy(original)
