@@ -303,13 +303,17 @@ class Aligner:
             # the reference's lowest delay is not settled yet, at the session's start or after its sensor actor
             # restarted: the stream stays as it was mapped
             return
+        if not held and reference.line is not None and abs(reference.line.drift) > REAL_TIME_DRIFT:
+            # nor is a reference line no live clock could draw: fitted to its first few seconds, one of them seen
+            # only late, or not sent live. Offsets read off it can be a tenth of a second out
+            return
         # both offsets are the lowest recent delays, so comparing them now already follows any drift
         disagreement = stream.offset - reference.offset
         shift = disagreement if abs(disagreement) > self.clock_tolerance else 0.0
         before = session.shifts.get(stream.source, 0.0)
         if abs(shift - before) > self.clock_tolerance or (shift == 0.0) != (before == 0.0):
             self.log.info("stream clock mapped", session=name, source=stream.source, shift_s=round(shift, 4),
-                          drift_ppm=round(stream.drift * 1e6, 1), resets=stream.resets)
+                          drift_ppm=round(stream.drift * 1e6, 1), resets=stream.resets, reference=session.reference)
         self._map(session, stream.source, shift)
 
     def _map(self, session: Session, source: str, shift: float) -> None:

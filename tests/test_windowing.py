@@ -219,6 +219,23 @@ def test_session_time_stays_the_clock_of_the_first_stream_heard():
     assert_means_in_place(closed)
 
 
+def test_streams_on_one_clock_stay_unshifted_while_their_clock_lines_are_first_fitted():
+    # every sensor sends a heartbeat for t=k at k+0.5 and the data of [k, k+1) at k+1, so its first second is
+    # seen only through a heartbeat half a second late: a line fitted to four seconds takes that for a steep
+    # drift. The recogniser, heard first (the session clock), reports its fifth second after the others
+    events = []
+    for i, name in enumerate(["asr0", "cam0", "mic0"]):
+        for k in range(10):
+            beat = wire.SensorMessage("s", name, SENSORS[name], 2 * k, float(k), kind="heartbeat")
+            data = wire.features_message("s", name, SENSORS[name], 2 * k + 1, float(k), np.full(2, k + 0.5),
+                                         duration=1.0)
+            lag = 0.3 if (name, k) == ("asr0", 3) else 0.0
+            events += [(START + k + 0.5 + i * 0.001, name, beat), (START + k + 1.005 + lag, name, data)]
+    closed, _, aligner = run(events)
+    assert summary(closed) == [(k, ALL, []) for k in range(10)] and aligner.counts["late"] == 0
+    assert all(vector[0] == w.start + 0.5 for w in closed for vector in w.features.values())
+
+
 def test_a_sensor_that_finishes_a_replay_first_waits_for_the_others():
     from mmfuse.frames import SensorBatch, StreamProgress
 
