@@ -198,7 +198,9 @@ class AlignerActor:
 
     def _redeliver(self) -> None:
         closed = {(name, s.epoch): s.closed for name, s in self.aligner.sessions.items()}
-        self._call(self._decider(), "resume", self.outbox.floors(closed))
+        floors = self.outbox.floors(closed)
+        self._call(self._decider(), "resume", floors)
+        self._call("publisher", "resume", floors)
         pending = self.outbox.pending()
         self.redelivered += len(pending)
         if pending:

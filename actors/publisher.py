@@ -1,9 +1,11 @@
 """Publisher actor: binds the output socket, publishes each window's decision once on
-`decision/<session>`, and acknowledges it to the aligner, which then forgets the window."""
+`decision/<session>`, each session's in close order, and acknowledges it to the aligner,
+which then forgets the window."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections import deque
 
@@ -12,7 +14,7 @@ import zmq
 
 from mmfuse import wire
 from mmfuse.config import DaemonConfig
-from mmfuse.delivery import Published
+from mmfuse.delivery import CloseOrder, Published
 from mmfuse.incarnation import Incarnation
 from mmfuse.logs import configure
 from mmfuse.metrics import DecisionMetrics
@@ -37,6 +39,7 @@ class PublisherActor:
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.error: str | None = None
+        self.closed = False  # drained: the socket is closed
         self.gate = None
         keys = daemon_keys(config)
         if keys is not None:
@@ -52,6 +55,9 @@ class PublisherActor:
         self.bound_at = time.monotonic()
         self.subscribed = False
         self.sent = Published()
+        self.order = CloseOrder(waiting_for_floors=_restarted())
+        self.lock = threading.Lock()  # the socket and the order, between calls and the gap timer
+        threading.Thread(target=self._watch_gaps, name="publisher-gaps", daemon=True).start()
         self.published = 0
         self.metrics = DecisionMetrics()
         self.recent: deque[tuple[int, dict]] = deque(maxlen=RECENT_KEPT)  # (number published, wire payload)
@@ -79,10 +85,31 @@ class PublisherActor:
             wait_s = 0.0
 
     def publish(self, decisions: list[wire.Decision]) -> None:
-        """Send each decision not sent before, then acknowledge them all (copies too: their first
-        acknowledgement may have been lost with an aligner). Without a socket nothing is acknowledged, so the
-        aligner keeps the windows."""
-        if self.error:
+        """Send each decision not sent before, in its session's close order (mmfuse.delivery.CloseOrder: one
+        that comes before an earlier window of its session waits for it), then acknowledge those sent and the
+        copies (their first acknowledgement may have been lost with an aligner). Without a socket nothing is
+        acknowledged, so the aligner keeps the windows."""
+        with self.lock:
+            if not self.error and not self.closed:
+                self._send(*self.order.take(decisions, time.monotonic()))
+
+    def resume(self, floors: dict[tuple[str, int], int]) -> None:
+        """The aligner's floors: where each session's close order stands (a publisher that took over from a dead
+        one holds every decision until it has them)."""
+        with self.lock:
+            self.order.resume(floors)
+            if not self.error and not self.closed:
+                self._send(*self.order.take([], time.monotonic()))
+
+    def _watch_gaps(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self.lock:
+                if self.order.held and not self.error and not self.closed:
+                    self._send(*self.order.take([], time.monotonic()))
+
+    def _send(self, decisions: list[wire.Decision], copies: list[wire.Decision]) -> None:
+        if not decisions and not copies:
             return
         self._read_subscriptions()
         wait = RECONNECT_WAIT_S - (time.monotonic() - self.bound_at)
@@ -100,10 +127,12 @@ class PublisherActor:
             self.recent.append((self.published, payload | {"published_at": now}))
             self.log.debug("decision", session=decision.session, window=decision.window_id,
                            label=decision.label, restored=decision.restored, dropped=decision.dropped)
-        self.stages["aligner"].ack.remote([d.key for d in decisions])
+        self.stages["aligner"].ack.remote([d.key for d in decisions + copies])
 
     def drain(self) -> dict:
-        self.socket.close()  # LINGER lets queued decisions go out first
+        with self.lock:
+            self.closed = True
+            self.socket.close()  # LINGER lets queued decisions go out first
         return self.stats()
 
     def read_metrics(self) -> tuple[str, list]:
@@ -115,4 +144,13 @@ class PublisherActor:
 
     def stats(self) -> dict:
         refused = {} if self.gate is None else {"auth_refused": self.gate.refused_count}
-        return {"published": self.published, "duplicates_dropped": self.sent.duplicates, **refused}
+        return {"published": self.published, "duplicates_dropped": self.sent.duplicates + self.order.copies,
+                "held_for_order": self.order.held_count(), "order_gaps_given_up": self.order.gaps_given_up,
+                **refused}
+
+
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (a publisher that takes over from a dead one)."""
+    import ray
+
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)

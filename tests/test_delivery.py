@@ -5,10 +5,11 @@ stages standing in for each other."""
 import numpy as np
 
 from mmfuse.bundle import load_bundle
-from mmfuse.delivery import Outbox, Published
+from mmfuse.delivery import CloseOrder, Outbox, Published
 from mmfuse.frames import ClosedWindow, SessionEnd
 from mmfuse.fusion import FusionHead
 from mmfuse.pipeline import PIPELINE
+from mmfuse.wire import Decision
 
 DIMS = {"audio": 73, "visual": 100, "text": 100}
 
@@ -53,6 +54,47 @@ def test_the_publisher_sends_a_key_once_and_remembers_a_bounded_number_for_a_bou
     sent.first_time(("s", 0, 4, 0), 60.5)  # the key sent at 0.0 is over a minute old
     assert list(sent.keys) == [("s", 0, 2, 0), ("s", 0, 3, 0), ("s", 0, 4, 0)]
     assert not sent.first_time(("s", 0, 4, 0), 200.0) and sent.duplicates == 2
+
+
+def decision(seq, session="s", revision=0) -> Decision:
+    return Decision(session, seq, 0.0, 1.0, "sentiment", "positive", {"positive": 1.0}, [], [], [], "mean", 0.0, "b",
+                    revision=revision, key=(session, 0, seq, revision))
+
+
+def keys(decisions) -> list[tuple]:
+    return [d.key[2:] if d.session == "s" else d.key for d in decisions]
+
+
+def test_the_publisher_sends_each_sessions_decisions_in_close_order_whatever_order_they_come_in():
+    order = CloseOrder()
+    assert keys(order.take([decision(0), decision(2), decision(1, revision=1)], 0.0)[0]) == [(0, 0)]
+    assert keys(order.take([decision(1), decision(0, session="t")], 0.1)[0]) == [(1, 0), (1, 1), (2, 0), ("t", 0, 0, 0)]
+    out, copies = order.take([decision(1), decision(2, revision=1)], 0.2)  # a copy, and a revision after its first
+    assert keys(out) == [(2, 1)] and keys(copies) == [(1, 0)] and order.held_count() == 0
+
+
+def test_a_publisher_that_took_over_holds_everything_until_the_floors_then_sends_in_order():
+    order = CloseOrder(waiting_for_floors=True)
+    assert order.take([decision(8), decision(6)], 0.0) == ([], [])  # closed after the window that died: wait
+    order.resume({("s", 0): 7})  # 0-6 went out before the restart; 7 is handed on again
+    out, copies = order.take([], 0.1)
+    assert keys(out) == [] and keys(copies) == [(6, 0)]
+    assert keys(order.take([decision(7)], 0.2)[0]) == [(7, 0), (8, 0)]
+
+
+def test_a_gap_that_stays_open_is_given_up_on_and_the_window_that_comes_later_still_goes_out():
+    order = CloseOrder(gap_s=10.0)
+    order.take([decision(0), decision(2), decision(3)], 0.0)
+    assert order.take([], 9.9) == ([], []) and order.held_count() == 2
+    assert keys(order.take([], 10.0)[0]) == [(2, 0), (3, 0)] and order.gaps_given_up == 1
+    assert keys(order.take([decision(1), decision(4)], 11.0)[0]) == [(1, 0), (4, 0)]
+    assert keys(order.take([decision(2)], 12.0)[1]) == [(2, 0)]  # a copy of one given out past the gap
+
+
+def test_a_publisher_whose_floors_never_come_sends_what_it_holds_after_the_gap_time():
+    order = CloseOrder(waiting_for_floors=True, gap_s=10.0)
+    assert order.take([decision(4)], 0.0) == ([], [])
+    assert keys(order.take([], 10.0)[0]) == [(4, 0)]
 
 
 def test_a_restarted_fusion_carries_on_from_the_floor_and_decides_copies_again_with_their_context(bundle_dir):

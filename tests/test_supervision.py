@@ -1,6 +1,6 @@
 """The daemon survives its own parts: each actor's process is killed with SIGKILL mid-session
 (as an OOM kill or a segfault in a native library would), and every window is still decided
-exactly once, with what was sent, and decisions resume within 2 s (with fusion in the restorer's
+exactly once, with what was sent, each session's in window order, and decisions resume within 2 s (with fusion in the restorer's
 process, pipeline.shared_model_process, once the restorer is back)."""
 
 import os
@@ -116,6 +116,8 @@ def test_a_killed_actor_loses_no_window_and_decides_none_twice(tmp_path, bundle_
         ids = sorted(d["window"]["id"] for _, d in received if d["session"] == session)
         assert ids == list(range(WINDOWS)), f"{session}: windows {ids}\n{log}\n" + "\n".join(
             f"{d['window']} {d['present']} {d['dropped']}" for _, d in received if d["session"] == session)
+        arrived = [d["window"]["id"] for _, d in received if d["session"] == session]
+        assert arrived == ids, f"{session}: decisions out of window order: {arrived}"
     camera_down = 0
     for _, decision in received:
         session, k = decision["session"], decision["window"]["id"]
