@@ -9,3 +9,4 @@ definitions (`mmfuse.models`, `mmfuse.restorers`).
 __version__ = "0.1.0"
 
 MODALITIES = ("audio", "visual", "text")
+MAX_NAME_LEN = 256  # of a session or source name on the wire, which has no '/' (topics are modality/session)

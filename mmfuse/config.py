@@ -9,9 +9,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mmfuse import MAX_NAME_LEN
 from mmfuse.options import RESTORERS as RESTORER_NAMES
 
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+NUMBERS = (int, float, int | None, float | None)
 
 
 class ConfigError(Exception):
@@ -20,6 +24,14 @@ class ConfigError(Exception):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # (.inf would pass every `gt`)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_for_a_number(cls, value, info):
+        """pydantic reads true as 1 for a number; in YAML that is a slip (yes, on) more often than a number."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in NUMBERS:
+            raise ValueError(f"a number is needed here, not {str(value).lower()}: write one such as 2.0")
+        return value
 
 
 def _check_endpoint(value: str) -> str:
@@ -74,7 +86,8 @@ RESOURCES_HELP = ("Ray custom resources this actor needs, {NAME: AMOUNT}: it run
 
 
 class SensorConfig(Section):
-    name: str = Field(min_length=1, description="sensor id; also the `source` its messages carry")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LEN,
+                      description="sensor id; also the `source` its messages carry (no '/')")
     modality: Literal["audio", "visual", "text"]
     endpoint: str
     bind: bool = Field(False, description="daemon binds this endpoint instead of connecting to it")
@@ -87,6 +100,14 @@ class SensorConfig(Section):
 
     _endpoint = field_validator("endpoint")(_check_endpoint)
     _resources = field_validator("resources")(_check_resources)
+
+    @field_validator("name")
+    @classmethod
+    def _name_as_a_source(cls, value: str) -> str:
+        if "/" in value:
+            raise ValueError("a sensor's messages carry its name as `source`, which has no '/' on the wire; "
+                             "rename it without '/'")
+        return value
 
 
 MIN_WINDOW_S = 0.05  # shorter windows hold too little of any modality to decide on, and cost a decision each
@@ -362,7 +383,13 @@ _FIXES = {
     "literal_error": "use one of the values listed",
     "greater_than": "use a larger value",
     "greater_than_equal": "use a larger value",
+    "less_than": "use a smaller value",
     "less_than_equal": "use a smaller value",
+    "int_from_float": "use a whole number",
+    "string_too_short": "use a non-empty value",
+    "string_too_long": "use a shorter value",
+    "dict_type": "use a mapping of keys to values",
+    "path_type": "use a path, such as models/lab",
     "too_short": "add at least one entry",
 }
 

@@ -15,14 +15,13 @@ import msgpack
 import msgspec
 import numpy as np
 
-from mmfuse import MODALITIES
+from mmfuse import MAX_NAME_LEN, MODALITIES
 
 VERSION = 1
 KINDS = ("data", "heartbeat", "end")
 ENCODINGS = ("features", "pcm16", "jpeg", "rgb8", "utf8")
 FEATURE_DTYPES = ("<f4", "<f8", "<f2")
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
-MAX_NAME_LEN = 256
 MAX_TIME_S = 1e12       # |t|: about 31,700 years of seconds; epoch milli- or nanoseconds are far beyond
 MAX_DURATION_S = 86_400.0
 

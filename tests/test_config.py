@@ -90,6 +90,17 @@ def test_a_configuration_of_aliases_expanding_to_billions_is_refused_at_once(tmp
     assert time.monotonic() - started < 5
 
 
+def test_a_sensor_name_its_messages_could_not_carry_is_refused_with_the_fix():
+    for name, fix in (("cam/0", "rename it without '/'"), ("c" * 257, "use a shorter value")):
+        message = problems({**MINIMAL, "sensors": [{**MINIMAL["sensors"][0], "name": name}]})
+        assert "sensors[0].name" in message and fix in message
+
+
+def test_true_or_false_where_a_number_belongs_is_refused_not_read_as_one_or_zero():
+    message = problems({**MINIMAL, "window": {"hop_s": True}, "drop": {"timeout_s": False}})
+    assert "window.hop_s: a number is needed here, not true" in message and "drop.timeout_s" in message
+
+
 def test_unknown_key_is_named():
     message = problems({**MINIMAL, "drop": {"timeout": 1.0}})
     assert "drop.timeout" in message and "remove it or check its spelling" in message
