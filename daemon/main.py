@@ -19,6 +19,7 @@ from mmfuse.security import SecurityError, daemon_keys
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
+EXIT_RAY_LOST = 4  # Ray itself died under the daemon: a service manager should start it afresh
 EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C); SIGTERM stops with 0
 
 
@@ -348,6 +349,10 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
 
         while not signals.stop.wait(PING_S):
             steps.run("supervision", supervisor.watch)
+            if supervisor.lost:
+                log.error("giving up", problem=supervisor.lost, fix="start the daemon again (a service manager "
+                          "does: deploy/); the windows that were open are lost")
+                return EXIT_RAY_LOST
             steps.run("metrics", monitor.poll)
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + config.log.stats_interval_s

@@ -132,6 +132,7 @@ class Supervisor:
         self.restoring = False
         self.output_address = self.config.output.endpoint
         self.placed_checked = 0.0  # when the placement of actors long down was last checked
+        self.lost: str | None = None  # why the actors can never come back: the daemon gives up
 
     def _instances(self, stage: Stage, bundle, log_format: dict, virtual_clock: bool):
         """(actor name, constructor arguments, Ray options) of each actor of a stage."""
@@ -229,7 +230,12 @@ class Supervisor:
         if not down or now - self.placed_checked < UNPLACED_AFTER_S:
             return
         self.placed_checked = now
-        problems = dict(placement_problems(self.config, ray.nodes(), [w.name for w in down]))
+        nodes = ray.nodes()
+        if not any(node["Alive"] for node in nodes):
+            self.lost = ("no Ray node is alive (the embedded Ray's raylet, or every node of the cluster, died): "
+                         f"{', '.join(w.name for w in down)} cannot be restarted")
+            return
+        problems = dict(placement_problems(self.config, nodes, [w.name for w in down]))
         for watched in down:
             problem = problems.get(watched.name)
             if problem and problem != watched.unplaced:

@@ -171,3 +171,22 @@ def test_sigterm_while_an_actor_is_down_still_publishes_every_open_window(tmp_pa
     decided = sorted((d["window"]["id"], d["present"]) for _, d in received)
     assert decided == [(0, ["audio", "text", "visual"]), (1, ["audio", "text", "visual"]),
                        (2, ["audio", "text", "visual"]), (3, ["audio", "visual"])], log
+
+
+def test_a_daemon_whose_embedded_ray_dies_under_it_gives_up_with_its_own_exit_status(tmp_path, bundle_dir):
+    """Ray's raylet SIGKILLed: no actor can be restarted, so the daemon says so and exits 4 for a service manager
+    to start it again, rather than stay up, alive to its health probe, with nothing running."""
+    import psutil
+
+    lab = Lab(tmp_path, bundle_dir, {"method": "mean"}, window=WINDOW)
+    try:
+        lab.wait_ready()
+        (raylet,) = [p for p in psutil.Process(lab.daemon.process.pid).children(recursive=True)
+                     if p.name() == "raylet"]
+        raylet.kill()
+        status = lab.daemon.process.wait(timeout=120)
+    finally:
+        lab.close()
+    log = lab.daemon.log(lines=400)
+    assert status == 4, log
+    assert "giving up" in log and "no Ray node is alive" in log, log
