@@ -105,15 +105,20 @@ class CloseOrder:
     window's first decision, whatever order the stages hand them over in. After a publisher restart the window
     that died with the old one comes back through the stages behind the windows closed since; a publisher that
     took over from a dead one (`waiting_for_floors`) knows nothing of what went out before it, and holds every
-    decision until `resume` gives it the aligner's floors (Outbox.floors). A gap still open after `gap_s` (or
-    floors that never come) is given up on: what waits goes out as it is, and a window of the gap that comes
-    later goes out when it comes. No I/O."""
+    decision until `resume` gives it the aligner's floors (Outbox.floors). A life it does not know (new, or
+    forgotten after `kept_s` without a decision) starts at 0. A gap still open after `gap_s` (or floors that
+    never come) is given up on: what waits goes out, the order carries on after it, and a window of the gap that
+    comes later still goes out when it comes. No I/O."""
 
-    def __init__(self, waiting_for_floors: bool = False, gap_s: float = 10.0, kept_s: float = PUBLISHED_KEPT_S):
-        self.waiting_since = -math.inf if not waiting_for_floors else None  # None: until the first take()
+    SKIPPED_KEPT = 10_000  # seqs of a gap given up on remembered per life (to send them if they come after all)
+
+    def __init__(self, waiting_for_floors: bool = False, gap_s: float = 10.0, kept_s: float = 3600.0):
+        self.waiting_since = None if waiting_for_floors else -math.inf  # None: from the first take()
+        self.floors_missing = waiting_for_floors
+        self.unsure: dict[tuple[str, int], tuple[int, int]] = {}  # seqs [lo, hi) of a life begun before the floors
         self.gap_s, self.kept_s = gap_s, kept_s
-        self.next: dict[tuple[str, int], int] = {}         # session life -> seq of the next first decision
-        self.ahead: dict[tuple[str, int], set[int]] = {}   # seqs given out past a gap given up on
+        self.next: dict[tuple[str, int], int] = {}           # session life -> seq of its next first decision
+        self.skipped: dict[tuple[str, int], set[int]] = {}   # seqs of gaps given up on, not sent yet
         self.held: dict[tuple[str, int], list[tuple[float, Decision]]] = {}  # (when it came, decision)
         self.touched: dict[tuple[str, int], float] = {}
         self.copies = self.gaps_given_up = 0
@@ -121,8 +126,11 @@ class CloseOrder:
     def resume(self, floors: dict[tuple[str, int], int]) -> None:
         """The aligner's floors: per session life, the close order below which every window was published."""
         for life, floor in floors.items():
-            self.next[life] = max(self.next.get(life, 0), floor)
-        self.waiting_since = -math.inf
+            self.next[life] = max(self.next.get(life, floor), floor)
+            lo, hi = self.unsure.pop(life, (0, 0))
+            if max(lo, floor) < hi:
+                self.unsure[life] = (max(lo, floor), hi)
+        self.waiting_since, self.floors_missing = -math.inf, False
 
     def take(self, decisions: list[Decision], now: float) -> tuple[list[Decision], list[Decision]]:
         """(what may go out now, in order; copies of first decisions that went out already): the rest is held."""
@@ -137,51 +145,61 @@ class CloseOrder:
         out, copies = [], []
         for life in list(self.held):
             self._release(life, now, out, copies)
+        self.copies += len(copies)
         self._forget_idle(now)
         return out, copies
 
     def _release(self, life: tuple[str, int], now: float, out: list, copies: list) -> None:
         waiting = sorted(self.held.pop(life), key=lambda item: item[1].key[2:])
-        ahead = self.ahead.get(life, set())
+        skipped = self.skipped.get(life, set())
         kept = []
         for since, decision in waiting:
             seq, revision = decision.key[2:]
-            following = self.next.get(life, 0)
-            first_went_out = seq < following or seq in ahead
-            if revision:
-                if first_went_out:
-                    out.append(decision)
-                else:
+            if life not in self.next:
+                if not self.floors_missing:
+                    self.next[life] = 0  # a new life
+                elif revision:
                     kept.append((since, decision))
+                    continue
+                else:  # gave up waiting for the floors: what went out before is not known
+                    self.next[life], self.unsure[life] = seq, (0, seq)
+            following = self.next[life]
+            if revision:
+                (out.append(decision) if seq < following and seq not in skipped else kept.append((since, decision)))
             elif seq == following:
                 out.append(decision)
-                following += 1
-                while following in ahead:
-                    ahead.discard(following)
-                    following += 1
-                self.next[life] = following
-            elif first_went_out:
-                copies.append(decision)
+                self.next[life] = seq + 1
+            elif seq in skipped:  # late after all: out of order, but not lost
+                out.append(decision)
+                skipped.discard(seq)
+            elif seq < following:
+                lo, hi = self.unsure.get(life, (0, 0))
+                (out if lo <= seq < hi else copies).append(decision)  # (out: better twice than lost)
             else:
                 kept.append((since, decision))
-        if kept and kept[0][0] <= now - self.gap_s:
+        if kept and min(since for since, _ in kept) <= now - self.gap_s:
             self.gaps_given_up += 1
-            for _, decision in kept:
-                out.append(decision)
-                if not decision.key[3]:
-                    ahead.add(decision.key[2])
+            firsts = [d.key[2] for _, d in kept if not d.key[3]]
+            if firsts:
+                given = set(firsts)
+                skipped.update(q for q in range(max(self.next[life], max(firsts) - self.SKIPPED_KEPT), max(firsts))
+                               if q not in given)
+                self.next[life] = max(firsts) + 1
+            out.extend(decision for _, decision in kept)
             kept = []
-        if ahead:
-            self.ahead[life] = ahead
+        if skipped:
+            self.skipped[life] = set(sorted(skipped)[-self.SKIPPED_KEPT:])
+        else:
+            self.skipped.pop(life, None)
         if kept:
             self.held[life] = kept
-        self.copies += len(copies)
 
     def _forget_idle(self, now: float) -> None:
         for life in [life for life, at in self.touched.items() if at < now - self.kept_s and life not in self.held]:
             del self.touched[life]
             self.next.pop(life, None)
-            self.ahead.pop(life, None)
+            self.skipped.pop(life, None)
+            self.unsure.pop(life, None)
 
     def held_count(self) -> int:
         return sum(len(items) for items in self.held.values())

@@ -89,12 +89,24 @@ def test_a_gap_that_stays_open_is_given_up_on_and_the_window_that_comes_later_st
     assert keys(order.take([], 10.0)[0]) == [(2, 0), (3, 0)] and order.gaps_given_up == 1
     assert keys(order.take([decision(1), decision(4)], 11.0)[0]) == [(1, 0), (4, 0)]
     assert keys(order.take([decision(2)], 12.0)[1]) == [(2, 0)]  # a copy of one given out past the gap
+    assert keys(order.take([decision(5)], 12.1)[0]) == [(5, 0)]  # the order carries on after the gap
 
 
-def test_a_publisher_whose_floors_never_come_sends_what_it_holds_after_the_gap_time():
+def test_a_session_quiet_for_minutes_goes_on_without_waiting():
+    order = CloseOrder()
+    order.take([decision(0), decision(1)], 0.0)
+    order.take([decision(0, session="t")], 600.0)
+    assert keys(order.take([decision(2), decision(1, revision=1)], 610.0)[0]) == [(1, 1), (2, 0)]
+    assert order.held_count() == 0
+
+
+def test_a_publisher_whose_floors_come_late_sends_what_it_holds_after_the_gap_time_and_loses_nothing():
     order = CloseOrder(waiting_for_floors=True, gap_s=10.0)
     assert order.take([decision(4)], 0.0) == ([], [])
     assert keys(order.take([], 10.0)[0]) == [(4, 0)]
+    order.resume({("s", 0): 2})  # 0 and 1 went out before the restart; 2 and 3 did not
+    assert keys(order.take([decision(3), decision(1), decision(5)], 11.0)[0]) == [(3, 0), (5, 0)]
+    assert order.copies == 1
 
 
 def test_a_restarted_fusion_carries_on_from_the_floor_and_decides_copies_again_with_their_context(bundle_dir):
