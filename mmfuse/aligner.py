@@ -18,6 +18,7 @@ from mmfuse.logs import worth_a_line
 
 
 SLIVER_WEIGHT = 0.1  # of one message's span
+LATER_KEPT = 1000  # batches of a session's next run kept until its own streams begin it
 REAL_TIME_DRIFT = 1e-3  # crystal clocks drift by tens of ppm; a stream seeming to drift more is not sent live
 
 
@@ -143,6 +144,9 @@ class Aligner:
         self.heard: dict[str, float] = {}  # live sensor actor -> wall time its latest batch was taken
         self.lost: dict[str, str] = {}  # sensor actor -> the incarnation of it that died last
         self.retired: list[ClosedWindow] = []  # windows of sessions' earlier lives, closed on a new run
+        # per session: (run, since, batches) of sources new to it in a later run than its own, kept until one of
+        # its own streams begins that run (a replay that adds a source) or the drop timeout passes
+        self.later: dict[str, tuple[int, float, list[SensorBatch]]] = {}
         self.news = True  # something came since the last poll of every session
         self.polled_at = -math.inf  # the `now` of the latest poll
         self.wake = math.inf  # while a session is polled: the earliest moment its answer can change by itself
@@ -158,6 +162,7 @@ class Aligner:
         twin.counts, twin.reported, twin.lost = dict(self.counts), dict(self.reported), dict(self.lost)
         twin.heard = dict(self.heard)
         twin.finished = list(self.finished)
+        twin.later = {name: (run, since, list(batches)) for name, (run, since, batches) in self.later.items()}
         twin.retired = [copy.copy(window) for window in self.retired]  # dispatching stamps them
         return twin
 
@@ -196,15 +201,26 @@ class Aligner:
                 self.heard[batch.sensor] = took
         for progress in batch.progress:
             ending = self.sessions.get(progress.session)
-            if ending is not None and progress.run != ending.run and self._begins_life(ending, progress, batch.sensor):
+            begins = ending is not None and progress.run != ending.run and self._begins_life(ending, progress,
+                                                                                              batch.sensor)
+            if begins:
                 for delta in batch.deltas:  # this batch's data of the life it ends goes first
                     if delta.session == progress.session and delta.run == ending.run and id(delta) not in taken:
                         self._take(ending, delta)
                         taken.add(id(delta))
                 self._end_life(progress.session, ending, progress.run, progress.arrived_at)
+            elif ending is not None and progress.run > ending.run and progress.source not in ending.streams:
+                deltas = [d for d in batch.deltas if (d.session, d.run) == (progress.session, progress.run)]
+                taken.update(id(d) for d in deltas)
+                self._keep_for_later(progress.session, progress.run, progress.arrived_at,
+                                     SensorBatch(batch.sensor, deltas, [progress], incarnation=batch.incarnation))
+                continue
             session = self._life(progress.session, progress.run)
             if session is None:
                 continue
+            if begins:
+                for kept in self._take_later(progress.session, progress.run):
+                    self.push(kept)  # what came of the new run from sources new to the session, before this
             if progress.source == session.reference and progress.line is None and (
                     session.streams[progress.source].line is not None or batch.incarnation != session.reference_life):
                 session.reference_learning = progress.arrived_at  # its sensor actor restarted: it learns anew
@@ -236,6 +252,38 @@ class Aligner:
             return progress.run > session.run and session.reporters.get(progress.source) == sensor
         return session.dropped >= session.streams.keys()
 
+    def _keep_for_later(self, name: str, run: int, now: float, batch: SensorBatch) -> None:
+        """Keep a new source's batch of a later run than the session's until one of its own streams begins that
+        run (its sensor actor confirms a stream's new run with the stream's next message, so a source the run adds
+        is heard first); counted as stale instead if another run's are kept, or too many."""
+        kept_run, since, batches = self.later.get(name, (run, now, []))
+        if kept_run != run or len(batches) >= LATER_KEPT:
+            self._count_stale(name, run, self.sessions[name].run, _items([batch]))
+        else:
+            self.later[name] = (run, since, batches + [batch])
+
+    def _take_later(self, name: str, run: int) -> list[SensorBatch]:
+        kept_run, _, batches = self.later.pop(name, (run, 0.0, []))
+        if kept_run == run:
+            return batches
+        self._count_stale(name, kept_run, run, _items(batches))
+        return []
+
+    def _expire_later(self, now: float) -> None:
+        """A live stream is heard at least every half drop timeout: a run none of the session's own streams has
+        begun in twice that was not a new run of the session."""
+        for name in [n for n, (_, since, _) in self.later.items() if now - since > 2 * self.timeout]:
+            run, _, batches = self.later.pop(name)
+            session = self.sessions.get(name)
+            self._count_stale(name, run, session.run if session else None, _items(batches))
+
+    def _count_stale(self, name: str, run: int, session_run: int | None, count: int = 1) -> None:
+        for _ in range(count):
+            self.counts["stale_run"] += 1
+            if worth_a_line(self.counts["stale_run"]):
+                self.log.warning("data of another run dropped", session=name, run=run, session_run=session_run,
+                                 count=self.counts["stale_run"])
+
     def _end_life(self, name: str, session: Session, run: int, now: float) -> None:
         """End the session's life (its open windows close with what they have): a new run begins."""
         self.log.info("session begins a new run", session=name, run=run, after_run=session.run)
@@ -252,10 +300,7 @@ class Aligner:
             session = self.sessions[name] = Session(self.epochs, run=run)
             self.epochs += 1
         if session.run != run:
-            self.counts["stale_run"] += 1
-            if worth_a_line(self.counts["stale_run"]):
-                self.log.warning("data of another run dropped", session=name, run=run, session_run=session.run,
-                                 count=self.counts["stale_run"])
+            self._count_stale(name, run, session.run)
             return None
         return session
 
@@ -362,6 +407,8 @@ class Aligner:
         closed, self.retired = self.retired, []
         every = not due_only or self.news or now < self.polled_at
         self.polled_at = now
+        if self.later:
+            self._expire_later(now)
         for name in list(self.sessions):
             session = self.sessions[name]
             if not every and now < session.wake_at:
@@ -616,7 +663,12 @@ class UtteranceAligner(Aligner):
         for span in batch.spans:
             session = self.sessions.get(span.session)
             if session is None or session.run != span.run:
-                self.counts["stale_run"] += 1
+                kept = self.later.get(span.session)
+                if kept is not None and kept[0] == span.run:
+                    self._keep_for_later(span.session, span.run, kept[1],
+                                         SensorBatch(batch.sensor, [], [], spans=[span], incarnation=batch.incarnation))
+                else:
+                    self._count_stale(span.session, span.run, session.run if session else None)
                 continue
             if span.source in session.unmapped:
                 session.held_spans.setdefault(span.source, []).append(span)
@@ -689,3 +741,8 @@ class UtteranceAligner(Aligner):
             for k in [k for k in session.windows if k < first]:
                 del session.windows[k]
             session.next_window = first
+
+
+def _items(batches: list[SensorBatch]) -> int:
+    """Reports, window contributions and spans in these batches (what `stale_run` counts)."""
+    return sum(len(b.progress) + len(b.deltas) + len(b.spans) for b in batches)

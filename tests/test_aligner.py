@@ -382,7 +382,28 @@ def test_one_message_from_a_new_source_of_a_later_run_leaves_a_live_session_as_i
     feed_window(aligner, 1)
     (window,) = aligner.poll(OFFSET + 4.0)
     assert (window.epoch, window.window_id, window.present, window.dropped) == (0, 1, MODALITIES, [])
+    aligner.poll(OFFSET + 4.6)  # kept for twice the drop timeout, in case the session's streams began its run
     assert aligner.counts["stale_run"] == 1
+
+
+def test_a_new_run_that_adds_a_source_keeps_what_the_source_sent_before_the_sessions_own_streams_began_it():
+    def replayed(again: bool):
+        aligner, shift = make_aligner(), 4.5 if again else 0.0
+        if again:  # run 1 of mic0 and cam0, still live when run 2 begins
+            for k in range(3):
+                for source in ("mic0", "cam0"):
+                    aligner.push(in_run(utterance(source, k), 1))
+                aligner.poll(OFFSET + 2.0 * (k + 1))
+        closed = []
+        for k in range(3):  # run 2 adds asr0, heard first: the sensor actors hold mic0's and cam0's new run a message
+            for source in ("asr0", "mic0", "cam0"):
+                batch = in_run(utterance(source, k, arrive_late=shift), 2)
+                batch.progress[0].offset += shift
+                aligner.push(batch)
+            closed += aligner.poll(OFFSET + shift + 2.0 * (k + 1))
+        return [(w.window_id, w.present) for w in closed if w.epoch == int(again)], aligner.counts["stale_run"]
+
+    assert replayed(again=True) == replayed(again=False) == ([(k, MODALITIES) for k in range(3)], 0)
 
 
 def test_a_session_begun_by_a_stranger_of_another_run_is_taken_over_once_nothing_of_it_is_live():
