@@ -121,6 +121,7 @@ class CloseOrder:
         self.skipped: dict[tuple[str, int], set[int]] = {}   # seqs of gaps given up on, not sent yet
         self.held: dict[tuple[str, int], list[tuple[float, Decision]]] = {}  # (when it came, decision)
         self.touched: dict[tuple[str, int], float] = {}
+        self.forget_at = -math.inf  # when idle lives are next looked for: not on every call, there may be many
         self.copies = self.gaps_given_up = 0
 
     def resume(self, floors: dict[tuple[str, int], int]) -> None:
@@ -146,7 +147,9 @@ class CloseOrder:
         for life in list(self.held):
             self._release(life, now, out, copies)
         self.copies += len(copies)
-        self._forget_idle(now)
+        if now >= self.forget_at:
+            self._forget_idle(now)
+            self.forget_at = now + self.kept_s / 60
         return out, copies
 
     def _release(self, life: tuple[str, int], now: float, out: list, copies: list) -> None:

@@ -1,7 +1,8 @@
 """The daemon survives its own parts: each actor's process is killed with SIGKILL mid-session
 (as an OOM kill or a segfault in a native library would), and every window is still decided
-exactly once, with what was sent, each session's in window order, and decisions resume within 2 s (with fusion in the restorer's
-process, pipeline.shared_model_process, once the restorer is back)."""
+exactly once, with what was sent, each session's in window order, and decisions resume within
+2 s (with fusion in the restorer's process, pipeline.shared_model_process, once the restorer is
+back)."""
 
 import os
 import re
