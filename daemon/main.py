@@ -337,7 +337,7 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
             signals.stop.set()
         log.info("daemon ready", bundle=bundle.id, sensors=[s.name for s in config.sensors],
                  output=supervisor.output_address, restorer=config.restorer.method, virtual_clock=virtual_clock,
-                 startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids())
+                 startup_s=round(time.monotonic() - started, 2), pids=supervisor.pids(), ray_node=supervisor.node)
         next_stats, last_stats, steps = time.monotonic() + config.log.stats_interval_s, None, WatchSteps(monitor, log)
 
         def log_stats():
@@ -350,8 +350,12 @@ def run(config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log
         while not signals.stop.wait(PING_S):
             steps.run("supervision", supervisor.watch)
             if supervisor.lost:
-                log.error("giving up", problem=supervisor.lost, fix="start the daemon again (a service manager "
-                          "does: deploy/); the windows that were open are lost")
+                drain = supervisor.can_drain
+                log.error("giving up", problem=supervisor.lost, open_windows="decided first" if drain else "lost",
+                          fix="start the daemon again (a service manager does: deploy/)")
+                if drain:
+                    monitor.set_phase("draining")
+                    log.info("stopped", **supervisor.drain(), **tree_memory_mb())
                 return EXIT_RAY_LOST
             steps.run("metrics", monitor.poll)
             if time.monotonic() >= next_stats:

@@ -108,6 +108,19 @@ def placement_problems(config: DaemonConfig, nodes: list[dict], actors: list[str
     return problems
 
 
+def embedded_ray_processes() -> dict[str, psutil.Process]:
+    """The GCS and raylet that ray.init started under this process for a Ray of its own: Ray cannot restart an
+    actor without either, and its raylet stops, with every actor, a minute after the GCS is lost."""
+    return {p.name(): p for p in psutil.Process().children() if p.name() in ("gcs_server", "raylet")}
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class Supervisor:
     def __init__(self, config: DaemonConfig, bundle, log_format: dict, virtual_clock: bool, log):
         import ray
@@ -133,6 +146,7 @@ class Supervisor:
         self.output_address = self.config.output.endpoint
         self.placed_checked = 0.0  # when the placement of actors long down was last checked
         self.lost: str | None = None  # why the actors can never come back: the daemon gives up
+        self.ray_processes = {} if config.ray.address else embedded_ray_processes()
 
     def _instances(self, stage: Stage, bundle, log_format: dict, virtual_clock: bool):
         """(actor name, constructor arguments, Ray options) of each actor of a stage."""
@@ -191,6 +205,9 @@ class Supervisor:
         import ray
 
         now = time.monotonic()
+        dead = [f"{name} (pid {p.pid})" for name, p in self.ray_processes.items() if not _running(p)]
+        if dead and self.lost is None:
+            self.lost = f"the embedded Ray's {' and '.join(dead)} died: no actor can be restarted without it"
         for watched in self.actors.values():
             if watched.ping is None:
                 watched.ping = watched.handle.ping.remote()
@@ -231,8 +248,8 @@ class Supervisor:
             return
         self.placed_checked = now
         nodes = ray.nodes()
-        if not any(node["Alive"] for node in nodes):
-            self.lost = ("no Ray node is alive (the embedded Ray's raylet, or every node of the cluster, died): "
+        if not any(node["Alive"] and node["NodeID"] == self.node for node in nodes):
+            self.lost = (f"the daemon's own Ray node {self.node[:12]} is not alive (its raylet died): "
                          f"{', '.join(w.name for w in down)} cannot be restarted")
             return
         problems = dict(placement_problems(self.config, nodes, [w.name for w in down]))
@@ -241,6 +258,11 @@ class Supervisor:
             if problem and problem != watched.unplaced:
                 self.log.error("actor cannot be placed", actor=watched.name, problem=problem)
             watched.unplaced = problem
+
+    @property
+    def can_drain(self) -> bool:
+        """Whether the actors can still close the open windows, although Ray is lost (only its GCS died)."""
+        return "raylet" in self.ray_processes and _running(self.ray_processes["raylet"])
 
     def _local(self, watched: Watched) -> bool:
         return watched.incarnation is not None and watched.incarnation.node == self.node

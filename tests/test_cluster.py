@@ -4,6 +4,7 @@ sessions go on deciding every window once, the lost sensor's modality restored, 
 resources joins, the sensor is restarted there and its modality is back in the decisions."""
 
 import os
+import re
 import signal
 import time
 
@@ -129,3 +130,30 @@ def test_actors_run_where_their_resources_say_and_a_lost_sensor_node_loses_no_wi
         if daemon.process.poll() is None:
             daemon.process.kill()
         context.destroy(linger=0)
+
+
+def test_a_daemon_whose_own_ray_node_dies_gives_up_while_other_nodes_live(cluster, tmp_path, bundle_dir):
+    """The raylet of the node the daemon's driver joined through is SIGKILLed, the other nodes stay: the daemon can
+    submit nothing any more, so it exits 4 for a service manager to start it again, naming the node."""
+    cluster, nodes = cluster
+    head = {"resources": {"head": 0.01}}
+    config = {"bundle": str(bundle_dir), "ray": {"address": cluster.address},
+              "sensors": [{"name": n, "modality": m, "endpoint": f"tcp://127.0.0.1:{free_port()}",
+                           "resources": {PINNED[n]: 0.01}} for n, m in SENSORS.items()],
+              "aligner": head, "restorer": {"method": "mean", **head}, "fusion": head, "publisher": head,
+              "output": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    daemon = Daemon(path)
+    try:
+        assert daemon.ready.wait(180), f"daemon did not become ready:\n{daemon.log()}"
+        own = re.search(r"ray_node=(\w+)", daemon.log()).group(1)
+        (node,) = [n for n in [cluster.head_node, *nodes.values()] if n.node_id == own]
+        node.kill_raylet()
+        status = daemon.process.wait(90)
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+    log = daemon.log()
+    assert status == 4, log
+    assert "giving up" in log and f"own Ray node {own[:12]} is not alive" in log, log
