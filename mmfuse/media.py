@@ -133,7 +133,8 @@ class _Pending:
     source: str
     start: float
     end: float
-    item: object  # image array, text, waveform or log-mel: what the tower's encode() takes; a jpeg message until then
+    item: object  # image array, text, waveform or a whole segment's spectrogram: what the tower's encode() takes;
+                  # a jpeg message until then
 
 
 @dataclass
@@ -233,7 +234,7 @@ class MediaEncoder:
         if segment is None or segment.samples / self.tower.rate < MIN_PARTIAL_SEGMENT_S:
             return
         if segment.samples >= self.tower.segment_samples:
-            item = segment.spectrogram.finish()
+            item = segment.spectrogram  # finished by the tower's encode, with every other segment encoded then
         else:  # a partial segment is tiled up to a whole one, and its log-mel made of that at encode
             item = fit_segment(np.concatenate(segment.chunks), self.tower.segment_samples)
         self.pending.append(_Pending(*key, segment.start, segment.start + segment.samples / self.tower.rate, item))

@@ -14,7 +14,7 @@ from mmfuse import wire
 from mmfuse.bundle import load_bundle
 from mmfuse.inference import embed, predict
 from mmfuse.media import MediaEncoder, pcm16_samples
-from mmfuse.towers import AudioTower, ImageTower, TextTower, TowerError, build_clip, clip_config, \
+from mmfuse.towers import AudioTower, ImageTower, StreamingLogMel, TextTower, TowerError, build_clip, clip_config, \
     preprocess_config, resolve_pretrained
 from mmfuse.training.evaluate import main as eval_main
 from mmfuse.datasets import read_manifest
@@ -42,7 +42,7 @@ class LengthTower:
         self.rate = self.segment_samples = rate
 
     def encode(self, items):
-        return np.array([[len(i)] for i in items], np.float32)
+        return np.array([[len(i.finish() if isinstance(i, Samples) else i)] for i in items], np.float32)
 
     def spectrogram(self):
         return Samples()
@@ -157,14 +157,20 @@ def test_live_audio_is_encoded_as_the_whole_segment_would_be_with_its_log_mel_ma
     tower = AudioTower().eval()
     rng = np.random.default_rng(3)
     wave = rng.normal(0, 0.2, 16000 * 2 + 7000)
-    for sizes in ([16000] * 3, [1600] * 30, [7, 194, 1, 1700, 3, 9999] + [100] * 20):
+    running, wholes = [], []
+    for sizes in ([16000] * 3, [1600] * 30, [7, 194, 1, 1700, 3, 9999] + [100] * 20, [1600] * 10, [16000]):
         spectrogram, done = tower.spectrogram(), 0
         for size in sizes:
             spectrogram.add(wave[done:done + size].astype(np.float32))
             done += size
-        if done >= 16000:
-            whole = tower.logmel(torch.from_numpy(wave[:done].astype(np.float32))[None])[0].numpy()
-            np.testing.assert_allclose(spectrogram.finish(), whole, atol=1e-5)
+        running.append(spectrogram)
+        wholes.append(tower.logmel(torch.from_numpy(wave[:done].astype(np.float32))[None])[0].numpy())
+    np.testing.assert_allclose(running[0].finish(), wholes[0], atol=1e-5)
+    # finished together, as a window end finishes every session's segment; once finished, the same again
+    for log_mel, whole in zip(StreamingLogMel.finish_all(running) + StreamingLogMel.finish_all(running), wholes * 2):
+        np.testing.assert_allclose(log_mel, whole, atol=1e-5)
+    batch = tower.prepare([running[3], wave[:16000].astype(np.float32), wholes[4]])
+    np.testing.assert_allclose(batch.numpy(), np.stack([wholes[3]] * 3), atol=1e-5)
 
     encoder = MediaEncoder("audio", tower, frame_period_s=1.0)
     pcm = np.round(wave * 32767).clip(-32768, 32767) / 32767
