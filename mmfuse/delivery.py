@@ -108,7 +108,8 @@ class CloseOrder:
     decision until `resume` gives it the aligner's floors (Outbox.floors). A life it does not know (new, or
     forgotten after `kept_s` without a decision) starts at 0. A gap still open after `gap_s` (or floors that
     never come) is given up on: what waits goes out, the order carries on after it, and a window of the gap that
-    comes later still goes out when it comes. No I/O."""
+    comes later still goes out when it comes, but for the first decision of a window whose revision went out
+    (it is a copy then: the revision supersedes it). No I/O."""
 
     SKIPPED_KEPT = 10_000  # seqs of a gap given up on remembered per life (to send them if they come after all)
 
@@ -182,12 +183,12 @@ class CloseOrder:
                 kept.append((since, decision))
         if kept and min(since for since, _ in kept) <= now - self.gap_s:
             self.gaps_given_up += 1
-            firsts = [d.key[2] for _, d in kept if not d.key[3]]
-            if firsts:
-                given = set(firsts)
-                skipped.update(q for q in range(max(self.next[life], max(firsts) - self.SKIPPED_KEPT), max(firsts))
+            given = {d.key[2] for _, d in kept}
+            if life in self.next and max(given) >= self.next[life]:
+                skipped.update(q for q in range(max(self.next[life], max(given) - self.SKIPPED_KEPT), max(given))
                                if q not in given)
-                self.next[life] = max(firsts) + 1
+                self.next[life] = max(given) + 1
+            skipped.difference_update(given)  # a window of these whose first comes later is a copy: it went out
             out.extend(decision for _, decision in kept)
             kept = []
         if skipped:

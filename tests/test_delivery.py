@@ -2,7 +2,11 @@
 outbox, the publisher's memory of what it sent, fusion taking up a session's close order, and
 stages standing in for each other."""
 
+import math
+
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmfuse.bundle import load_bundle
 from mmfuse.delivery import CloseOrder, Outbox, Published
@@ -107,6 +111,59 @@ def test_a_publisher_whose_floors_come_late_sends_what_it_holds_after_the_gap_ti
     order.resume({("s", 0): 2})  # 0 and 1 went out before the restart; 2 and 3 did not
     assert keys(order.take([decision(3), decision(1), decision(5)], 11.0)[0]) == [(3, 0), (5, 0)]
     assert order.copies == 1
+
+
+@st.composite
+def arrivals(draw):
+    """Two sessions' decisions (each window's first and up to two revisions) and a few copies, in any order, over
+    25 s; where the flow starts (later than a minute, at times); whether the publisher took over from a dead one
+    that had sent nothing; and a window of session s whose decisions come only at 40 s, if at all."""
+    made = [(session, seq, revision) for session in ("s", "t") for seq in range(draw(st.integers(1, 8)))
+            for revision in range(draw(st.integers(1, 3)))]
+    order = draw(st.permutations(made)) + draw(st.lists(st.sampled_from(made), max_size=5))
+    times = sorted(draw(st.lists(st.floats(0.0, 25.0), min_size=len(order), max_size=len(order))))
+    late = draw(st.none() | st.sampled_from(sorted({seq for session, seq, _ in made if session == "s"})))
+    return order, times, draw(st.sampled_from([0.0, 61.0])), draw(st.booleans()), late, draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrivals())
+def test_whatever_order_decisions_come_in_each_goes_out_once_in_close_order_and_waits_only_for_a_gap(case):
+    """As the publisher sends (CloseOrder, then Published; polled every 0.5 s as its gap timer does): every
+    decision once, each session's first decisions in window order but for one that came after its gap was given
+    up, a revision after its first; a first decision with every earlier one of its session out, or given up on,
+    goes out as it comes, and none waits longer than the gap time."""
+    order, times, start, took_over, late, comes = case
+    close_order, sent, gap_s = CloseOrder(waiting_for_floors=took_over, gap_s=10.0), Published(), 10.0
+    if took_over:
+        close_order.resume({})
+    events = [(40.0 if key[:2] == ("s", late) else at, key) for key, at in zip(order, times)
+              if key[:2] != ("s", late) or comes] + [(k / 2, None) for k in range(100)]
+    arrived, out = {}, {}  # key -> when it first arrived, when it went out (in the order sent)
+    for at, key in sorted(events, key=lambda event: (event[0], event[1] is None)):
+        arrived.setdefault(key, at)
+        decisions = [] if key is None else [decision(key[1], key[0], key[2])]
+        for d in close_order.take(decisions, start + at)[0]:
+            if sent.first_time(d.key, start + at):
+                out[d.key[0], d.key[2], d.key[3]] = at
+    # a first decision that came no earlier than a revision of its window went out (its gap given up) is a copy
+    superseded = {(s, seq, 0) for s, seq, revision in out if revision and (s, seq, 0) not in out
+                  and out[s, seq, revision] <= arrived.get((s, seq, 0), math.inf)}
+    expected = {key for key in order if key[:2] != ("s", late) or comes} - superseded
+    assert set(out) == expected and close_order.held_count() == 0, (out, expected)
+    sent_order = list(out)
+    for (session, seq, revision), at in out.items():
+        came = arrived[session, seq, revision]
+        assert at - came <= gap_s + 0.5, (session, seq, revision, came, at)
+        if revision:
+            assert out.get((session, seq, 0), -math.inf) <= at, out
+            continue
+        sent_before = [j for s, j, r in sent_order[:sent_order.index((session, seq, 0))] if s == session and r == 0]
+        # out of order only if it came after a later window had gone out (the order had given up on it)
+        assert all(out[session, j, 0] <= came for j in sent_before if j > seq), sent_order
+        sent_by = {j for j in sent_before if out[session, j, 0] <= came}
+        if all(j in sent_by or any(k > j for k in sent_by) for j in range(seq)):  # nothing to wait for
+            assert at == came, (session, seq, came, at, sent_order)
 
 
 def test_a_restarted_fusion_carries_on_from_the_floor_and_decides_copies_again_with_their_context(bundle_dir):
