@@ -119,24 +119,26 @@ class RecordedMessage:
 
 
 def _reader(handle, path: Path):
-    from mcap.exceptions import McapError
+    """An MCAP reader of the file and its summary, checking every chunk's CRC as it is read (a damaged chunk is an
+    error, never data); a file without a readable summary (cut off, or its end damaged) is read record by record."""
     from mcap.reader import make_reader
 
     try:
-        reader = make_reader(handle)
+        reader = make_reader(handle, validate_crcs=True)
         summary = reader.get_summary()
         if summary is not None:
             return reader, summary
         problem = "it has no summary section"
-    except (McapError, ValueError, EOFError, OSError) as exc:
+    except Exception as exc:  # the mcap library's own errors on damaged data are of many types
         problem = _described(exc)
     salvaged = _Salvaged(path)
     if not salvaged.summary.channels:
         raise RecordingError(f"{path}: not a readable MCAP file ({problem}): not MCAP, or cut off before its "
                              f"first channel")
     if salvaged.cut is not None:  # (an MCAP file may end without a summary: only a cut one is news)
-        structlog.get_logger().warning("recording cut off (its recorder was killed?): read up to where it ends",
-                                       recording=str(path), messages=len(salvaged.messages), cut=salvaged.cut)
+        structlog.get_logger().warning("recording cut off or its end damaged (its recorder was killed?): read up "
+                                       "to where it ends", recording=str(path), messages=len(salvaged.messages),
+                                       cut=salvaged.cut)
     return salvaged, salvaged.summary
 
 
@@ -146,14 +148,14 @@ class _Salvaged:
 
     def __init__(self, path: Path):
         from mcap.records import Channel, Message, Metadata, Schema
-        from mcap.stream_reader import StreamReader
+        from mcap.stream_reader import CRCValidationError, StreamReader
         from mcap.summary import Summary
 
         self.summary, self.metadata, self.messages = Summary(), [], []
         self.cut: str | None = None  # why reading stopped before the file's proper end
         with open(path, "rb") as handle:
             try:
-                for record in StreamReader(handle).records:
+                for record in StreamReader(handle, validate_crcs=True).records:
                     if isinstance(record, Channel):
                         self.summary.channels[record.id] = record
                     elif isinstance(record, Schema):
@@ -162,6 +164,8 @@ class _Salvaged:
                         self.metadata.append(record)
                     elif isinstance(record, Message) and record.channel_id in self.summary.channels:
                         self.messages.append(record)
+            except CRCValidationError as exc:  # a chunk written whole, then changed: not a cut
+                raise RecordingError(f"{path}: the MCAP file is damaged ({_described(exc)})") from None
             except Exception as exc:  # (where the file was cut: any of the library's errors)
                 self.cut = _described(exc)
         self.messages.sort(key=lambda m: m.log_time)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -303,12 +304,12 @@ def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(record
     assert eval_main(["--log", str(recording), "--labels", str(labels)]) == 2
 
 
-def crafted_recording(path, payloads, config="{}"):
+def crafted_recording(path, payloads, config="{}", compressed=True):
     """An MCAP file laid out as mmfuse records, holding these payloads on one text channel."""
-    from mcap.writer import Writer
+    from mcap.writer import CompressionType, Writer
 
     with open(path, "wb") as handle:
-        writer = Writer(handle)
+        writer = Writer(handle, compression=CompressionType.ZSTD if compressed else CompressionType.NONE)
         writer.start(profile="mmfuse", library="test")
         writer.add_metadata("mmfuse", {"config": config})
         channel = writer.register_channel("text/asr0", "msgpack", 0,
@@ -345,6 +346,22 @@ def test_damaged_recordings_are_named_errors_and_a_foreign_message_is_skipped_no
         for read in (read_recording, summarize_mcap):
             with pytest.raises(RecordingError, match=words):
                 read(path)
+
+
+def test_a_byte_changed_in_a_chunk_is_an_error_and_a_damaged_summary_still_gives_every_message(tmp_path):
+    """A chunk's CRC is checked as it is read: a message changed on disk is never scored. A damaged summary at the
+    file's end (its statistics, say) loses no message: the file is read record by record, with a warning."""
+    good = [wire.encode(wire.text_message("s1", "asr0", k, float(k), "hello", 1.0))[1] for k in range(3)]
+    data = crafted_recording(tmp_path / "plain.mcap", good, compressed=False).read_bytes()
+    (tmp_path / "changed.mcap").write_bytes(data.replace(b"hello", b"jello", 1))
+    for read in (read_recording, summarize_mcap):
+        with pytest.raises(RecordingError, match="changed.mcap: the MCAP file is damaged .CRCValidationError"):
+            read(tmp_path / "changed.mcap")
+    footer = len(data) - 8 - 29  # the footer record (opcode, length, two offsets, CRC), then the closing magic
+    summary_start = struct.unpack_from("<Q", data, footer + 9)[0]
+    (tmp_path / "summary.mcap").write_bytes(data[:summary_start] + b"\xff" * (footer - summary_start) + data[footer:])
+    assert [m.payload for m in read_recording(tmp_path / "summary.mcap")[1]] == good
+    assert [s.count for s in summarize_mcap(tmp_path / "summary.mcap") if s.name == "text/asr0"] == [3]
 
 
 def test_a_recording_whose_writer_was_killed_is_read_up_to_where_it_ends(tmp_path):
