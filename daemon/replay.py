@@ -38,7 +38,7 @@ from mmfuse import wire
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.datasets import DataError, load_features
 from mmfuse.security import ClientKeys, SecurityError, client_keys, connect_as
-from mmfuse.virtual_clock import TICK_TOPIC, Tick, quiet_time, replay_ticks, tick_frames
+from mmfuse.virtual_clock import TICK_TOPIC, Tick, replay_ticks, replay_times, tick_frames
 
 LONG_GAP_S = 60.0  # a pause of the recording longer than this (at the replay's speed) is announced
 
@@ -507,8 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             receive(wait)
 
     if args.virtual_clock:
-        for item in replay_ticks([i.due for i in items], quiet_time(config.drop.timeout_s,
-                                                                  config.pipeline.flush_interval_ms / 1000)):
+        for item in replay_ticks([i.due for i in items], *replay_times(config)):
             if isinstance(item, Tick):
                 pace(item.now)
                 for socket in sockets.values():

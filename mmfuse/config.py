@@ -269,6 +269,11 @@ class PipelineConfig(Section):
                                        "imports torch instead of two (about 360 MiB less PSS, docs/results.md), but "
                                        "while it restarts no stage stands in and decisions wait for it")
 
+    @property
+    def stream_idle_s(self) -> float:
+        """How long a sensor keeps a silent stream's state: streams outlive their session's idle time."""
+        return 5 * self.session_idle_s
+
 
 class HttpConfig(Section):
     host: str = Field("127.0.0.1", min_length=1, description="address the HTTP endpoint listens on; 0.0.0.0 for "

@@ -23,7 +23,7 @@ from mmfuse.config import DaemonConfig, SensorConfig
 from mmfuse.frames import ClosedWindow, SensorBatch, WindowKey
 from mmfuse.ingest import SensorIngest
 from mmfuse.media import MediaEncoder
-from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, quiet_time, replay_ticks
+from mmfuse.virtual_clock import AlignerTicks, SensorTicks, Tick, replay_ticks, replay_times
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def build_ingest(config: DaemonConfig, sensor: SensorConfig, dim: int | None, to
     others = frozenset(s.name for s in config.sensors if s.name != sensor.name)
     return SensorIngest(sensor.name, sensor.modality, *sensor_grid(config), dim, config.pipeline.max_payload_bytes,
                         log, media, config.clock.jump_s, spans=config.window.mode == "utterance",
-                        idle_s=5 * config.pipeline.session_idle_s,  # streams outlive their session's idle time
+                        idle_s=config.pipeline.stream_idle_s,
                         max_span_s=max(60.0, 10 * config.window.length_s),  # a minute, or ten long windows
                         sender_key=None if keys is None else keys.sender_key(sensor.name), other_sensors=others,
                         keep_accepted=config.recorder is not None)
@@ -168,8 +168,7 @@ class InProcessPipeline:
         """Closed windows and decisions for (receive time, sensor, frames) in receive-time order; messages of
         sensors the configuration does not name are skipped, as mmfuse-replay does."""
         messages = [m for m in messages if m[1] in self.ingests]
-        quiet = quiet_time(self.config.drop.timeout_s, self.config.pipeline.flush_interval_ms / 1000)
-        for item in replay_ticks([m[0] for m in messages], quiet):
+        for item in replay_ticks([m[0] for m in messages], *replay_times(self.config)):
             if isinstance(item, Tick):
                 self._tick(item)
             else:

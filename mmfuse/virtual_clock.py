@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from mmfuse.config import DaemonConfig
 from mmfuse.frames import ClosedWindow, SensorBatch
 from mmfuse.wire import MAX_TIME_S
 
@@ -125,14 +126,21 @@ class AlignerTicks:
         return closed, True
 
 
-def replay_ticks(received: list[float], quiet_s: float):
+def replay_ticks(received: list[float], quiet_s: float, settled_s: float = math.inf):
     """Message indices in order, with the ticks due before each: every tick at or before a message's receive
     time comes first. After the last message ticks go on for quiet_s (so that silent streams time out as they
-    would live), then the final tick."""
+    would live), then the final tick. Where no message comes for longer than settled_s, by when every stream and
+    session is forgotten, the ticks from then to the next message, which can change nothing, are left out: a
+    recording whose clock jumped a day ahead is not 8.6 million ticks long."""
     if not received:
         return
     start, i = received[0], 0
     for index, at in enumerate(received):
+        if index and at - received[index - 1] > settled_s:
+            while start + i * TICK_S <= received[index - 1] + settled_s:
+                yield Tick(start + i * TICK_S)
+                i += 1
+            i = max(i, math.floor((at - start) / TICK_S))
         while start + i * TICK_S <= at:
             yield Tick(start + i * TICK_S)
             i += 1
@@ -143,6 +151,8 @@ def replay_ticks(received: list[float], quiet_s: float):
     yield Tick(start + i * TICK_S, final=True)
 
 
-def quiet_time(drop_timeout_s: float, flush_interval_s: float) -> float:
-    """How long after the last message a replay keeps the clock running: enough for every stream to time out."""
-    return drop_timeout_s + flush_interval_s + 2 * TICK_S
+def replay_times(config: DaemonConfig) -> tuple[float, float]:
+    """A replay's quiet_s and settled_s (replay_ticks): how long after the last message the clock runs on, enough
+    for every stream to time out; and how long after any message until nothing it left is remembered."""
+    quiet = config.drop.timeout_s + config.pipeline.flush_interval_ms / 1000 + 2 * TICK_S
+    return quiet, config.pipeline.stream_idle_s + quiet

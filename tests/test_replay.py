@@ -112,6 +112,42 @@ def test_a_real_time_replay_of_a_clean_file_marks_no_sensor_dropped(feature_file
     assert not any(run.rejected.values()), run.rejected
 
 
+def test_the_ticks_of_a_long_gap_that_can_change_nothing_are_left_out_and_the_rest_kept_on_the_same_grid():
+    from mmfuse.virtual_clock import Tick, replay_ticks
+
+    def ticks(settled_s):
+        return [round(item.now, 6) if isinstance(item, Tick) else ("message", item)
+                for item in replay_ticks([0.0, 1.0, 500.005, 501.0], 2.0, settled_s)]
+
+    everything, kept = ticks(float("inf")), ticks(100.0)
+    remaining = iter(everything)
+    assert all(item in remaining for item in kept)  # a subsequence, in the same order
+    left_out = sorted(set(everything) - set(kept))
+    assert left_out == [round(k / 100, 6) for k in range(10101, 50000)]  # from 101 s to the last tick before 500
+
+
+def test_a_replay_whose_clock_jumps_a_day_ahead_decides_after_the_gap_as_a_fresh_pipeline(feature_file, bundle_dir):
+    """Receive times that jump a day (a wall clock stepped while recording, a corrupted log time): the replay does
+    not tick through the day, and what comes after the gap is decided as a fresh pipeline decides it."""
+    from mmfuse.bundle import load_bundle
+    from mmfuse.pipeline import InProcessPipeline
+
+    daemon = parse_config({**config(), "bundle": str(bundle_dir), "window": {"length_s": 2.0, "hop_s": 2.0}})
+    bundle = load_bundle(bundle_dir)
+    schedule, _ = build_schedule(daemon, FeatureRows(str(feature_file)), args(sessions=2))
+
+    def at(start: float) -> list:
+        return [(start + item.due + 0.002, item.sensor, item.frames) for item in sorted(schedule)]
+
+    def summary(decisions):
+        return [(d.session, d.window_id, d.label, d.present, d.restored, d.dropped, round(max(d.scores.values()), 6))
+                for d in decisions]
+
+    fresh = InProcessPipeline(daemon, bundle).run(at(1_700_086_400.0))
+    both = InProcessPipeline(daemon, bundle).run(at(1_700_000_000.0) + at(1_700_086_400.0))
+    assert summary(both.decisions[len(fresh.decisions):]) == summary(fresh.decisions)
+
+
 def test_a_replay_into_a_pipeline_that_has_seen_its_sessions_decides_as_a_fresh_one(feature_file, bundle_dir):
     """Each replay is a new run of its sessions: replayed again into the same daemon (here its pipeline on the
     virtual clock), the sessions start a new life and get the decisions a fresh daemon gives them."""
