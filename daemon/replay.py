@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgpack
@@ -305,24 +305,23 @@ def xdf_schedule(path: str, config: DaemonConfig, mapping: dict[str, str]) -> li
         times = np.asarray(stream["time_stamps"], dtype=float)
         values = stream["time_series"]
         if isinstance(values, list):  # string stream: each sample one text segment
-            for t, sample in zip(times, values):
-                timed.append((t, sensor, lambda seq, t=t, text=str(sample[0]): wire.text_message(
-                    session, sensor.name, seq, t, text, 0.0)))
+            timed += [(t, sensor, wire.text_message(session, sensor.name, 0, t, str(sample[0]), 0.0))
+                      for t, sample in zip(times, values)]
             continue
         values = np.asarray(values, dtype=np.float32)
         chunk = np.floor((times - times[0]) / 0.1).astype(int)
         for k in np.unique(chunk):
             rows = np.flatnonzero(chunk == k)
             t0, t1 = times[rows[0]], times[rows[-1]] + (times[1] - times[0] if len(times) > 1 else 0.0)
-            timed.append((t1, sensor, lambda seq, t0=t0, t1=t1, rows=rows, sensor=sensor: wire.SensorMessage(
-                session, sensor.name, sensor.modality, seq, t0, encoding="features",
-                data=values[rows].tobytes(), shape=(len(rows), values.shape[1]), dtype="<f4", duration=t1 - t0)))
+            timed.append((t1, sensor, wire.SensorMessage(
+                session, sensor.name, sensor.modality, 0, t0, encoding="features", data=values[rows].tobytes(),
+                shape=(len(rows), values.shape[1]), dtype="<f4", duration=t1 - t0)))
     timed.sort(key=lambda item: item[0])
     if not timed:
         raise RecordingError(f"{path}: the mapped streams hold no samples")
     seq, schedule = defaultdict(int), []
-    for order, (due, sensor, make) in enumerate(timed):
-        message = make(seq[sensor.name])
+    for order, (due, sensor, message) in enumerate(timed):  # each sensor's messages numbered in time order
+        message = replace(message, seq=seq[sensor.name])
         seq[sensor.name] += 1
         schedule.append(Scheduled(due, order, sensor.name, wire.encode(message)))
     last = timed[-1][0]

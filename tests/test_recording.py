@@ -11,6 +11,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
+import pyxdf
 import yaml
 import zmq
 
@@ -268,14 +269,29 @@ def test_an_xdf_stream_becomes_features_on_the_mapped_sensor(shared_data):
     schedule = sorted(xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config,
                                    {"BioSemi": "audio", "MyMarkerStream": "text"}))
     bodies = [wire.decode(item.frames) for item in schedule]
+    assert all(body.source == item.sensor for item, body in zip(schedule, bodies))
     eeg = [b for b in bodies if b.source == "eeg0" and b.kind == "data"]
     assert sum(b.shape[0] for b in eeg) == 27815 and all(b.shape[1] == 8 for b in eeg)
+    streams, _ = pyxdf.load_xdf(str(shared_data / "recordings" / "clock_resets.xdf"))
+    (biosemi,) = [s["time_series"] for s in streams if s["info"]["name"][0] == "BioSemi"]
+    np.testing.assert_array_equal(np.concatenate([np.frombuffer(b.data, "<f4").reshape(b.shape) for b in eeg]),
+                                  np.asarray(biosemi, np.float32))  # each stream's own samples, in time order
     assert [b.seq for b in bodies if b.source == "eeg0"] == list(range(len(eeg) + 1))
     assert sum(b.encoding == "utf8" for b in bodies) == 175
     times = np.array([b.t for b in eeg])
     assert (np.diff(times) > 200).sum() == 1  # the 274 s gap survives; the clock reset does not show as a jump
     with pytest.raises(RecordingError, match="no stream Nope"):
         xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {"Nope": "audio"})
+    # a numeric stream before a string one: each message carries its own stream's samples
+    minimal = str(shared_data / "recordings" / "minimal.xdf")
+    bodies = [wire.decode(item.frames) for item in xdf_schedule(minimal, config, {"SendDataC": "audio",
+                                                                                  "SendDataString": "text"})]
+    streams = {s["info"]["name"][0]: s["time_series"] for s in pyxdf.load_xdf(minimal)[0]}
+    np.testing.assert_array_equal(np.concatenate([np.frombuffer(b.data, "<f4").reshape(b.shape) for b in bodies
+                                                  if b.source == "eeg0" and b.kind == "data"]),
+                                  np.asarray(streams["SendDataC"], np.float32))
+    assert [b.data for b in bodies if b.source == "marks" and b.kind == "data"] == \
+        [str(sample[0]) for sample in streams["SendDataString"]]
     with pytest.raises(RecordingError, match="needs --map NAME=MODALITY"):
         xdf_schedule(str(shared_data / "recordings" / "clock_resets.xdf"), config, {})
 
