@@ -3,8 +3,9 @@
 an event loop of its own in a thread of the driver; it only reads the Monitor, so a slow or stuck client
 holds up nothing of the daemon. It holds at most MAX_CONNECTIONS connections (each is a file descriptor of the
 driver: with none left, its ZeroMQ and Ray sockets could not open), of them at most MAX_STREAMS live views, and
-closes one that sends no complete request for IDLE_S, so that clients that connect and never ask (or ask a
-byte at a time) cannot take them all, and probes and scrapes always find room."""
+closes one that sends no complete request for IDLE_S, or does not read what it asked for in IDLE_S, so that
+clients that connect and never ask (or ask a byte at a time), or ask and never read, cannot take them all, and
+probes and scrapes always find room."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from mmfuse.logs import Tally
 EVENT_INTERVAL_S = 1.0
 MAX_CONNECTIONS = 256  # live-view tabs, probes and scrapers together; beyond it a connection is closed at once
 MAX_STREAMS = 64       # live views (/events, which never end) among them: the rest stay free for probes
-IDLE_S = 10.0          # a connection with no complete request for this long is closed (aiohttp's keep-alive)
+IDLE_S = 10.0          # a connection with no complete request, or whose answers are not read, for this long is closed
 PAGE = resources.files("mmfuse.daemon").joinpath("live_view.html")
 
 
@@ -98,8 +99,31 @@ class WebServer:
         except OSError as exc:
             self.loop.run_until_complete(self.runner.cleanup())
             return f"http: cannot listen on {self.host}:{self.port} ({exc.strerror}); choose a free http.port"
+        self.sweeper = self.loop.create_task(self._close_unread())
         self.thread.start()
         return None
+
+    async def _close_unread(self) -> None:
+        """Close a connection whose client has not read its answers for idle_s: its send buffer is full (asyncio
+        paused writing to it) and has not moved. aiohttp waits for such a client for ever, and clients that ask
+        (pipelining request after request) and never read could hold every connection."""
+        unmoved: dict[object, tuple[int, float]] = {}  # connection -> its send buffer's size, and since when
+        while True:
+            await asyncio.sleep(self.idle_s / 4)
+            now, before, unmoved = self.loop.time(), unmoved, {}
+            for connection in list(self.runner.server.connections):
+                transport = connection.transport
+                if transport is None or not connection.writing_paused:
+                    continue
+                size = transport.get_write_buffer_size()
+                since = before[connection][1] if before.get(connection, (None,))[0] == size else now
+                if now - since < self.idle_s:
+                    unmoved[connection] = (size, since)
+                    continue
+                transport.abort()
+                if self.refused.add("unread"):
+                    self.log.warning("http connection closed: its client does not read its answers",
+                                     closed=self.refused.counts["unread"], idle_s=self.idle_s)
 
     def _connection(self) -> asyncio.Protocol:
         """aiohttp's handler for a new connection, or, with MAX_CONNECTIONS open, one that closes it at once."""
@@ -123,6 +147,7 @@ class WebServer:
         self.thread.join(timeout=10)
 
     async def _close(self) -> None:
+        self.sweeper.cancel()
         self.listener.close()
         await self.runner.cleanup()  # (closes the connections, which wait_closed may wait for)
         await self.listener.wait_closed()

@@ -182,12 +182,29 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path, manifest)
 
 
+def unreplaceable(path: str | Path) -> str | None:
+    """Why a bundle must not be written to `path` (which is replaced whole), or None: it may hold nothing, an
+    empty directory or a bundle, never anything else."""
+    path = Path(path).absolute()
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        return f"{path} is a directory holding files that are not a bundle (no {MANIFEST}); writing the bundle " \
+               f"would replace them: give a new directory, or a bundle's to replace it"
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a bundle directory: give a directory"
+    if path == Path(path.anchor):
+        return f"{path} is the file system's root: give a directory for the bundle"
+    return None
+
+
 def save_bundle(path: str | Path, manifest: dict, weights: dict[str, dict[str, torch.Tensor]]) -> Bundle:
     """Write weight files and a manifest recording their sha256; returns the loaded bundle. The bundle is
     written beside `path` and then put in its place, so that an interruption never leaves a partial one."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    problem = unreplaceable(path)
+    if problem:
+        raise BundleError(problem)
+    path = Path(path).absolute()
     partial, retired = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.replaced")
     for leftover in (partial, retired):
         shutil.rmtree(leftover, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Watching a live daemon: /metrics scraped and parsed as Prometheus does, /healthz and /readyz as probes
 ask, the live view in a real browser, and mmfuse-tap as a consumer."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -284,6 +285,20 @@ def test_http_holds_a_bounded_number_of_connections_and_closes_those_that_never_
         assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         for stream in streams:
             stream.close()
+        for s in silent:
+            s.close()
+        silent = []
+        time.sleep(0.3)  # (the server has seen them close)
+        for _ in range(8):  # each asks for /metrics again and again and never reads an answer
+            silent.append(socket.create_connection(("127.0.0.1", port)))
+            silent[-1].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            silent[-1].setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(3000):
+                    silent[-1].send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(3.0)  # their answers unread for idle_s: closed
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert server.refused.counts["unread"] == 8
     finally:
         for s in silent:
             s.close()

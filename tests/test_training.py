@@ -81,6 +81,23 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
         load_features(path)
 
 
+def test_an_out_that_holds_anything_but_a_bundle_is_refused_before_training_and_left_as_it_was(tmp_path, feature_file,
+                                                                                                 capsys):
+    """--out is replaced whole when the bundle is written: a directory of other files (the data's own, say), or a
+    file, would be lost."""
+    (tmp_path / "recordings").mkdir()
+    (tmp_path / "recordings" / "session1.mcap").write_text("two weeks of recordings")
+    (tmp_path / "notes.txt").write_text("notes")
+    for out, words in ((tmp_path / "recordings", "holding files that are not a bundle"),
+                       (tmp_path / "notes.txt", "is a file, not a bundle directory")):
+        with pytest.raises(SystemExit) as exited:
+            train_main(["--data", str(feature_file), "--out", str(out)])
+        assert exited.value.code == 2 and words in capsys.readouterr().err
+    assert (tmp_path / "recordings" / "session1.mcap").read_text() == "two weeks of recordings"
+    assert (tmp_path / "notes.txt").read_text() == "notes" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["notes.txt", "recordings"]
+
+
 def test_validation_split_keeps_videos_whole():
     videos = np.repeat([f"v{i}" for i in range(10)], 5)
     train, val = split_by_video(videos, 0.2, seed=3)

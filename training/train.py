@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mmfuse.bundle import unreplaceable
 from mmfuse.options import CONDITIONINGS, DISTILL_DEFAULTS, FUSION_HEADS, RESTORERS, SAMPLERS
 
 DEFAULT_RESTORERS = ("zero", "mean", "dropout", "autoencoder", "retrieval")
@@ -114,6 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads: give at least 1")
+    problem = unreplaceable(args.out)
+    if problem:
+        parser.error(f"--out: {problem}")
     args.restorers = list(RESTORERS) if args.restorers == "all" else [r.strip() for r in args.restorers.split(",")
                                                                        if r.strip()]
     if args.tower_lr is None:
