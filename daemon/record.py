@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-record", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="daemon configuration: the sensors to record")
-    parser.add_argument("--out", required=True, help="MCAP file to write")
+    parser.add_argument("--out", required=True, help="MCAP file to write (a new one, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--decisions", action="store_true", help="also record decisions from output.endpoint")
     parser.add_argument("--duration-s", type=float, default=None, help="stop after this long (default: on signal)")
     parser.add_argument("--key", action="append", default=[], metavar="NAME.key_secret",
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"record until Ctrl-C or SIGTERM")
     if Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a directory; give the MCAP file to write, e.g. {Path(args.out) / 'session.mcap'}")
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists (an earlier recording?); give a new file name, or --overwrite to "
+                     f"replace it")
     return args
 
 

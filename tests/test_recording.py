@@ -401,13 +401,16 @@ def test_a_recording_whose_writer_was_killed_is_read_up_to_where_it_ends(tmp_pat
     assert len(read_recording(path)[1]) == 5
 
 
-def test_record_refuses_a_duration_of_no_length_and_an_output_that_is_a_directory(tmp_path):
+def test_record_refuses_a_duration_of_no_length_an_output_that_is_a_directory_and_one_that_exists(tmp_path):
+    (tmp_path / "earlier.mcap").write_text("an earlier recording")
     for flags, words in ((["--duration-s", "0"], "positive number"), (["--duration-s", "nan"], "positive number"),
-                         (["--duration-s", "-3"], "positive number"), (["--out", str(tmp_path)], "is a directory")):
+                         (["--duration-s", "-3"], "positive number"), (["--out", str(tmp_path)], "is a directory"),
+                         (["--out", str(tmp_path / "earlier.mcap")], "exists (an earlier recording?)")):
         args = ["--config", "c.yaml", "--out", str(tmp_path / "x.mcap"), *flags]
         result = subprocess.run([sys.executable, "-m", "mmfuse.daemon.record", *args], capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert (tmp_path / "earlier.mcap").read_text() == "an earlier recording"
 
 
 def test_a_recorder_killed_outright_leaves_a_file_that_reads_back_what_it_had_recorded(tmp_path):
