@@ -3,9 +3,10 @@
 an event loop of its own in a thread of the driver; it only reads the Monitor, so a slow or stuck client
 holds up nothing of the daemon. It holds at most MAX_CONNECTIONS connections (each is a file descriptor of the
 driver: with none left, its ZeroMQ and Ray sockets could not open), of them at most MAX_STREAMS live views, and
-closes one that sends no complete request for IDLE_S, or does not read what it asked for in IDLE_S, so that
-clients that connect and never ask (or ask a byte at a time), or ask and never read, cannot take them all, and
-probes and scrapes always find room."""
+closes one that sends no complete request for IDLE_S, or does not read what it asked for in IDLE_S, and one
+that has made MAX_REQUESTS requests, so that clients that connect and never ask (or ask a byte at a time), or
+ask without end (thousands of requests pipelined at once) or never read, cannot take them all, and probes and
+scrapes always find room."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import threading
+import weakref
 from importlib import resources
 
 import structlog
@@ -26,11 +28,24 @@ EVENT_INTERVAL_S = 1.0
 MAX_CONNECTIONS = 256  # live-view tabs, probes and scrapers together; beyond it a connection is closed at once
 MAX_STREAMS = 64       # live views (/events, which never end) among them: the rest stay free for probes
 IDLE_S = 10.0          # a connection with no complete request, or whose answers are not read, for this long is closed
+MAX_REQUESTS = 100     # requests one connection may make; it is closed after the last one's answer (as nginx does)
 PAGE = resources.files("mmfuse.daemon").joinpath("live_view.html")
 
 
-def application(monitor: Monitor, max_streams: int = MAX_STREAMS) -> web.Application:
+def application(monitor: Monitor, max_streams: int = MAX_STREAMS, max_requests: int = MAX_REQUESTS) \
+        -> web.Application:
     page = PAGE.read_text()
+    answered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection (transport) -> requests
+
+    @web.middleware
+    async def bounded_connections(request, handler):
+        response = await handler(request)
+        transport = request.transport
+        if transport is not None:
+            answered[transport] = answered.get(transport, 0) + 1
+            if answered[transport] >= max_requests:
+                response.force_close()  # (what it pipelined beyond is not answered)
+        return response
 
     async def healthz(_request):
         return web.json_response({"status": "alive", "phase": monitor.phase})
@@ -63,7 +78,7 @@ def application(monitor: Monitor, max_streams: int = MAX_STREAMS) -> web.Applica
         finally:
             streams -= 1
 
-    app = web.Application()
+    app = web.Application(middlewares=[bounded_connections])
     app.router.add_get("/metrics", make_aiohttp_handler(monitor.registry))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -77,7 +92,7 @@ class WebServer:
     """start() binds (or says why it cannot), then serves until stop()."""
 
     def __init__(self, monitor: Monitor, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
-                 max_streams: int = MAX_STREAMS, idle_s: float = IDLE_S, log=None):
+                 max_streams: int = MAX_STREAMS, idle_s: float = IDLE_S, max_requests: int = MAX_REQUESTS, log=None):
         # aiohttp logs a traceback for every malformed request, outside the daemon's log format: one client
         # could fill the log with them. It answers them 400 all the same.
         logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
@@ -86,7 +101,8 @@ class WebServer:
         self.log = log or structlog.get_logger()
         self.refused = Tally()
         self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(application(monitor, max_streams), access_log=None, shutdown_timeout=1.0,
+        self.runner = web.AppRunner(application(monitor, max_streams, max_requests), access_log=None,
+                                    shutdown_timeout=1.0,
                                     keepalive_timeout=idle_s)
         self.listener: asyncio.Server | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
