@@ -404,6 +404,10 @@ def load_schedule(args: argparse.Namespace) -> tuple[DaemonConfig, list, dict]:
             raise ConfigError(f"{args.recording} carries no configuration: pass --config")
         known = {s.name for s in config.sensors}
         skipped = {m.sensor for m in messages} - known
+        if skipped == {m.sensor for m in messages}:
+            raise ConfigError(f"{args.recording}: its sensors ({', '.join(sorted(skipped))}) are none of the "
+                              f"configuration's ({', '.join(sorted(known))}): leave --config out to use the one it "
+                              f"was recorded with, or give one that names its sensors")
         if skipped:
             print(f"no configured sensor named {', '.join(sorted(skipped))}: their messages are skipped",
                   file=sys.stderr)

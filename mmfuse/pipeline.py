@@ -128,6 +128,7 @@ class InProcessRun:
     closed: list[ClosedWindow]
     decisions: list[wire.Decision]
     rejected: dict[str, dict[str, int]]   # sensor -> reason -> count
+    unsupported: dict[str, dict[str, int]]  # sensor -> encoding -> data messages it cannot encode
     aligner: dict
 
 
@@ -175,7 +176,7 @@ class InProcessPipeline:
                 received, sensor, frames = messages[item]
                 self.ingests[sensor].ingest(frames, received)
         return InProcessRun(self.closed, self.decisions, {n: dict(i.rejected.counts) for n, i in self.ingests.items()},
-                            self.aligner.stats())
+                            {n: dict(i.unsupported.counts) for n, i in self.ingests.items()}, self.aligner.stats())
 
     def _tick(self, tick: Tick) -> None:
         for name in sorted(self.ticks):

@@ -320,6 +320,36 @@ def test_eval_from_a_recording_is_deterministic_and_scores_the_real_drops(record
     assert eval_main(["--log", str(recording), "--labels", str(labels)]) == 2
 
 
+def test_eval_of_a_recording_it_cannot_score_says_why(recorded, tmp_path, capsys, bundle_dir):
+    """Labels that match no decided window, a configuration that names none of the recording's sensors, and a
+    recording whose every message its sensors cannot use: each says so, and the last two fail."""
+    recording, live, _ = recorded
+    config = tmp_path / "recorded.yaml"
+    config.write_text(yaml.safe_dump(read_recording(recording)[0]))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"session,start,end,label\nanother,0,2,{live[0]['label']}\n")
+    capsys.readouterr()
+    assert eval_main(["--log", str(recording), "--labels", str(labels), "--json", str(tmp_path / "r.json")]) == 0
+    assert "no decided window lies in a labelled span" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["acc"] is None
+    renamed = yaml.safe_load(config.read_text())
+    renamed["sensors"] = [{**sensor, "name": sensor["name"] + "x"} for sensor in renamed["sensors"]]
+    (tmp_path / "renamed.yaml").write_text(yaml.safe_dump(renamed))
+    assert eval_main(["--log", str(recording), "--config", str(tmp_path / "renamed.yaml")]) == 2
+    assert "are none of the configuration's (cam0x, mic0x, asr0x)" in capsys.readouterr().err
+    assert replay_main([str(recording), "--config", str(tmp_path / "renamed.yaml")]) == 2
+    texts = [wire.encode(wire.text_message("s1", "asr0", k, float(k), "hello", 1.0))[1] for k in range(5)]
+    words = crafted_recording(tmp_path / "words.mcap", texts)  # text to a features bundle's sensor
+    assert eval_main(["--log", str(words), "--config", str(config), "--json", str(tmp_path / "w.json")]) == 1
+    assert "no window was decided: the sensors rejected or could not use every message (asr0: 5 utf8 it cannot " \
+           "encode)" in capsys.readouterr().err
+    for flags, words in ((["--eta", "nan"], "--eta"), (["--seeds", "0"], "--seeds"),
+                         (["--json", str(tmp_path)], "is a directory")):
+        with pytest.raises(SystemExit):
+            eval_main(["--log", str(recording), *flags])
+        assert words in capsys.readouterr().err
+
+
 def crafted_recording(path, payloads, config="{}", compressed=True):
     """An MCAP file laid out as mmfuse records, holding these payloads on one text channel."""
     from mcap.writer import CompressionType, Writer

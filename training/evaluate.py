@@ -47,6 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads: give at least 1")
+    if not 0 < args.eta <= 1:  # (nan fails it too)
+        parser.error(f"--eta: a share of the samples, above 0 and at most 1, got {args.eta:g}")
+    if args.seeds < 1:
+        parser.error(f"--seeds: give at least 1, got {args.seeds}")
+    for option, path in (("--json", args.json), ("--decisions-out", args.decisions_out)):
+        if path is not None and Path(path).is_dir():
+            parser.error(f"{option} {path} is a directory; give the file to write, e.g. {Path(path) / 'out.json'}")
+    if args.report is not None and Path(args.report).exists() and not Path(args.report).is_dir():
+        parser.error(f"--report {args.report} is a file; give the directory to write the report into")
     if args.log is None and (args.bundle is None or args.data is None):
         parser.error("give --bundle and --data, or --log (with --labels to score it)")
     return args
@@ -83,6 +92,9 @@ def main_log(args: argparse.Namespace) -> int:
         return 2
     print_log_summary(result)
     write_json(args.json, result)
+    if not result["decisions"]:
+        print(f"error: {result['why_none']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_p
     if unknown:
         raise DataError(f"{labels}: label(s) {', '.join(unknown)} are not among bundle {bundle.id}'s labels "
                         f"({', '.join(bundle.labels)}); every window would count as wrong: use the bundle's names")
+    recorded, configured = sorted({m.sensor for m in messages}), [s.name for s in config.sensors]
+    if not set(recorded) & set(configured):
+        raise DataError(f"{log}: its sensors ({', '.join(recorded)}) are none of the configuration's "
+                        f"({', '.join(configured)}): leave --config out to use the one it was recorded with, or "
+                        f"give one that names its sensors")
     run = InProcessPipeline(config, bundle).run([(m.received, m.sensor, [m.topic, m.payload]) for m in messages])
     offset = receive_offset(messages)
     decisions = sorted(run.decisions, key=lambda d: (d.session, d.window_id))
@@ -91,7 +97,11 @@ def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_p
             by_pattern["".join(sorted((m[0] for m in record["present"]), key="avt".index))].append(
                 record["label"] == truth)
     scored = [hit for hits in by_pattern.values() for hit in hits]
-    delays = np.array([r["latency_ms"] for r in records]) if records else np.zeros(1)
+    delays = np.array([r["latency_ms"] for r in records])
+    rejected = {sensor: {k: v for k, v in counts.items() if v} for sensor, counts in run.rejected.items()}
+    for sensor, counts in run.unsupported.items():  # (data it has no tower for: unused, as good as rejected)
+        rejected[sensor].update({f"{encoding} it cannot encode": n for encoding, n in counts.items() if n})
+    unused = sorted(set(recorded) - set(configured))
     return {
         "log": str(log), "bundle": bundle.id, "restorer": config.restorer.method,
         "decisions": len(records), "sessions": len({r["session"] for r in records}), "labelled": len(scored),
@@ -100,20 +110,41 @@ def evaluate_log(log: str, labels: str | None, config_path: str | None, bundle_p
         "incomplete_windows": sum(bool(r["restored"]) for r in records),
         "dropped_windows_by_source": dict(sorted(dropped.items())),
         "close_delay_ms": {"p50": round(float(np.percentile(delays, 50)), 1),
-                           "p99": round(float(np.percentile(delays, 99)), 1)},
-        "rejected": {k: v for k, v in run.rejected.items() if v},
+                           "p99": round(float(np.percentile(delays, 99)), 1)} if records else None,
+        "rejected": {sensor: counts for sensor, counts in rejected.items() if counts},
+        "unused_sensors": unused,
+        "labels_unmatched": bool(spans) and not scored,
+        "why_none": None if records else _why_no_decision(rejected),
         "aligner": run.aligner,
     }
+
+
+def _why_no_decision(rejected: dict[str, dict[str, int]]) -> str:
+    if not any(rejected.values()):
+        return "no window was decided: its messages closed none (too short a recording, or only heartbeats)"
+    return "no window was decided: the sensors rejected or could not use every message (" + "; ".join(
+        f"{sensor}: " + ", ".join(f"{n} {reason}" for reason, n in counts.items())
+        for sensor, counts in rejected.items() if counts) + ")"
 
 
 def print_log_summary(result: dict) -> None:
     print(f"{result['decisions']} decisions in {result['sessions']} session(s) of {result['log']} "
           f"(bundle {result['bundle']}, restorer {result['restorer']}); {result['incomplete_windows']} incomplete")
+    if result["unused_sensors"]:
+        print(f"  not replayed: {', '.join(result['unused_sensors'])} (sensors the configuration does not name)",
+              file=sys.stderr)
+    for sensor, counts in result["rejected"].items():
+        print(f"  rejected by {sensor}: " + ", ".join(f"{n} {reason}" for reason, n in counts.items()),
+              file=sys.stderr)
+    if result["labels_unmatched"] and result["decisions"]:
+        print("  warning: no decided window lies in a labelled span of its session: no accuracy (do the labels' "
+              "session names and times, on the sensors' clock, match the recording's?)", file=sys.stderr)
     if result["acc"] is not None:
         print(f"  accuracy {result['acc']:.3f} on {result['labelled']} labelled windows; by modalities present: "
               + ", ".join(f"{p} {v['acc']:.3f} ({v['windows']})" for p, v in result["by_pattern"].items()))
     if result["dropped_windows_by_source"]:
         print("  windows with a dropped source: " + ", ".join(f"{s} {n}" for s, n in
                                                              result["dropped_windows_by_source"].items()))
-    print(f"  window closed after its end: p50 {result['close_delay_ms']['p50']} ms, "
-          f"p99 {result['close_delay_ms']['p99']} ms (recording clock)")
+    if result["close_delay_ms"] is not None:
+        print(f"  window closed after its end: p50 {result['close_delay_ms']['p50']} ms, "
+              f"p99 {result['close_delay_ms']['p99']} ms (recording clock)")
