@@ -37,6 +37,7 @@ import zmq
 from mmfuse import wire
 from mmfuse.config import ConfigError, DaemonConfig, load_config
 from mmfuse.datasets import DataError, load_features
+from mmfuse.options import count, positive, positive_int
 from mmfuse.security import ClientKeys, SecurityError, client_keys, connect_as
 from mmfuse.virtual_clock import TICK_TOPIC, Tick, replay_ticks, replay_times, tick_frames
 
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="describe the recording's channels or streams and exit")
     parser.add_argument("--map", action="append", default=[], metavar="NAME=MODALITY",
                         help="XDF: publish stream NAME as MODALITY (audio, visual, text)")
-    parser.add_argument("--fps", type=float, default=5.0, help="camera frame rate when replaying images")
+    parser.add_argument("--fps", type=positive, default=5.0, help="camera frame rate when replaying images")
     parser.add_argument("--speed", default="1",
                         help="time factor: 1 is real time, 10 is ten times faster, max as fast as possible; "
                         "other than 1 only with --virtual-clock gives a live daemon's decisions")
@@ -81,16 +82,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="each utterance of MODALITY is lost with probability P (the sensor stays alive)")
     parser.add_argument("--kill", type=parse_kill, action="append", default=[], metavar="MODALITY@Ts",
                         help="MODALITY's sensor falls silent T seconds into every session")
-    parser.add_argument("--sessions", type=int, default=None, help="replay only the first N sessions")
+    parser.add_argument("--sessions", type=positive_int, default=None, help="replay only the first N sessions")
     parser.add_argument("--held-out-by", metavar="BUNDLE", default=None,
                         help="replay only the sessions this bundle held out for validation (never trained on)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --drop draws")
+    parser.add_argument("--seed", type=count, default=0, help="seed of the --drop draws")
     parser.add_argument("--virtual-clock", action="store_true",
                         help="run the daemon (started with --virtual-clock) on the recording's timeline: every "
                         "message carries its receive time, ticks carry the clock; decisions are the same on every "
                         "run and at any --speed")
     parser.add_argument("--listen", action="store_true", help="print decisions from the daemon as they arrive")
-    parser.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the daemon to subscribe")
+    parser.add_argument("--wait-s", type=positive, default=30.0, help="how long to wait for the daemon to subscribe")
     parser.add_argument("--key", action="append", default=[], metavar="NAME.key_secret",
                         help="with security.curve in the configuration: the certificate to publish with (repeat it "
                         "for sensors that each have their own public_key) and to --listen with; the daemon's public "

@@ -17,6 +17,7 @@ import zmq
 
 from mmfuse import wire
 from mmfuse.config import ConfigError, load_config
+from mmfuse.options import positive, positive_int
 from mmfuse.security import SecurityError, client_keys, connect_as
 
 REFRESH_PER_S = 4
@@ -31,8 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--endpoint", help="subscribe here instead of output.endpoint (the daemon's address as "
                         "seen from this machine, when the configuration binds tcp://*:PORT)")
     parser.add_argument("--json", action="store_true", help="print one decision per line as JSON")
-    parser.add_argument("--count", type=int, default=None, metavar="N", help="exit after N decisions")
-    parser.add_argument("--duration-s", type=float, default=None, help="exit after this long")
+    parser.add_argument("--count", type=positive_int, default=None, metavar="N", help="exit after N decisions")
+    parser.add_argument("--duration-s", type=positive, default=None, help="exit after this long")
     parser.add_argument("--key", action="append", default=[], metavar="NAME.key_secret",
                         help="with security.curve: the consumer certificate to read decisions with")
     return parser.parse_args(argv)

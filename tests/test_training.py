@@ -98,6 +98,21 @@ def test_an_out_that_holds_anything_but_a_bundle_is_refused_before_training_and_
         ["notes.txt", "recordings"]
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "0"], "--batch-size: a whole number of at least 1, got 0"),
+    (["--lr", "nan"], "--lr: a finite number above 0, got nan"), (["--lr", "-1"], "--lr: a finite number above 0"),
+    (["--encoder-epochs", "0"], "--encoder-epochs: a whole number of at least 1"),
+    (["--context", "-1"], "--context: a whole number of at least 0"), (["--seed", "-1"], "--seed: a whole number"),
+    (["--val-fraction", "nan"], "--val-fraction: a share between 0 and 1"),
+    (["--val-fraction", "1"], "--val-fraction: a share"), (["--threads", "0"], "--threads: a whole number"),
+    (["--rnc-weight", "inf"], "--rnc-weight: a finite number of at least 0"),
+    (["--embed-dim", "x"], "--embed-dim: a whole number of at least 1, got 'x'")])
+def test_a_training_option_out_of_its_range_is_an_argument_error_before_anything_runs(flags, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train_main(["--data", str(tmp_path / "absent.npz"), "--out", str(tmp_path / "out"), *flags])
+    assert exited.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_validation_split_keeps_videos_whole():
     videos = np.repeat([f"v{i}" for i in range(10)], 5)
     train, val = split_by_video(videos, 0.2, seed=3)

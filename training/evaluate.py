@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from mmfuse.options import positive_int
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmfuse-eval", description=__doc__,
@@ -32,10 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["fixed", "rate", "missing", "both"], default="both",
                         help="both: fixed, rate and missing")
     parser.add_argument("--eta", type=float, default=0.7, help="share of samples with a missing modality in `missing`")
-    parser.add_argument("--seeds", type=int, default=5, help="mask seeds of the rate protocol")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="mask seeds of the rate protocol")
     parser.add_argument("--subset", choices=["all", "validation"], default="all",
                         help="validation: only the videos the bundle held out when it was trained")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads; none: OMP_NUM_THREADS, else 1")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--report", help="write a markdown report with plots into this directory")
@@ -45,12 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     logs.add_argument("--config", help="daemon configuration (default: the one recorded)")
     logs.add_argument("--decisions-out", help="write every decision as one JSON line")
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads: give at least 1")
     if not 0 < args.eta <= 1:  # (nan fails it too)
         parser.error(f"--eta: a share of the samples, above 0 and at most 1, got {args.eta:g}")
-    if args.seeds < 1:
-        parser.error(f"--seeds: give at least 1, got {args.seeds}")
     for option, path in (("--json", args.json), ("--decisions-out", args.decisions_out)):
         if path is not None and Path(path).is_dir():
             parser.error(f"{option} {path} is a directory; give the file to write, e.g. {Path(path) / 'out.json'}")

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from mmfuse.bundle import unreplaceable
-from mmfuse.options import CONDITIONINGS, DISTILL_DEFAULTS, FUSION_HEADS, RESTORERS, SAMPLERS
+from mmfuse.options import CONDITIONINGS, DISTILL_DEFAULTS, FUSION_HEADS, RESTORERS, SAMPLERS, count, \
+    positive, positive_int, share, weight
 
 DEFAULT_RESTORERS = ("zero", "mean", "dropout", "autoencoder", "retrieval")
 
@@ -43,12 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task-name", default=None,
                         help="what the decisions are about (emotion, intent, sentiment, ...); none: sentiment "
                              "or emotion when the labels are such names, else classification")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw: split, weights, batches")
+    parser.add_argument("--seed", type=count, default=0, help="seed of every random draw: split, weights, batches")
     parser.add_argument("--restorers", default=",".join(DEFAULT_RESTORERS),
                         help=f"comma-separated subset of {', '.join(RESTORERS)}, or all; diffusion is left out by "
                              f"default: on clean data it restores worse than zero-fill and trains 5 times longer "
                              f"(docs/results.md)")
-    parser.add_argument("--context", type=int, default=None,
+    parser.add_argument("--context", type=count, default=None,
                         help="feed the fusion heads the mean of the session's previous N windows (0: none); "
                              "none: 3 for media manifests whose rows form sessions (dialogues), else 0")
     parser.add_argument("--fusion", choices=FUSION_HEADS, default="mlp",
@@ -59,31 +60,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="train each restorer's head on a full and a missing flow, with a Modality "
                               "Imagination Autoencoder refining the restored embeddings, and the MKD, RS and "
                               "Rank-N-Contrast losses")
-    distill.add_argument("--mkd-weight", type=float, default=DISTILL_DEFAULTS["mkd"], help="weight of MKD")
-    distill.add_argument("--rs-weight", type=float, default=DISTILL_DEFAULTS["rs"], help="weight of RS")
-    distill.add_argument("--rnc-weight", type=float, default=DISTILL_DEFAULTS["rnc"], help="weight of Rank-N-Contrast")
-    distill.add_argument("--rnc-temperature", type=float, default=DISTILL_DEFAULTS["temperature"],
+    distill.add_argument("--mkd-weight", type=weight, default=DISTILL_DEFAULTS["mkd"], help="weight of MKD")
+    distill.add_argument("--rs-weight", type=weight, default=DISTILL_DEFAULTS["rs"], help="weight of RS")
+    distill.add_argument("--rnc-weight", type=weight, default=DISTILL_DEFAULTS["rnc"], help="weight of Rank-N-Contrast")
+    distill.add_argument("--rnc-temperature", type=positive, default=DISTILL_DEFAULTS["temperature"],
                          help="tau of Rank-N-Contrast's similarity -||vi - vj|| / tau")
     parser.add_argument("--step-aside", action=argparse.BooleanOptionalAction, default=True,
                         help="where a restorer does worse on the validation data than zero-fill for a presence "
                              "pattern, the bundle has it leave those windows to zero-fill and the complete-data "
                              "head (needs `zero` among --restorers)")
-    parser.add_argument("--embed-dim", type=int, default=64, help="size of each modality's embedding (stage 1)")
-    parser.add_argument("--encoder-epochs", type=int, default=60,
+    parser.add_argument("--embed-dim", type=positive_int, default=64, help="size of each modality's embedding (stage 1)")
+    parser.add_argument("--encoder-epochs", type=positive_int, default=60,
                         help="most epochs of each encoder (stage 1); the best on validation is kept")
-    parser.add_argument("--restorer-epochs", type=int, default=100, help="epochs of the autoencoder")
-    parser.add_argument("--head-epochs", type=int, default=60,
+    parser.add_argument("--restorer-epochs", type=positive_int, default=100, help="epochs of the autoencoder")
+    parser.add_argument("--head-epochs", type=positive_int, default=60,
                         help="most epochs of each fusion head (stage 3); the best on validation is kept")
-    parser.add_argument("--neighbours", type=int, default=10, help="k of the retrieval restorer")
-    parser.add_argument("--diffusion-epochs", type=int, default=150, help="epochs of L_base")
-    parser.add_argument("--mutual-epochs", type=int, default=50,
+    parser.add_argument("--neighbours", type=positive_int, default=10, help="k of the retrieval restorer")
+    parser.add_argument("--diffusion-epochs", type=positive_int, default=150, help="epochs of L_base")
+    parser.add_argument("--mutual-epochs", type=count, default=50,
                         help="further epochs of L_base + L_mutual (0: no mutual learning)")
     parser.add_argument("--diffusion-conditioning", choices=CONDITIONINGS, default="gating",
                         help="how the denoiser sees the known modalities: gating (Dynamic Modality Gating), adaln, "
                              "concat, or none")
-    parser.add_argument("--diffusion-width", type=int, default=128, help="hidden width of the denoiser")
-    parser.add_argument("--diffusion-depth", type=int, default=3, help="blocks of the denoiser")
-    parser.add_argument("--diffusion-steps", type=int, default=10, help="sampling steps the bundle uses by default")
+    parser.add_argument("--diffusion-width", type=positive_int, default=128, help="hidden width of the denoiser")
+    parser.add_argument("--diffusion-depth", type=positive_int, default=3, help="blocks of the denoiser")
+    parser.add_argument("--diffusion-steps", type=positive_int, default=10, help="sampling steps the bundle uses by default")
     parser.add_argument("--diffusion-mode", choices=SAMPLERS, default="ddim",
                         help="sampler the bundle uses by default: conditional DDIM, or ADMC's inpainting (the "
                              "known modalities re-imposed at every step)")
@@ -92,29 +93,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="open_clip model name (ViT-B-32, ...) or a config shipped with mmfuse")
     media.add_argument("--pretrained", default=None,
                        help="open_clip checkpoint path, or a tag already in the offline cache; none: from scratch")
-    media.add_argument("--tower-epochs", type=int, default=8, help="epochs of each tower's supervised stage")
-    media.add_argument("--contrastive-epochs", type=int, default=0,
+    media.add_argument("--tower-epochs", type=positive_int, default=8, help="epochs of each tower's supervised stage")
+    media.add_argument("--contrastive-epochs", type=count, default=0,
                        help="epochs of open_clip's contrastive loss on image-text pairs first (0: none)")
-    media.add_argument("--tower-lr", type=float, default=None, help="learning rate of the towers; none: 5e-4 "
+    media.add_argument("--tower-lr", type=positive, default=None, help="learning rate of the towers; none: 5e-4 "
                        "from scratch, 1e-5 fine-tuning a --pretrained checkpoint")
-    media.add_argument("--tower-batch-size", type=int, default=64, help="batch size of the towers' training")
+    media.add_argument("--tower-batch-size", type=positive_int, default=64, help="batch size of the towers' training")
     parser.add_argument("--val", default=None, metavar="FILE",
                         help="features npz of the same schema that every selection (epochs, restorer states, "
                              "heads) is made on instead of a split of --data; never trained on. none: hold out "
                              "--val-fraction of the videos of --data")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
+    parser.add_argument("--val-fraction", type=share, default=0.2,
                         help="without --val: share of the videos of --data held out for validation")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage but the towers")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size of every stage but the towers")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--lr", type=positive, default=1e-3, help="learning rate of every stage but the towers")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size of every stage but the towers")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads of this training; none: OMP_NUM_THREADS, else 1 (see README, Training)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where every stage and the towers train: auto takes CUDA when torch finds a device")
     parser.add_argument("--if-changed", action="store_true",
                         help="train only if --out holds no bundle made from this data file with these arguments")
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads: give at least 1")
     problem = unreplaceable(args.out)
     if problem:
         parser.error(f"--out: {problem}")
