@@ -11,12 +11,14 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import mmfuse
+from mmfuse.options import FUSION_HEADS, RESTORERS
 
 if TYPE_CHECKING:
     import torch
@@ -82,13 +84,24 @@ class Bundle:
         """Modalities in the order of the M axis of embeddings."""
         return list(self.modalities)
 
+    @contextmanager
+    def _building(self, what: str):
+        """A model the manifest describes but that cannot be built or take its weights is a damaged bundle."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise BundleError(f"bundle {self.id} ({self.path}): its {what} cannot be built from the manifest and "
+                              f"weights ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); the bundle was edited or "
+                              f"made by another mmfuse version: train it again") from None
+
     def encoders(self) -> dict[str, torch.nn.Module]:
         from mmfuse.models import build_encoder
 
         result = {}
         for modality, spec in self.modalities.items():
-            encoder = build_encoder(spec["encoder"]["arch"], **spec["encoder"]["args"])
-            encoder.load_state_dict(self.tensors(f"encoder_{modality}"))
+            with self._building(f"{modality} encoder"):
+                encoder = build_encoder(spec["encoder"]["arch"], **spec["encoder"]["args"])
+                encoder.load_state_dict(self.tensors(f"encoder_{modality}"))
             result[modality] = encoder.eval()
         return result
 
@@ -100,19 +113,21 @@ class Bundle:
             return {}
         from mmfuse.towers import build_towers
 
-        towers, clip = build_towers(media, self.modality_order if modalities is None else modalities)
-        if clip is not None:
-            clip.load_state_dict(self.tensors("clip"))
-        if "audio" in towers:
-            towers["audio"].load_state_dict(self.tensors("tower_audio"))
+        with self._building("media towers"):
+            towers, clip = build_towers(media, self.modality_order if modalities is None else modalities)
+            if clip is not None:
+                clip.load_state_dict(self.tensors("clip"))
+            if "audio" in towers:
+                towers["audio"].load_state_dict(self.tensors("tower_audio"))
         return {m: tower.eval() for m, tower in towers.items()}
 
     def head(self, name: str) -> torch.nn.Module:
         from mmfuse.models import build_fusion_head
 
-        spec = self.manifest["heads"][name]
-        head = build_fusion_head(spec["arch"], **spec["args"])
-        head.load_state_dict(self.tensors(f"head_{name}"))
+        with self._building(f"fusion head {name!r}"):
+            spec = self.manifest["heads"][name]
+            head = build_fusion_head(spec["arch"], **spec["args"])
+            head.load_state_dict(self.tensors(f"head_{name}"))
         return head.eval()
 
     def complete_head(self) -> torch.nn.Module | None:
@@ -127,7 +142,8 @@ class Bundle:
         state = self.tensors(f"restorer_{name}") if f"restorer_{name}.safetensors" in self.manifest["files"] else {}
         from mmfuse.restorers import RESTORERS, SteppingAside
 
-        restorer = RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
+        with self._building(f"restorer {name!r}"):
+            restorer = RESTORERS[name].from_state(state, {**self.restorers[name].get("args", {}), **overrides})
         aside = self.restorers[name].get("step_aside")
         return SteppingAside(restorer, aside, self.modality_order) if aside else restorer
 
@@ -169,9 +185,12 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"no model bundle at {path} ({MANIFEST} not found); make one with "
                           f"`mmfuse-train --data FILE --out {path}`")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc})") from None
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); the bundle is damaged") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} holds a JSON {type(manifest).__name__}, not a bundle's manifest (an "
+                          f"object); the bundle is damaged")
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path} has bundle format {manifest.get('format')!r}; this mmfuse "
                           f"({mmfuse.__version__}) reads format {FORMAT}: retrain with this version")
@@ -179,7 +198,36 @@ def load_bundle(path: str | Path) -> Bundle:
                if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; the bundle is damaged")
+    malformed = [key for key, fits in _SHAPES.items() if not fits(manifest[key])]
+    malformed += [key for key, fits in _OPTIONAL_SHAPES.items() if key in manifest and not fits(manifest[key])]
+    if manifest["output"] == "classification" and len(manifest["labels"]) < 2 and "labels" not in malformed:
+        malformed.append("labels (a classifier's, fewer than two)")
+    if malformed:
+        raise BundleError(f"{manifest_path}: {', '.join(malformed)} not as mmfuse-train writes them; the bundle is "
+                          f"damaged or was edited: train it again")
     return Bundle(path, manifest)
+
+
+def _mapping_of(fits):
+    return lambda value: isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and fits(v) for k, v in value.items())
+
+
+_SHAPES = {  # what load_bundle checks of each manifest entry before anything reads it
+    "labels": lambda v: isinstance(v, list) and all(isinstance(name, str) and name for name in v)
+    and len(set(v)) == len(v),
+    "modalities": _mapping_of(lambda spec: isinstance(spec, dict) and type(spec.get("dim")) is int
+                              and spec["dim"] > 0),
+    "heads": _mapping_of(lambda spec: isinstance(spec, dict) and spec.get("arch") in FUSION_HEADS),
+    "restorers": lambda v: _mapping_of(lambda spec: isinstance(spec, dict))(v) and set(v) <= set(RESTORERS),
+    "files": lambda v: _mapping_of(lambda digest: isinstance(digest, str))(v) and all(
+        Path(name).name == name and name not in (".", "..") for name in v),  # names in the bundle, no paths
+    "output": lambda v: v in ("classification", "regression"),
+}
+_OPTIONAL_SHAPES = {
+    "context": lambda v: type(v) is int and v >= 0,
+    "embed_dim": lambda v: type(v) is int and v > 0,
+}
 
 
 def unreplaceable(path: str | Path) -> str | None:

@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +54,50 @@ def test_missing_or_foreign_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(BundleError, match="format"):
         load_bundle(tmp_path)
+
+
+def edited_bundle(bundle_dir, tmp_path, edit, weights=None):
+    """A copy of the bundle with its manifest edited (and, if given, its weight files swapped, sha256 updated)."""
+    from mmfuse.bundle import sha256_file
+
+    copy = tmp_path / "edited"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for a, b in (weights or {}).items():
+        (copy / a).write_bytes((bundle_dir / b).read_bytes())
+        manifest["files"][a] = sha256_file(copy / a)
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.clear() or m.update(format=1), "lacks id"),
+    (lambda m: m.update(labels=[]), "labels (a classifier's, fewer than two)"),
+    (lambda m: m.update(labels="negative,positive"), "labels not as mmfuse-train writes them"),
+    (lambda m: m.update(context="2"), "context not as"),
+    (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "files not as"),
+    (lambda m: m["restorers"].update(magic={}), "restorers not as"),
+    (lambda m: m["heads"]["complete"].update(arch="nope"), "heads not as")])
+def test_a_manifest_edited_out_of_shape_is_refused_on_load_naming_the_entry(bundle_dir, tmp_path, edit, words):
+    with pytest.raises(BundleError, match=re.escape(words)):
+        load_bundle(edited_bundle(bundle_dir, tmp_path, edit))
+
+
+def test_a_bundle_whose_models_cannot_be_built_is_a_bundle_error_naming_the_model(bundle_dir, tmp_path):
+    """Edits load_bundle cannot see without building the models (no torch there): building them says so."""
+    def audio_in(manifest):
+        manifest["modalities"]["audio"]["encoder"]["args"]["in_dim"] += 1
+
+    with pytest.raises(BundleError, match="its audio encoder cannot be built .* train it again"):
+        load_bundle(edited_bundle(bundle_dir, tmp_path, audio_in)).encoders()
+    swapped = edited_bundle(bundle_dir, tmp_path, lambda m: None, {"encoder_audio.safetensors": "encoder_text.safetensors"})
+    with pytest.raises(BundleError, match="its audio encoder cannot be built .*size mismatch"):
+        load_bundle(swapped).encoders()
+    extra = edited_bundle(bundle_dir, tmp_path, lambda m: m["heads"]["complete"]["args"].update(bogus=1))
+    with pytest.raises(BundleError, match="its fusion head 'complete' cannot be built"):
+        load_bundle(extra).head("complete")
 
 
 def test_training_is_deterministic_for_a_seed(feature_file, tmp_path):
