@@ -90,9 +90,10 @@ class Bundle:
         try:
             yield
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            problem = " ".join(str(exc).split())[:300]
             raise BundleError(f"bundle {self.id} ({self.path}): its {what} cannot be built from the manifest and "
-                              f"weights ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); the bundle was edited or "
-                              f"made by another mmfuse version: train it again") from None
+                              f"weights ({type(exc).__name__}: {problem}); the bundle was edited or made by another "
+                              f"mmfuse version: train it again") from None
 
     def encoders(self) -> dict[str, torch.nn.Module]:
         from mmfuse.models import build_encoder

@@ -92,7 +92,8 @@ def test_a_bundle_whose_models_cannot_be_built_is_a_bundle_error_naming_the_mode
 
     with pytest.raises(BundleError, match="its audio encoder cannot be built .* train it again"):
         load_bundle(edited_bundle(bundle_dir, tmp_path, audio_in)).encoders()
-    swapped = edited_bundle(bundle_dir, tmp_path, lambda m: None, {"encoder_audio.safetensors": "encoder_text.safetensors"})
+    swapped = edited_bundle(bundle_dir, tmp_path, lambda m: None,
+                            {"encoder_audio.safetensors": "encoder_text.safetensors"})
     with pytest.raises(BundleError, match="its audio encoder cannot be built .*size mismatch"):
         load_bundle(swapped).encoders()
     extra = edited_bundle(bundle_dir, tmp_path, lambda m: m["heads"]["complete"]["args"].update(bogus=1))
