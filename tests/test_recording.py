@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -348,6 +349,28 @@ def test_eval_of_a_recording_it_cannot_score_says_why(recorded, tmp_path, capsys
         with pytest.raises(SystemExit):
             eval_main(["--log", str(recording), *flags])
         assert words in capsys.readouterr().err
+
+
+def test_a_labels_csv_is_read_as_a_spreadsheet_writes_it_and_each_bad_row_is_named(tmp_path):
+    from mmfuse.datasets import DataError
+    from mmfuse.training.log_eval import read_labels
+
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("\ufeffSession, Start ,END,Label\nrec,0,2,positive\n".encode())  # Excel's "CSV UTF-8"
+    assert read_labels(labels) == {"rec": [(0.0, 2.0, "positive")]}
+    for text, words in (("session,start,end,label\nrec,0,2\n", ":2: a row needs a session, start, end and label"),
+                        ("session,start,end,label\nrec,2,1,a\n", ":2: start and end must be finite, start before end"),
+                        ("session,start,end,label\nrec,0,nan,a\n", "start before end, got 0, nan"),
+                        ("session,start,end,label\nrec,x,1,a\n", ":2: start and end must be numbers"),
+                        ("who,when,what\n", "the header must name session,start,end,label; it names who,when,what")):
+        labels.write_text(text)
+        with pytest.raises(DataError, match=re.escape(words)):
+            read_labels(labels)
+    labels.write_bytes(b"session,start,end,label\nr\xe9c,0,1,a\n")
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        read_labels(labels)
+    with pytest.raises(DataError, match="a directory, not a CSV file"):
+        read_labels(tmp_path)
 
 
 def crafted_recording(path, payloads, config="{}", compressed=True):

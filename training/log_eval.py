@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,20 +29,37 @@ from mmfuse.datasets import DataError
 
 
 def read_labels(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
+    """session -> (start, end, label) spans of a CSV whose header names session,start,end,label (any case and
+    order; a spreadsheet's byte-order mark is fine)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'a directory, not a CSV file' if path.is_dir() else 'no such file'}")
     spans = defaultdict(list)
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"session", "start", "end", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: the header must name session,start,end,label")
-        for number, row in enumerate(reader, 2):
-            try:
-                spans[row["session"]].append((float(row["start"]), float(row["end"]), row["label"]))
-            except (TypeError, ValueError):
-                raise DataError(f"{path}:{number}: start and end must be numbers, got {row}") from None
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is not None:
+                reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+            if reader.fieldnames is None or not {"session", "start", "end", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{path}: the header must name session,start,end,label; it names "
+                                f"{','.join(reader.fieldnames or []) or 'nothing'}")
+            for number, row in enumerate(reader, 2):
+                spans[row["session"]].append(_span(path, number, row))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 CSV") from None
     return spans
+
+
+def _span(path: Path, number: int, row: dict) -> tuple[float, float, str]:
+    if any(not row.get(key) for key in ("session", "start", "end", "label")):
+        raise DataError(f"{path}:{number}: a row needs a session, start, end and label, got {row}")
+    try:
+        start, end = float(row["start"]), float(row["end"])
+    except ValueError:
+        raise DataError(f"{path}:{number}: start and end must be numbers, got {row}") from None
+    if not (math.isfinite(start) and math.isfinite(end) and start < end):
+        raise DataError(f"{path}:{number}: start and end must be finite, start before end, got {start:g}, {end:g}")
+    return start, end, row["label"].strip()
 
 
 def label_of(spans: list[tuple[float, float, str]], start: float, end: float) -> str | None:
