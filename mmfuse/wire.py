@@ -406,8 +406,29 @@ def decision_outcome(payload: dict) -> str:
     return "restored" if payload["restored"] else "complete"
 
 
+class _DecisionWindow(msgspec.Struct):
+    id: int
+    start: float
+    end: float
+    revision: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _DecisionBody(msgspec.Struct):
+    """The keys every v1 decision has (docs/protocol.md), typed: a consumer can read them without checking. Keys
+    it does not name are left as they are (later versions add keys)."""
+    session: str
+    window: _DecisionWindow
+    label: str
+    scores: Annotated[dict[str, float], msgspec.Meta(min_length=1)]
+    present: list[str]
+    restored: list[str]
+    dropped: list[str]
+    latency_ms: float
+
+
 def decode_decision(frames: list[bytes]) -> dict:
-    """Decode a decision for a downstream consumer (returns the plain map)."""
+    """Decode a decision for a downstream consumer (returns the plain map), checked against the protocol's keys:
+    a map without them, or with a value of another type, is a WireError."""
     if len(frames) != 2:
         raise WireError("frames", f"expected [topic, payload], got {len(frames)} frame(s)")
     try:
@@ -416,6 +437,10 @@ def decode_decision(frames: list[bytes]) -> dict:
         raise WireError("msgpack", f"decision payload is not valid msgpack ({type(exc).__name__})") from exc
     if not isinstance(body, dict) or body.get("v") != VERSION:
         raise WireError("version", "not a v1 decision")
+    try:
+        msgspec.convert(body, _DecisionBody)
+    except msgspec.ValidationError as exc:
+        raise WireError("decision", f"not a decision as docs/protocol.md gives it ({exc})") from None
     return body
 
 

@@ -127,3 +127,14 @@ def test_a_decision_names_the_messages_it_went_without():
                              "none", 1.0, "demo-1", revision=1, seq_gaps={"visual": 3}, late={"audio": 7})
     decoded = wire.decode_decision(wire.encode_decision(decision))
     assert decoded["seq_gaps"] == {"visual": 3} and decoded["late"] == {"audio": 7}
+
+
+def test_a_decision_without_the_protocols_keys_or_with_a_value_of_another_type_is_a_wire_error():
+    good = {"v": 1, "session": "s1", "window": {"id": 0, "start": 0.0, "end": 2.0, "revision": 0},
+            "label": "positive", "scores": {"negative": 0.3, "positive": 0.7}, "present": ["audio"], "restored": [],
+            "dropped": [], "latency_ms": 5.0, "a_later_key": [1]}
+    assert wire.decode_decision([b"decision/s1", msgpack.packb(good)]) == good
+    for bad in ({"v": 1}, {**good, "scores": {}}, {**good, "window": 3}, {**good, "label": 5},
+                {**good, "scores": {"a": "x"}}, {**good, "window": {"id": 0}}):
+        with pytest.raises(wire.WireError, match="not a decision as docs/protocol.md gives it"):
+            wire.decode_decision([b"decision/s1", msgpack.packb(bad)])
