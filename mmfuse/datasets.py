@@ -108,9 +108,21 @@ def _feature_set(path: Path, archive) -> FeatureSet:
                                 f"one of audio, video/visual, text")
         if not features:
             raise DataError(f"{path}: none of the modality keys audio, video, visual, text is present")
-        label = np.asarray(archive["label"]).astype(np.int64)
+        raw_label = np.asarray(archive["label"])
         uid = np.asarray(archive["uid"]).astype(str)
         sentiment = np.asarray(archive["sentiment"], dtype=np.float32) if "sentiment" in names else None
+    if raw_label.ndim != 1:
+        raise DataError(f"{path}: label has shape {raw_label.shape}; expected one class index per row")
+    label = raw_label.astype(np.int64)
+    if raw_label.dtype.kind == "f" and not np.array_equal(raw_label, label):
+        example = raw_label[raw_label != label][0]
+        raise DataError(f"{path}: label holds values that are not whole numbers (e.g. {example:g}); labels are "
+                        f"class indices 0..K-1 (a continuous target goes in sentiment)")
+    for name, column in (("uid", uid), ("sentiment", sentiment)):
+        if column is not None and column.shape != label.shape:
+            raise DataError(f"{path}: {name} has shape {column.shape}; expected one value per row ({len(label)})")
+    if sentiment is not None and not np.isfinite(sentiment).all():
+        raise DataError(f"{path}: sentiment contains NaN or infinite values")
     for modality, matrix in features.items():
         if matrix.ndim != 2 or len(matrix) != len(label):
             raise DataError(f"{path}: {keys[modality]} has shape {matrix.shape}; expected [{len(label)}, dim]")
@@ -142,16 +154,23 @@ def read_manifest(path: str | Path) -> list[MediaRow]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not a JSON object ({exc})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: a JSON {type(record).__name__}, not an object")
         ident = record.get("id", record.get("utterance_id"))
-        if ident is None or "label" not in record:
-            raise DataError(f"{path}:{number}: every row needs `id` (or `utterance_id`) and `label`")
+        if ident is None or not isinstance(record.get("label"), (str, int)) or isinstance(record["label"], bool):
+            raise DataError(f"{path}:{number}: every row needs `id` (or `utterance_id`) and a `label` (a name or "
+                            f"a number)")
         session = record.get("dialogue_id", record.get("session"))
         uid = f"{session}_{record.get('turn', number)}" if session is not None else f"{ident}_0"
         image = path.parent / record["image"] if record.get("image") else None

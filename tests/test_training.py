@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmfuse.bundle import BundleError, load_bundle
-from mmfuse.datasets import DataError, load_features
+from mmfuse.datasets import DataError, load_features, read_manifest
 from mmfuse.training.data import split_by_video
 from mmfuse.training.train import main as train_main
 
@@ -125,6 +125,30 @@ def test_bad_data_file_is_a_clear_error(tmp_path, capsys):
     np.savez(path, text=np.zeros((2, 4), np.float32), label=np.array([0, 1]), uid=np.array(["a_1", None], object))
     with pytest.raises(DataError, match="cannot be read as the schema needs"):
         load_features(path)
+    rows = {"text": np.zeros((4, 3), np.float32), "uid": np.array(["a_1", "a_2", "b_1", "b_2"])}
+    for arrays, words in (({"label": np.zeros((4, 2), np.int64)}, "label has shape (4, 2)"),
+                          ({"label": np.array([0.0, 1.0, 0.6, 1.6])}, "not whole numbers (e.g. 0.6)"),
+                          ({"label": np.array([0, 1, 0, 1]), "uid": np.array(["a_1", "a_2"])}, "uid has shape (2,)"),
+                          ({"label": np.array([0, 1, 0, 1]), "sentiment": np.array([0.5, 1.0, np.nan, 2.0])},
+                           "sentiment contains NaN"),
+                          ({"label": np.array([0, 1, 0, 1]), "sentiment": np.zeros(3)}, "sentiment has shape (3,)")):
+        np.savez(path, **{**rows, **arrays})
+        with pytest.raises(DataError, match=re.escape(words)):
+            load_features(path)
+    for labels, words in (([0, 0, 0, 0], "a classifier needs at least two classes"),
+                          ([0, 1, 1, 1000], "998 of 0..1000 never do (e.g. 2)")):
+        np.savez(path, **rows, label=np.array(labels))
+        assert train_main(["--data", str(path), "--out", str(tmp_path / "out")]) == 2
+        assert words in capsys.readouterr().err
+    manifest = tmp_path / "media.jsonl"
+    for text, words in (('["a", "b"]\n', ":1: a JSON list, not an object"),
+                        ('{"id": "u1", "label": null}\n', ":1: every row needs `id` (or `utterance_id`) and a `label`")):
+        manifest.write_text(text)
+        with pytest.raises(DataError, match=re.escape(words)):
+            read_manifest(manifest)
+    manifest.write_bytes(b'{"id": "u\xe9", "label": "a"}\n')
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        read_manifest(manifest)
 
 
 def test_an_out_that_holds_anything_but_a_bundle_is_refused_before_training_and_left_as_it_was(tmp_path, feature_file,

@@ -72,6 +72,14 @@ class Trainer:
             args.restorers = ["zero"]
         self.output = args.task
         self.num_outputs = int(dataset.label.max()) + 1 if self.output == "classification" else 1
+        if self.output == "classification" and self.num_outputs < 2:
+            raise DataError(f"{args.data}: every row has the same label: a classifier needs at least two classes")
+        unused = sorted(set(range(self.num_outputs)) - set(dataset.label.tolist())) \
+            if self.output == "classification" else []
+        if unused:
+            raise DataError(f"{args.data}: labels must be class indices 0..K-1 that all occur in the training data; "
+                            f"{len(unused)} of 0..{self.num_outputs - 1} never do (e.g. {unused[0]}): a stray value, "
+                            f"or classes to renumber")
         if args.context is None:  # measured: +2-3 points on IEMOCAP dialogues, nothing on MOSI (docs/results.md)
             args.context = 3 if self.media and len(set(dataset.videos)) < len(dataset) else 0
         if args.val is None:
