@@ -56,18 +56,22 @@ def new_certificate(name: str, directory: Path) -> tuple[Path, Path]:
     return public, secret
 
 
-def list_certificates(directory: Path) -> list[tuple[str, str, bool]]:
-    """(name, public key, whether its secret is here) of each certificate in a directory."""
+def list_certificates(directory: Path) -> tuple[list[tuple[str, str, bool]], list[str]]:
+    """(name, public key, whether its secret is here) of each certificate in a directory, and why each file
+    that looks like one (by its name) could not be read."""
     if not directory.is_dir():
         raise SecurityError(f"{directory}: no such directory")
     names = sorted({p.name.removesuffix("_secret").removesuffix(".key") for p in directory.glob("*.key*")
                     if p.suffix in (".key", ".key_secret")})
-    found = []
+    found, unreadable = [], []
     for name in names:
         secret = directory / f"{name}.key_secret"
-        path = directory / f"{name}.key" if (directory / f"{name}.key").exists() else secret
-        found.append((name, read_certificate(path).public.decode(), secret.exists()))
-    return found
+        path = directory / f"{name}.key" if (directory / f"{name}.key").is_file() else secret
+        try:
+            found.append((name, read_certificate(path).public.decode(), secret.is_file()))
+        except SecurityError as exc:
+            unreadable.append(str(exc))
+    return found, unreadable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,16 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {public} (public: share it) and {secret} (secret, mode 0600: give it to {args.name} "
                   f"only)\npublic key: {read_certificate(public).public.decode()}")
             return 0
-        rows = list_certificates(args.dir)
+        rows, unreadable = list_certificates(args.dir)
     except SecurityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not rows:
+    if not rows and not unreadable:
         print(f"{args.dir}: no certificates", file=sys.stderr)
     width = max((len(name) for name, _, _ in rows), default=0)
     for name, key, has_secret in rows:
         print(f"{name:<{width}}  {key}" + ("  (secret here)" if has_secret else ""))
-    return 0
+    for problem in unreadable:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if unreadable else 0
 
 
 if __name__ == "__main__":

@@ -352,10 +352,12 @@ def test_a_certificate_whose_key_is_no_curve_key_is_refused_where_it_is_read(tmp
     directory = tmp_path / "keys"
     new_certificate("cam0", directory)
     (directory / "short.key").write_text('metadata\ncurve\n    public-key = "short"\n')
-    for read in (lambda: read_certificate(directory / "short.key"), lambda: authorized_keys(directory),
-                 lambda: list_certificates(directory)):
+    for read in (lambda: read_certificate(directory / "short.key"), lambda: authorized_keys(directory)):
         with pytest.raises(SecurityError, match="short.*no CURVE key"):
             read()
+    rows, unreadable = list_certificates(directory)  # the listing shows the good ones and names the bad one
+    assert [name for name, _, _ in rows] == ["cam0"] and len(unreadable) == 1 and "short.key" in unreadable[0]
+    assert keys_main(["list", str(directory)]) == 2
 
 
 def test_a_clock_tick_of_no_plausible_time_is_refused():
