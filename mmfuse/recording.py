@@ -297,10 +297,18 @@ def gaps_and_resets(times: np.ndarray, nominal_rate: float = 0.0) -> tuple[list,
     if len(times) < 2:
         return [], []
     steps = np.diff(times)
-    usual = 1.0 / nominal_rate if nominal_rate > 0 else float(np.median(steps[steps > 0])) if (steps > 0).any() else 0
+    usual = 1.0 / nominal_rate if nominal_rate > 0 else _usual_step(steps[steps > 0])
     gaps = [(float(times[i]), float(steps[i])) for i in np.flatnonzero(steps > max(GAP_FACTOR * usual, 1e-3))]
     resets = [(float(times[i]), float(steps[i])) for i in np.flatnonzero(steps < -max(usual, 1e-3))]
     return gaps, resets
+
+
+def _usual_step(steps: np.ndarray) -> float:
+    """A series' usual interval: its median step, or, where messages come in bursts (steps near 0 pull the median
+    down), the mean of its steps but the longest tenth, whichever is longer."""
+    if not len(steps):
+        return 0.0
+    return float(max(np.median(steps), steps[steps <= np.percentile(steps, 90)].mean()))
 
 
 def clock_offsets(delays: np.ndarray) -> str:

@@ -373,6 +373,17 @@ def test_a_labels_csv_is_read_as_a_spreadsheet_writes_it_and_each_bad_row_is_nam
         read_labels(tmp_path)
 
 
+def test_a_listing_finds_the_real_gap_and_none_in_a_stream_that_comes_in_pairs():
+    """Messages that come two at a time (a sensor that sends its data and heartbeat together) pull the median step
+    towards 0: it is not the stream's usual interval."""
+    from mmfuse.recording import gaps_and_resets
+
+    paired = np.sort(np.concatenate([np.arange(0, 30, 0.25), np.arange(0, 30, 0.25) + 0.001]))
+    assert gaps_and_resets(paired) == ([], [])
+    assert gaps_and_resets(np.concatenate([np.arange(0, 10, 0.1), np.arange(15, 20, 0.1)]))[0] == \
+        [(pytest.approx(9.9), pytest.approx(5.1))]
+
+
 def crafted_recording(path, payloads, config="{}", compressed=True):
     """An MCAP file laid out as mmfuse records, holding these payloads on one text channel."""
     from mcap.writer import CompressionType, Writer
