@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from typing import TYPE_CHECKING
+import msgspec
 
 import mmfuse
 from mmfuse.options import FUSION_HEADS, RESTORERS
@@ -199,9 +201,13 @@ def load_bundle(path: str | Path) -> Bundle:
                if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path} lacks {', '.join(missing)}; the bundle is damaged")
-    malformed = [key for key, fits in _SHAPES.items() if not fits(manifest[key])]
-    malformed += [key for key, fits in _OPTIONAL_SHAPES.items() if key in manifest and not fits(manifest[key])]
-    if manifest["output"] == "classification" and len(manifest["labels"]) < 2 and "labels" not in malformed:
+    try:
+        msgspec.convert(manifest, _Manifest)
+        malformed = [] if len(set(manifest["labels"])) == len(manifest["labels"]) else ["labels (repeated)"]
+    except msgspec.ValidationError as exc:
+        entry = re.search(r"\$\.(\w+)", str(exc))
+        malformed = [entry.group(1) if entry else str(exc)]
+    if manifest["output"] == "classification" and len(manifest["labels"]) < 2 and not malformed:
         malformed.append("labels (a classifier's, fewer than two)")
     if malformed:
         raise BundleError(f"{manifest_path}: {', '.join(malformed)} not as mmfuse-train writes them; the bundle is "
@@ -209,26 +215,28 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path, manifest)
 
 
-def _mapping_of(fits):
-    return lambda value: isinstance(value, dict) and bool(value) and all(
-        isinstance(k, str) and fits(v) for k, v in value.items())
+_Name = Annotated[str, msgspec.Meta(min_length=1)]
+_FileName = Annotated[str, msgspec.Meta(pattern=r"^(?!\.\.?$)[^/\\]+$")]  # a name in the bundle, no path
 
 
-_SHAPES = {  # what load_bundle checks of each manifest entry before anything reads it
-    "labels": lambda v: isinstance(v, list) and all(isinstance(name, str) and name for name in v)
-    and len(set(v)) == len(v),
-    "modalities": _mapping_of(lambda spec: isinstance(spec, dict) and type(spec.get("dim")) is int
-                              and spec["dim"] > 0),
-    "heads": _mapping_of(lambda spec: isinstance(spec, dict) and spec.get("arch") in FUSION_HEADS),
-    "restorers": lambda v: _mapping_of(lambda spec: isinstance(spec, dict))(v) and set(v) <= set(RESTORERS),
-    "files": lambda v: _mapping_of(lambda digest: isinstance(digest, str))(v) and all(
-        Path(name).name == name and name not in (".", "..") for name in v),  # names in the bundle, no paths
-    "output": lambda v: v in ("classification", "regression"),
-}
-_OPTIONAL_SHAPES = {
-    "context": lambda v: type(v) is int and v >= 0,
-    "embed_dim": lambda v: type(v) is int and v > 0,
-}
+class _Modality(msgspec.Struct):
+    dim: Annotated[int, msgspec.Meta(gt=0)]
+
+
+class _Head(msgspec.Struct):
+    arch: Literal[FUSION_HEADS]
+
+
+class _Manifest(msgspec.Struct):
+    """What load_bundle checks of a manifest's entries before anything reads them (other keys pass as they are)."""
+    labels: list[_Name]
+    modalities: Annotated[dict[str, _Modality], msgspec.Meta(min_length=1)]
+    heads: Annotated[dict[str, _Head], msgspec.Meta(min_length=1)]
+    restorers: Annotated[dict[Literal[RESTORERS], dict], msgspec.Meta(min_length=1)]
+    files: Annotated[dict[_FileName, str], msgspec.Meta(min_length=1)]
+    output: Literal["classification", "regression"]
+    context: Annotated[int, msgspec.Meta(ge=0)] = 0
+    embed_dim: Annotated[int, msgspec.Meta(gt=0)] = 1
 
 
 def unreplaceable(path: str | Path) -> str | None:
