@@ -102,8 +102,7 @@ class WebServer:
         self.refused = Tally()
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(application(monitor, max_streams, max_requests), access_log=None,
-                                    shutdown_timeout=1.0,
-                                    keepalive_timeout=idle_s)
+                                    shutdown_timeout=1.0, keepalive_timeout=idle_s)
         self.listener: asyncio.Server | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
 

@@ -351,10 +351,9 @@ class AudioTower(Tower):
                  for w in items]
         if all(np.ndim(w) == 1 for w in waves):
             return torch.from_numpy(np.stack(waves))
-        running = [w for w in waves if isinstance(w, StreamingLogMel)]
-        finished = dict(zip(map(id, running), StreamingLogMel.finish_all(running)))
-        return torch.from_numpy(np.stack([self.log_mel(w) if np.ndim(w) == 1 else finished.get(id(w), w)
-                                          for w in waves]))
+        StreamingLogMel.finish_all([w for w in waves if isinstance(w, StreamingLogMel)])
+        return torch.from_numpy(np.stack([w.finished if isinstance(w, StreamingLogMel) else
+                                          self.log_mel(w) if np.ndim(w) == 1 else w for w in waves]))
 
     def spectrogram(self) -> StreamingLogMel:
         """The log-mel of one segment, to be given its samples as they come."""

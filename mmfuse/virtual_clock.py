@@ -16,12 +16,15 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgpack
 
-from mmfuse.config import DaemonConfig
 from mmfuse.frames import ClosedWindow, SensorBatch
 from mmfuse.wire import MAX_TIME_S
+
+if TYPE_CHECKING:
+    from mmfuse.config import DaemonConfig
 
 TICK_S = 0.01       # as the live aligner's ticker
 TICK_TOPIC = b"clock"

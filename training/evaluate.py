@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmfuse.options import positive_int
+from mmfuse.options import positive_int, proportion
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restorer", default="all", help="a restorer of the bundle, or all")
     parser.add_argument("--protocol", choices=["fixed", "rate", "missing", "both"], default="both",
                         help="both: fixed, rate and missing")
-    parser.add_argument("--eta", type=float, default=0.7, help="share of samples with a missing modality in `missing`")
+    parser.add_argument("--eta", type=proportion, default=0.7, help="share of samples with a missing modality in `missing`")
     parser.add_argument("--seeds", type=positive_int, default=5, help="mask seeds of the rate protocol")
     parser.add_argument("--subset", choices=["all", "validation"], default="all",
                         help="validation: only the videos the bundle held out when it was trained")
@@ -47,8 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     logs.add_argument("--config", help="daemon configuration (default: the one recorded)")
     logs.add_argument("--decisions-out", help="write every decision as one JSON line")
     args = parser.parse_args(argv)
-    if not 0 < args.eta <= 1:  # (nan fails it too)
-        parser.error(f"--eta: a share of the samples, above 0 and at most 1, got {args.eta:g}")
     for option, path in (("--json", args.json), ("--decisions-out", args.decisions_out)):
         if path is not None and Path(path).is_dir():
             parser.error(f"{option} {path} is a directory; give the file to write, e.g. {Path(path) / 'out.json'}")

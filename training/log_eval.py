@@ -141,8 +141,11 @@ def _why_no_decision(rejected: dict[str, dict[str, int]]) -> str:
     if not any(rejected.values()):
         return "no window was decided: its messages closed none (too short a recording, or only heartbeats)"
     return "no window was decided: the sensors rejected or could not use every message (" + "; ".join(
-        f"{sensor}: " + ", ".join(f"{n} {reason}" for reason, n in counts.items())
-        for sensor, counts in rejected.items() if counts) + ")"
+        f"{sensor}: {_counted(counts)}" for sensor, counts in rejected.items() if counts) + ")"
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items())
 
 
 def print_log_summary(result: dict) -> None:
@@ -152,8 +155,7 @@ def print_log_summary(result: dict) -> None:
         print(f"  not replayed: {', '.join(result['unused_sensors'])} (sensors the configuration does not name)",
               file=sys.stderr)
     for sensor, counts in result["rejected"].items():
-        print(f"  rejected by {sensor}: " + ", ".join(f"{n} {reason}" for reason, n in counts.items()),
-              file=sys.stderr)
+        print(f"  rejected by {sensor}: {_counted(counts)}", file=sys.stderr)
     if result["labels_unmatched"] and result["decisions"]:
         print("  warning: no decided window lies in a labelled span of its session: no accuracy (do the labels' "
               "session names and times, on the sensors' clock, match the recording's?)", file=sys.stderr)
