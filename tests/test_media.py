@@ -337,44 +337,48 @@ def test_raw_media_windows_through_the_daemon(media_bundle, media_manifest, tmp_
     from mmfuse.datasets import read_image, read_wav
 
     window = 1.0
+    encodings = {"raw-jpeg": "jpeg", "raw-rgb8": "rgb8"}
+    media, expected = [], {}
+    for row in rows:
+        picture, wave_ = read_image(row.image), read_wav(row.audio, 16000)[:16000]
+        media.append((picture, wave_, row.text))
+        segment = (np.clip(wave_, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768
+        for session, encoding in encodings.items():
+            frame = np.asarray(Image.open(io.BytesIO(jpeg(picture))).convert("RGB")) if encoding == "jpeg" else picture
+            expected[(session, len(media) - 1)] = {"visual": towers["visual"].encode([frame])[0],
+                                                   "audio": towers["audio"].encode([segment])[0],
+                                                   "text": towers["text"].encode([row.text])[0]}
     lab = Lab(tmp_path, media_bundle, {"method": "mean"}, window=window)
     try:
         lab.wait_ready()
-        expected = {}
-        for session, encoding in (("raw-jpeg", "jpeg"), ("raw-rgb8", "rgb8")):
-            seq = {name: 0 for name in lab.sockets}
+        seq = {(session, name): 0 for session in encodings for name in lab.sockets}
 
-            def send(name, message):
-                lab.sockets[name].send_multipart(wire.encode(message))
-                seq[name] += 1
+        def send(session, name, message):
+            lab.sockets[name].send_multipart(wire.encode(message))
+            seq[session, name] += 1
 
-            for w, row in enumerate(rows):
-                picture, wave_ = read_image(row.image), read_wav(row.audio, 16000)[:16000]
+        start = time.monotonic()
+        for w, (picture, wave_, text) in enumerate(media):  # live: each window's media when its window begins
+            time.sleep(max(0.0, start + w * window - time.monotonic()))
+            for session, encoding in encodings.items():
                 for f in range(15):  # a 15 fps camera; only the first frame of a window is encoded
-                    t = w + f / 15
-                    send("cam0", wire.jpeg_message(session, "cam0", seq["cam0"], t, jpeg(picture))
-                         if encoding == "jpeg" else wire.rgb8_message(session, "cam0", seq["cam0"], t, picture))
+                    n, t = seq[session, "cam0"], w + f / 15
+                    send(session, "cam0", wire.jpeg_message(session, "cam0", n, t, jpeg(picture))
+                         if encoding == "jpeg" else wire.rgb8_message(session, "cam0", n, t, picture))
                 for c in range(10):
-                    send("mic0", wire.pcm16_message(session, "mic0", seq["mic0"], w + c / 10,
-                                                    wave_[c * 1600:(c + 1) * 1600], 16000))
-                send("asr0", wire.text_message(session, "asr0", seq["asr0"], w + 0.1, row.text, 0.8))
-                if encoding == "jpeg":
-                    frame = np.asarray(Image.open(io.BytesIO(jpeg(picture))).convert("RGB"))
-                else:
-                    frame = picture
-                segment = (np.clip(wave_, -1, 1) * 32767).astype("<i2").astype(np.float32) / 32768
-                expected[(session, w)] = {"visual": towers["visual"].encode([frame])[0],
-                                          "audio": towers["audio"].encode([segment])[0],
-                                          "text": towers["text"].encode([row.text])[0]}
-                time.sleep(0.05)
+                    send(session, "mic0", wire.pcm16_message(session, "mic0", seq[session, "mic0"], w + c / 10,
+                                                             wave_[c * 1600:(c + 1) * 1600], 16000))
+                send(session, "asr0", wire.text_message(session, "asr0", seq[session, "asr0"], w + 0.1, text, 0.8))
+        time.sleep(max(0.0, start + len(media) * window - time.monotonic()))
+        for session in encodings:
             for name in lab.sockets:
                 lab.sockets[name].send_multipart(wire.encode(wire.SensorMessage(
-                    session=session, source=name, modality=lab_modality(name), seq=seq[name], t=len(rows),
-                    kind="end")))
+                    session=session, source=name, modality=lab_modality(name), seq=seq[session, name],
+                    t=len(media), kind="end")))
         received = collect(lab.decisions, quiet_s=6)
     finally:
         lab.close()
-    assert sorted((d["session"], d["window"]["id"]) for d in received) == sorted(expected)
+    assert sorted((d["session"], d["window"]["id"]) for d in received) == sorted(expected), lab.daemon.log(200)
     head = bundle.head("complete")
     encoders = bundle.encoders()
     for decision in received:
