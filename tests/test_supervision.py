@@ -26,6 +26,10 @@ MODALITY = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
 # still fails a daemon that waits for them instead of standing in.
 RESUME_BOUND_S = 3.0
 SHARED_RESUME_BOUND_S = 20.0  # with fusion in the restorer's process nothing stands in: decisions wait for its restart
+# Nothing stands in for the aligner or the publisher: decisions wait for Ray's restart (2.8 s under the suite's load
+# once), then must follow it at once
+AFTER_RESTART_BOUND_S = 1.5
+STANDS_IN = {"sensor-cam0", "restorer", "fusion"}  # actors whose work goes on while Ray restarts them
 
 
 def sent_modalities(session, k):
@@ -138,8 +142,16 @@ def test_a_killed_actor_loses_no_window_and_decides_none_twice(tmp_path, bundle_
     after = [at - killed_at for at, _ in received if at > killed_at]
     supervision = "".join(line for line in log.splitlines(True)
                           if re.search("actor died|actor restarted|restored", line))
-    assert after and after[0] <= (SHARED_RESUME_BOUND_S if shared else RESUME_BOUND_S), \
-        f"first decision {after[0] if after else None:.2f} s after the kill\n{supervision}"
+    if shared:
+        bound = SHARED_RESUME_BOUND_S
+    elif kill in STANDS_IN:
+        bound = RESUME_BOUND_S
+    else:
+        restart = re.search(rf"actor restarted .*actor={kill} .*took_s=([\d.]+)", log)
+        assert restart, f"no restart of {kill} in the daemon's log:\n{supervision}"
+        bound = float(restart.group(1)) + AFTER_RESTART_BOUND_S
+    assert after and after[0] <= bound, \
+        f"first decision {after[0] if after else None:.2f} s after the kill, bound {bound:.2f} s\n{supervision}"
 
 
 def send_windows_with_the_last_left_open(lab, session):
