@@ -209,6 +209,12 @@ def load_bundle(path: str | Path) -> Bundle:
         malformed = [entry.group(1) if entry else str(exc)]
     if manifest["output"] == "classification" and len(manifest["labels"]) < 2 and not malformed:
         malformed.append("labels (a classifier's, fewer than two)")
+    if not malformed:
+        outputs = len(manifest["labels"]) if manifest["output"] == "classification" else 1
+        malformed += [f"heads.{name} ({head.get('args', {}).get('num_outputs')} outputs for {outputs} "
+                      f"{'labels' if manifest['output'] == 'classification' else 'regression value'})"
+                      for name, head in manifest["heads"].items()
+                      if head.get("args", {}).get("num_outputs") != outputs]
     if malformed:
         raise BundleError(f"{manifest_path}: {', '.join(malformed)} not as mmfuse-train writes them; the bundle is "
                           f"damaged or was edited: train it again")
@@ -225,6 +231,7 @@ class _Modality(msgspec.Struct):
 
 class _Head(msgspec.Struct):
     arch: Literal[FUSION_HEADS]
+    args: dict = msgspec.field(default_factory=dict)
 
 
 class _Manifest(msgspec.Struct):

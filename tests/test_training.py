@@ -79,7 +79,8 @@ def edited_bundle(bundle_dir, tmp_path, edit, weights=None):
     (lambda m: m.update(context="2"), "context not as"),
     (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "files not as"),
     (lambda m: m["restorers"].update(magic={}), "restorers not as"),
-    (lambda m: m["heads"]["complete"].update(arch="nope"), "heads not as")])
+    (lambda m: m["heads"]["complete"].update(arch="nope"), "heads not as"),
+    (lambda m: m.update(labels=[*m["labels"], "surprised"]), "heads.complete (2 outputs for 3 labels)")])
 def test_a_manifest_edited_out_of_shape_is_refused_on_load_naming_the_entry(bundle_dir, tmp_path, edit, words):
     with pytest.raises(BundleError, match=re.escape(words)):
         load_bundle(edited_bundle(bundle_dir, tmp_path, edit))
