@@ -190,10 +190,13 @@ def mmfuse_channels(summary) -> tuple[dict[int, object], list[str]]:
     counts = summary.statistics.channel_message_counts if summary.statistics else {}
     for channel_id, channel in summary.channels.items():
         modality = channel.metadata.get("modality")
-        if channel.message_encoding == ENCODING and modality in mmfuse.MODALITIES and "sensor" in channel.metadata:
+        schema = summary.schemas.get(channel.schema_id)
+        if channel.schema_id and schema is None:
+            foreign.append(f"{channel.topic} (names schema {channel.schema_id}, which the file does not hold: "
+                           f"damaged)")
+        elif channel.message_encoding == ENCODING and modality in mmfuse.MODALITIES and "sensor" in channel.metadata:
             usable[channel_id] = channel
         elif channel.topic not in (DECISION_TOPIC, CLOCK_TOPIC):
-            schema = summary.schemas.get(channel.schema_id)
             foreign.append(f"{channel.topic} ({channel.message_encoding}"
                            f"{', ' + schema.name if schema else ''}, {counts.get(channel_id, 0)} messages)")
     return usable, foreign
@@ -328,8 +331,9 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
         reader, summary = _reader(handle, path)
         times: dict[int, list[float]] = {}
         origins: dict[int, list[float]] = {}
+        readable = [c.topic for c in summary.channels.values() if not c.schema_id or c.schema_id in summary.schemas]
         try:
-            for _, channel, message in reader.iter_messages():
+            for _, channel, message in reader.iter_messages(topics=readable):
                 times.setdefault(channel.id, []).append(message.log_time / 1e9)
                 origins.setdefault(channel.id, []).append(message.publish_time / 1e9)
         except Exception as exc:  # (as in read_recording)
@@ -341,6 +345,8 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
         schema = summary.schemas.get(channel.schema_id)
         if channel_id in usable:
             kind = channel.metadata["modality"]
+        elif channel.schema_id and schema is None:
+            kind = f"names schema {channel.schema_id}, which the file does not hold: damaged"
         elif channel.topic == DECISION_TOPIC and channel.message_encoding == ENCODING:
             kind = "decisions"
         elif channel.topic == CLOCK_TOPIC and channel.message_encoding == "json":

@@ -384,7 +384,7 @@ def test_a_listing_finds_the_real_gap_and_none_in_a_stream_that_comes_in_pairs()
         [(pytest.approx(9.9), pytest.approx(5.1))]
 
 
-def crafted_recording(path, payloads, config="{}", compressed=True):
+def crafted_recording(path, payloads, config="{}", compressed=True, schema=0):
     """An MCAP file laid out as mmfuse records, holding these payloads on one text channel."""
     from mcap.writer import CompressionType, Writer
 
@@ -392,7 +392,7 @@ def crafted_recording(path, payloads, config="{}", compressed=True):
         writer = Writer(handle, compression=CompressionType.ZSTD if compressed else CompressionType.NONE)
         writer.start(profile="mmfuse", library="test")
         writer.add_metadata("mmfuse", {"config": config})
-        channel = writer.register_channel("text/asr0", "msgpack", 0,
+        channel = writer.register_channel("text/asr0", "msgpack", schema,
                                           {"modality": "text", "source": "asr0", "sensor": "asr0"})
         for k, payload in enumerate(payloads):
             writer.add_message(channel, (k + 1) * 10**9, payload, (k + 1) * 10**9, k)
@@ -422,6 +422,10 @@ def test_damaged_recordings_are_named_errors_and_a_foreign_message_is_skipped_no
             read_recording(tmp_path / f"{name}.mcap")
         with pytest.raises(RecordingError):
             summarize_mcap(tmp_path / f"{name}.mcap")
+    unknown_schema = crafted_recording(tmp_path / "schema.mcap", good, schema=99)
+    with pytest.raises(RecordingError, match=r"text/asr0 \(names schema 99, which the file does not hold: damaged"):
+        read_recording(unknown_schema)
+    assert [s.kind for s in summarize_mcap(unknown_schema)] == ["names schema 99, which the file does not hold: damaged"]
     for path, words in ((tmp_path / "absent.mcap", "no such file"), (tmp_path, "a directory")):
         for read in (read_recording, summarize_mcap):
             with pytest.raises(RecordingError, match=words):
