@@ -4,6 +4,7 @@ exactly once, with what was sent, each session's in window order, and decisions 
 2 s (with fusion in the restorer's process, pipeline.shared_model_process, once the restorer is
 back)."""
 
+import math
 import os
 import re
 import signal
@@ -21,14 +22,14 @@ KILL_AFTER = 6             # windows sent before the kill
 SESSIONS = ("alpha", "beta")
 GAPS = {("alpha", "asr0"): {2, 5, 9}, ("beta", "mic0"): {4, 8, 11}}  # windows a sensor sends only a heartbeat for
 MODALITY = {"cam0": "visual", "mic0": "audio", "asr0": "text"}
-# Decisions resume in 0.03-1.5 s on an idle 2-core machine (bench/fault_recovery.py checks the 2 s target); under
-# a test suite's load a Ray restart alone has taken 2 s. Restorer and fusion take 3-4 s to restart, so this bound
-# still fails a daemon that waits for them instead of standing in.
+# Decisions resume in 0.03-1.5 s on an idle 2-core machine (bench/fault_recovery.py checks the 2 s target). Where
+# another stage stands in, they must resume within RESUME_BOUND_S, or at least before Ray has restarted the killed
+# actor (3-4 s for restorer and fusion idle, more under the suite's load): a daemon that waits for it fails.
 RESUME_BOUND_S = 3.0
 SHARED_RESUME_BOUND_S = 20.0  # with fusion in the restorer's process nothing stands in: decisions wait for its restart
 # Nothing stands in for the aligner or the publisher: decisions wait for Ray's restart (2.8 s under the suite's load
-# once), then must follow it at once
-AFTER_RESTART_BOUND_S = 1.5
+# once), then must follow it soon (the restarted stage takes back what was in flight)
+AFTER_RESTART_BOUND_S = 3.0
 STANDS_IN = {"sensor-cam0", "restorer", "fusion"}  # actors whose work goes on while Ray restarts them
 
 
@@ -49,11 +50,13 @@ class Listener:
             if self.socket.poll(100):
                 self.received.append((time.monotonic(), decode(self.socket.recv_multipart())))
 
-    def quiet_for(self, seconds, limit=60.0):
-        deadline = time.monotonic() + limit
+    def quiet_for(self, seconds, expect=0, limit=60.0):
+        """The decisions received once `expect` have come and then none for `seconds` (or at `limit`)."""
+        called = time.monotonic()
+        deadline = called + limit
         while time.monotonic() < deadline:
-            last = self.received[-1][0] if self.received else 0.0
-            if time.monotonic() - last > seconds:
+            last = max(self.received[-1][0] if self.received else 0.0, called)
+            if len(self.received) >= expect and time.monotonic() - last > seconds:
                 break
             time.sleep(0.1)
         self.stopping.set()
@@ -91,7 +94,7 @@ def run_session(lab, kill: str | None):
     for session in SESSIONS:
         for name in SENSORS:
             lab.sockets[name].send_multipart(message(session, name, WINDOWS, WINDOWS * WINDOW, "end"))
-    received = listener.quiet_for(4.0)
+    received = listener.quiet_for(4.0, expect=len(SESSIONS) * WINDOWS)
     lab.daemon.process.send_signal(signal.SIGTERM)
     status = lab.daemon.process.wait(timeout=90)
     return received, killed_at, status
@@ -137,19 +140,21 @@ def test_a_killed_actor_loses_no_window_and_decides_none_twice(tmp_path, bundle_
         assert decision["present"] == sent, (shown, log)
         assert decision["restored"] == [m for m in ("audio", "text", "visual") if m not in sent], (shown, log)
         assert decision["dropped"] == [], (shown, log)
-    assert camera_down <= 2 * 4  # the camera's windows while its actor restarted
-    assert "windows not published" not in log, log  # the drain saw every window acknowledged
-    after = [at - killed_at for at, _ in received if at > killed_at]
     supervision = "".join(line for line in log.splitlines(True)
                           if re.search("actor died|actor restarted|restored", line))
+    restart = re.search(rf"actor restarted .*actor={kill} .*took_s=([\d.]+)", log)
+    assert restart, f"no restart of {kill} in the daemon's log:\n{supervision}"
+    took = float(restart.group(1))
+    # the camera's windows while its actor restarted, its drop timeout and its new life's first batch
+    assert camera_down <= len(SESSIONS) * (math.ceil(took / WINDOW) + 3), (camera_down, supervision)
+    assert "windows not published" not in log, log  # the drain saw every window acknowledged
+    after = [at - killed_at for at, _ in received if at > killed_at]
     if shared:
         bound = SHARED_RESUME_BOUND_S
     elif kill in STANDS_IN:
-        bound = RESUME_BOUND_S
+        bound = max(RESUME_BOUND_S, took)
     else:
-        restart = re.search(rf"actor restarted .*actor={kill} .*took_s=([\d.]+)", log)
-        assert restart, f"no restart of {kill} in the daemon's log:\n{supervision}"
-        bound = float(restart.group(1)) + AFTER_RESTART_BOUND_S
+        bound = took + AFTER_RESTART_BOUND_S
     assert after and after[0] <= bound, \
         f"first decision {after[0] if after else None:.2f} s after the kill, bound {bound:.2f} s\n{supervision}"
 
@@ -158,16 +163,11 @@ def send_windows_with_the_last_left_open(lab, session):
     """Windows 0-2 of a session complete, and window 3 without text: it stays open until a drain (or the drop
     timeout) closes it."""
     rng = np.random.default_rng(3)
-    # Each stream's first word is window 0 alone: a stream whose first batch reaches a window further (a burst
-    # split across batches by chance) sits a window's length away in its lowest delay, and one that far looks
-    # like a clock of its own and is held (4 s): the aligner's known weakness, not what these tests are about
-    for k in range(3):
-        for name in SENSORS:
+    start = time.monotonic()
+    for k in range(4):  # live: each window's messages when it begins
+        time.sleep(max(0.0, start + k * WINDOW - time.monotonic()))
+        for name in SENSORS if k < 3 else ("cam0", "mic0"):
             lab.sockets[name].send_multipart(message(session, name, k, k * WINDOW, rng=rng, duration=WINDOW))
-        time.sleep(0.1 if k == 0 else 0.0)
-    time.sleep(0.3)
-    for name in ("cam0", "mic0"):
-        lab.sockets[name].send_multipart(message(session, name, 3, 3 * WINDOW, rng=rng, duration=WINDOW))
     time.sleep(0.2)
 
 
