@@ -14,6 +14,7 @@ import time
 from collections import deque
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from mmfuse import wire
 from mmfuse.config import ConfigError, load_config
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     socket.setsockopt(zmq.LINGER, 0)
     if keys is not None:
         connect_as(socket, keys.consumer, keys.server)
+    monitor = socket.get_monitor_socket(CONNECTION_EVENTS)
     try:
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     deadline = None if args.duration_s is None else time.monotonic() + args.duration_s
     sessions, received = Sessions(), 0
-    live, rendered = None, 0.0
+    live, rendered, connected = None, 0.0, False
     print(f"listening on {endpoint}", file=sys.stderr, flush=True)
     if not args.json:
         from rich.live import Live
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
+            while monitor.poll(0):
+                connected = _say_connection(recv_monitor_message(monitor)["event"], endpoint, connected)
             if socket.poll(250 if left is None else min(250, 1000 * left)):
                 try:
                     decision = wire.decode_decision(socket.recv_multipart())
@@ -142,9 +146,27 @@ def main(argv: list[str] | None = None) -> int:
         if live is not None:
             live.update(sessions.render(), refresh=True)
             live.stop()
+        socket.disable_monitor()
+        monitor.close()
         socket.close()
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+CONNECTION_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH \
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+def _say_connection(event: int, endpoint: str, connected: bool) -> bool:
+    """Say on stderr what became of the connection (decisions flow only from 'connected' on); whether it is up."""
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        said = f"connected to {endpoint}"
+    elif event == zmq.EVENT_DISCONNECTED:
+        said = f"disconnected from {endpoint}; reconnecting when the daemon is back" if connected else None
+    elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        said = f"{endpoint} refused this consumer's key: give one whose certificate is in the daemon's " \
+               f"output.authorized_keys with --key"
+    else:
+        said = f"no handshake with {endpoint}: is it the daemon's output endpoint, with the same security setting?"
+    if said:
+        print(said, file=sys.stderr, flush=True)
+    return event == zmq.EVENT_HANDSHAKE_SUCCEEDED

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import signal
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -202,7 +203,11 @@ def test_only_authorized_sensors_reach_a_decision_and_only_authorized_consumers_
         for name, sock in sockets.items():
             assert sock.poll(10_000), f"daemon never subscribed to {name}"
             sock.recv()
-        time.sleep(0.5)
+        tap = [str(Path(sys.executable).parent / "mmfuse-tap"), "--config", str(path), "--json", "--duration-s", "3"]
+        stranger_tap = subprocess.run([*tap, "--key", str(tmp_path / "strangers" / "stranger.key_secret")],
+                                      capture_output=True, text=True, timeout=60)
+        assert stranger_tap.returncode == 0 and stranger_tap.stdout == "", stranger_tap.stderr
+        assert "refused this consumer's key" in stranger_tap.stderr and "connected to" not in stranger_tap.stderr
         seq = dict.fromkeys(SENSORS, 0)
         windows = 6
         start = time.monotonic()
