@@ -109,7 +109,7 @@ def test_actors_run_where_their_resources_say_and_a_lost_sensor_node_loses_no_wi
         for session in sessions:
             for name in SENSORS:
                 sockets[name].send_multipart(message(session, name, seq[session, name], windows * WINDOW, "end"))
-        received = collect(decisions, quiet_s=5.0)
+        received = collect(decisions, quiet_s=5.0, expect=len(sessions) * windows)
         assert daemon.process.poll() is None, f"daemon died:\n{daemon.log()}"
         for session in sessions:
             ids = sorted(d["window"]["id"] for d in received if d["session"] == session)

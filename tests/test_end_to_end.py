@@ -109,9 +109,10 @@ def message(session, source, seq, t, kind="data", rng=None, duration=WINDOW):
     return [f"{SENSORS[source]}/{session}".encode(), msgpack.packb(body, use_bin_type=True)]
 
 
-def collect(decisions, quiet_s):
-    received = []
-    while decisions.poll(quiet_s * 1000):
+def collect(decisions, quiet_s, expect=0, limit_s=60.0):
+    """Decisions until none came for `quiet_s`, once `expect` have come (waiting at most `limit_s` for them)."""
+    received, deadline = [], time.monotonic() + limit_s
+    while decisions.poll(1000 * (quiet_s if len(received) >= expect else max(0.0, deadline - time.monotonic()))):
         received.append(decode(decisions.recv_multipart()))
     return received
 
@@ -139,7 +140,7 @@ def test_one_decision_per_window_and_a_dead_camera_is_restored(lab):
             if not (session == "alpha" and name == "cam0"):
                 sockets[name].send_multipart(message(session, name, seq[session, name], windows * WINDOW, "end"))
 
-    received = collect(decisions, quiet_s=3.0)
+    received = collect(decisions, quiet_s=3.0, expect=2 * windows)
     assert daemon.process.poll() is None, f"daemon died:\n{daemon.log()}"
     ready = next(line for line in daemon.lines if "daemon ready" in line)
     actors = {name: psutil.Process(int(pid)) for name, pid in re.findall(r"'([\w-]+)': (\d+)", ready)}
@@ -189,7 +190,7 @@ def test_sigterm_drains_open_windows_and_exits_cleanly(lab):
     time.sleep(0.15)
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=60) == 0, daemon.log()
-    received = collect(decisions, quiet_s=1.0)
+    received = collect(decisions, quiet_s=1.0, expect=1, limit_s=5.0)
     assert [(d["session"], d["window"]["id"]) for d in received] == [("gamma", 0)]
     assert received[0]["present"] == ["audio", "text", "visual"]
     assert "stopped" in daemon.log()
@@ -206,7 +207,7 @@ def test_daemon_restores_with_diffusion_and_publishes_the_spread(tmp_path, bundl
             if k:
                 lab.sockets["asr0"].send_multipart(message("delta", "asr0", k, (k + 1) * WINDOW, "heartbeat"))
             time.sleep(WINDOW)
-        received = collect(lab.decisions, quiet_s=2.0)
+        received = collect(lab.decisions, quiet_s=2.0, expect=3)
         lab.daemon.process.send_signal(signal.SIGTERM)
         assert lab.daemon.process.wait(timeout=60) == 0, lab.daemon.log()
     finally:

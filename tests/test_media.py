@@ -375,7 +375,7 @@ def test_raw_media_windows_through_the_daemon(media_bundle, media_manifest, tmp_
                 lab.sockets[name].send_multipart(wire.encode(wire.SensorMessage(
                     session=session, source=name, modality=lab_modality(name), seq=seq[session, name],
                     t=len(media), kind="end")))
-        received = collect(lab.decisions, quiet_s=6)
+        received = collect(lab.decisions, quiet_s=6, expect=len(expected))
     finally:
         lab.close()
     assert sorted((d["session"], d["window"]["id"]) for d in received) == sorted(expected), lab.daemon.log(200)

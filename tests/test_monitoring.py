@@ -164,10 +164,11 @@ def test_metrics_count_the_decisions_received_and_the_rejects_sent_and_tap_print
                             "--json", "--duration-s", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "listening on" in tap.stderr.readline()
-    time.sleep(0.5)  # its subscription reaches the publisher
+    assert "connected to" in tap.stderr.readline()
+    time.sleep(0.2)  # its subscription, sent on connecting, reaches the publisher
     malformed = 7
     sent = send_sessions(watched, ["gamma", "delta"], windows=6, malformed=malformed)
-    received = collect(watched.decisions, quiet_s=3.0)
+    received = collect(watched.decisions, quiet_s=3.0, expect=10)
     assert len(received) >= 10 and {d["session"] for d in received} == {"gamma", "delta"}
     deadline = time.monotonic() + 15
     while total(samples := scrape(watched.base), "mmfuse_windows_total") < len(received) \
@@ -205,7 +206,6 @@ def test_live_view_in_a_browser_shows_the_sessions_the_stopped_sensor_and_decisi
     long_name = "participant-" + "x" * 244  # a name as long as the wire allows, with nowhere to wrap
     sending = threading.Thread(target=send_sessions, args=(watched, ["north", "south", long_name], 24,
                                                            ("south", "mic0", 3)), daemon=True)
-    sending.start()
     OUT.mkdir(exist_ok=True)
     shot = OUT / "live_view.png"
     with playwright.sync_playwright() as p:
@@ -215,6 +215,7 @@ def test_live_view_in_a_browser_shows_the_sessions_the_stopped_sensor_and_decisi
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.goto(f"{watched.base}/")
+            sending.start()  # once the page is up: north must still be sending when its card is read (12 s)
             page.wait_for_selector('[data-session="north"] tr.decision', timeout=20_000)
             page.wait_for_selector('[data-session="south"] [data-source="mic0"][data-state="down"]', timeout=20_000)
             page.wait_for_selector('[data-session="south"] tr.decision', timeout=20_000)
@@ -240,10 +241,11 @@ def test_the_memory_of_a_process_tree_counts_its_children_and_shared_pages_once_
     from mmfuse.daemon.main import tree_memory_mb
 
     alone = tree_memory_mb()
-    children = [subprocess.Popen([sys.executable, "-c", "import numpy, sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-                for _ in range(2)]
+    children = [subprocess.Popen([sys.executable, "-c", "import numpy, sys; print('loaded', flush=True); sys.stdin.read()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        time.sleep(2.0)  # both have loaded python and numpy: the same library pages, mapped by three processes
+        for child in children:  # both have loaded python and numpy: the same library pages, mapped by three processes
+            assert child.stdout.readline() == "loaded\n"
         child = tree_memory_mb(children[0].pid)
         tree = tree_memory_mb()
         assert child["rss_mb"] > 0 and tree["rss_mb"] >= alone["rss_mb"] + 2 * child["rss_mb"] * 0.9

@@ -95,7 +95,7 @@ def recorded(tmp_path_factory, bundle_dir):
         for source in ("mic0", "asr0"):
             lab.sockets[source].send_multipart(wire.encode(wire.SensorMessage(
                 "rec", source, SENSORS[source], seq[source], 6 * WINDOW, kind="end")))
-        live = collect(lab.decisions, quiet_s=4)
+        live = collect(lab.decisions, quiet_s=4, expect=6)
     finally:
         recorder.send_signal(signal.SIGINT)
         recorder.wait(30)
@@ -119,7 +119,7 @@ def test_a_daemon_whose_recorder_is_not_running_decides_and_counts_what_went_unr
         for source in SENSORS:
             lab.sockets[source].send_multipart(wire.encode(wire.SensorMessage(
                 "norec", source, SENSORS[source], 2, 2 * WINDOW, kind="end")))
-        live = collect(lab.decisions, quiet_s=4)
+        live = collect(lab.decisions, quiet_s=4, expect=2)
     finally:
         lab.close()
     assert len(live) == 2, lab.daemon.log(100)
@@ -154,7 +154,7 @@ def test_a_recorded_live_session_replays_to_the_same_decisions(recorded, tmp_pat
         replays = []
         for _ in range(2):
             assert replay_main([str(recording), "--config", str(path), "--wait-s", "30"]) == 0
-            replays.append(collect(listener, quiet_s=4))
+            replays.append(collect(listener, quiet_s=4, expect=len(live)))
     for replayed in replays:
         assert sorted(map(decision_key, replayed)) == sorted(map(decision_key, live))
 
@@ -190,7 +190,7 @@ def test_virtual_clock_replays_repeat_exactly_and_match_the_live_session_and_eva
     with daemon_listening(on_fresh_ports(config), path, "--virtual-clock") as (_, listener):
         for _ in range(2):  # one daemon, two replays: the final tick resets it for the next
             assert replay_main([str(recording), "--config", str(path), "--virtual-clock", "--speed", "max"]) == 0
-            runs.append(collect(listener, quiet_s=3))
+            runs.append(collect(listener, quiet_s=3, expect=len(live)))
     assert len(runs[0]) == len(live) and without_latency(runs[0]) == without_latency(runs[1])
     assert sorted(map(decision_key, runs[0])) == sorted(map(decision_key, live))
     lines = tmp_path / "eval.jsonl"
