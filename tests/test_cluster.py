@@ -117,7 +117,7 @@ def test_actors_run_where_their_resources_say_and_a_lost_sensor_node_loses_no_wi
             mine = {d["window"]["id"]: d for d in received if d["session"] == session}
             lost = [mine[i] for i in range(lost_at + 6, back_at - 2)]
             assert lost and all("visual" in d["restored"] for d in lost), lost
-            back = [mine[i] for i in range(back_at + 2, windows)]
+            back = [mine[i] for i in range(back_at + 3, windows)]  # its new life's first batch may lag a window
             assert back and all("visual" in d["present"] and not d["restored"] for d in back), back
         log = "".join(daemon.lines)
         assert "actor cannot be placed" in log and "sensor-cam0" in log and "lab_pc_1" in log, daemon.log()

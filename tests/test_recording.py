@@ -498,7 +498,10 @@ def test_a_recorder_killed_outright_leaves_a_file_that_reads_back_what_it_had_re
         publisher.recv()
         for k in range(10):
             publisher.send_multipart(wire.encode(wire.text_message("s1", "asr0", k, float(k), "hello", 1.0)))
-        time.sleep(2.5)  # two flushes
+        deadline = time.monotonic() + 20
+        while not flushed(recording, 10):  # the recorder flushes every second
+            assert time.monotonic() < deadline, "the recorder never flushed the 10 messages"
+            time.sleep(0.25)
         recorder.kill()
         recorder.wait(10)
     finally:
@@ -507,3 +510,11 @@ def test_a_recorder_killed_outright_leaves_a_file_that_reads_back_what_it_had_re
         publisher.close(linger=0)
     _, messages = read_recording(recording)
     assert [msgpack.unpackb(m.payload)["seq"] for m in messages] == list(range(10))
+
+
+def flushed(recording, count) -> bool:
+    """Whether the recording, still being written, holds `count` messages already."""
+    try:
+        return len(read_recording(recording)[1]) >= count
+    except RecordingError:  # nothing flushed yet
+        return False
