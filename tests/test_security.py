@@ -203,7 +203,7 @@ def test_only_authorized_sensors_reach_a_decision_and_only_authorized_consumers_
         for name, sock in sockets.items():
             assert sock.poll(10_000), f"daemon never subscribed to {name}"
             sock.recv()
-        tap = [str(Path(sys.executable).parent / "mmfuse-tap"), "--config", str(path), "--json", "--duration-s", "3"]
+        tap = [str(Path(sys.executable).parent / "mmfuse-tap"), "--config", str(path), "--json", "--duration-s", "5"]
         stranger_tap = subprocess.run([*tap, "--key", str(tmp_path / "strangers" / "stranger.key_secret")],
                                       capture_output=True, text=True, timeout=60)
         assert stranger_tap.returncode == 0 and stranger_tap.stdout == "", stranger_tap.stderr
