@@ -170,3 +170,7 @@ def _say_connection(event: int, endpoint: str, connected: bool) -> bool:
     if said:
         print(said, file=sys.stderr, flush=True)
     return event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

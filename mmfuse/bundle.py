@@ -210,11 +210,13 @@ def load_bundle(path: str | Path) -> Bundle:
     if manifest["output"] == "classification" and len(manifest["labels"]) < 2 and not malformed:
         malformed.append("labels (a classifier's, fewer than two)")
     if not malformed:
-        outputs = len(manifest["labels"]) if manifest["output"] == "classification" else 1
-        malformed += [f"heads.{name} ({head.get('args', {}).get('num_outputs')} outputs for {outputs} "
-                      f"{'labels' if manifest['output'] == 'classification' else 'regression value'})"
-                      for name, head in manifest["heads"].items()
-                      if head.get("args", {}).get("num_outputs") != outputs]
+        classifier = manifest["output"] == "classification"
+        outputs = len(manifest["labels"]) if classifier else 1
+        for name, head in manifest["heads"].items():
+            got = head.get("args", {}).get("num_outputs")
+            if got != outputs:
+                malformed.append(f"heads.{name} ({got} outputs for {outputs} "
+                                 f"{'labels' if classifier else 'regression value'})")
     if malformed:
         raise BundleError(f"{manifest_path}: {', '.join(malformed)} not as mmfuse-train writes them; the bundle is "
                           f"damaged or was edited: train it again")

@@ -191,15 +191,21 @@ def mmfuse_channels(summary) -> tuple[dict[int, object], list[str]]:
     for channel_id, channel in summary.channels.items():
         modality = channel.metadata.get("modality")
         schema = summary.schemas.get(channel.schema_id)
-        if channel.schema_id and schema is None:
-            foreign.append(f"{channel.topic} (names schema {channel.schema_id}, which the file does not hold: "
-                           f"damaged)")
+        if _schema_missing(channel, summary):
+            foreign.append(f"{channel.topic} ({_schema_missing(channel, summary)})")
         elif channel.message_encoding == ENCODING and modality in mmfuse.MODALITIES and "sensor" in channel.metadata:
             usable[channel_id] = channel
         elif channel.topic not in (DECISION_TOPIC, CLOCK_TOPIC):
             foreign.append(f"{channel.topic} ({channel.message_encoding}"
                            f"{', ' + schema.name if schema else ''}, {counts.get(channel_id, 0)} messages)")
     return usable, foreign
+
+
+def _schema_missing(channel, summary) -> str | None:
+    """Why a channel's messages cannot be read, if it names a schema the file does not hold."""
+    if channel.schema_id and channel.schema_id not in summary.schemas:
+        return f"names schema {channel.schema_id}, which the file does not hold: damaged"
+    return None
 
 
 def _existing(path: str | Path) -> Path:
@@ -331,7 +337,7 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
         reader, summary = _reader(handle, path)
         times: dict[int, list[float]] = {}
         origins: dict[int, list[float]] = {}
-        readable = [c.topic for c in summary.channels.values() if not c.schema_id or c.schema_id in summary.schemas]
+        readable = [c.topic for c in summary.channels.values() if not _schema_missing(c, summary)]
         try:
             for _, channel, message in reader.iter_messages(topics=readable):
                 times.setdefault(channel.id, []).append(message.log_time / 1e9)
@@ -345,8 +351,8 @@ def summarize_mcap(path: str | Path) -> list[StreamSummary]:
         schema = summary.schemas.get(channel.schema_id)
         if channel_id in usable:
             kind = channel.metadata["modality"]
-        elif channel.schema_id and schema is None:
-            kind = f"names schema {channel.schema_id}, which the file does not hold: damaged"
+        elif _schema_missing(channel, summary):
+            kind = _schema_missing(channel, summary)
         elif channel.topic == DECISION_TOPIC and channel.message_encoding == ENCODING:
             kind = "decisions"
         elif channel.topic == CLOCK_TOPIC and channel.message_encoding == "json":
